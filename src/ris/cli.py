@@ -1,0 +1,252 @@
+"""The `ris` command line: a thin layer over `Collection`. Errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import RisError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Reverse image search: index folders of images, find the most similar ones.")  # fmt: skip
+err = Console(stderr=True)
+out = Console()
+
+CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collection directory.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file (vgg16: torchvision .pth or Keras .h5).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+@contextmanager
+def progress_bar(enabled: bool = True):
+    """A factory handing `Collection.index` a tick function; shows images/s and ETA on stderr."""
+    columns = [TextColumn("[bold]extracting"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=err, disable=not enabled, transient=False) as bar:
+
+        def start(total: int, scanned: int) -> Callable[[int], None]:
+            task = bar.add_task("extract", total=total, rate="-")
+
+            def tick(n: int) -> None:
+                bar.advance(task, n)
+                speed = bar.tasks[task].speed
+                bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+
+            return tick
+
+        yield start
+
+
+def _paths(paths: list[str] | None, from_list: Path | None) -> list[str]:
+    from .sources import read_list_file
+
+    items = list(paths or [])
+    if from_list:
+        items += read_list_file(from_list)
+    if not items:
+        raise RisError("give at least one folder or file to index (or --from-list FILE)")
+    return items
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        data = {k: v for k, v in report.__dict__.items() if k != "times"}
+        data["times"] = report.times.as_dict()
+        out.print_json(json.dumps(data))
+        return
+    t = report.times
+    rate = f", {t.extracted / t.wall:.0f} img/s" if t.wall and t.extracted else ""
+    err.print(
+        f"{report.images} images searchable; this run: {report.new} new, {report.changed} changed, "
+        f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
+    )
+    for item in report.skipped_files[:10]:
+        err.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
+    if len(report.skipped_files) > 10:
+        err.print(f"  … and {len(report.skipped_files) - 10} more (see `ris info`)")
+
+
+@app.command()
+def index(
+    paths: Annotated[list[str] | None, typer.Argument(help="Folders (walked recursively) or image files.")] = None,
+    collection: CollectionOpt = Path("collection.ris"),
+    from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    pooling: Annotated[str | None, typer.Option(help="gem (default) or avg; conv models only.")] = None,
+    precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
+    dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+) -> None:
+    """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
+    _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
+           batch_size, workers, json_out, resync=True)  # fmt: skip
+
+
+@app.command()
+def add(
+    paths: Annotated[list[str] | None, typer.Argument(help="Folders or image files to add.")] = None,
+    collection: CollectionOpt = Path("collection.ris"),
+    from_list: Annotated[Path | None, typer.Option("--from-list")] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[int | None, typer.Option()] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Add images to an existing collection (nothing is dropped)."""
+    _index(_paths(paths, from_list), collection, None, weights, None, None, None, device,
+           batch_size, workers, json_out, resync=False, must_exist=True)  # fmt: skip
+
+
+def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
+           json_out, resync, must_exist=False) -> None:  # fmt: skip
+    from .collection import Collection
+
+    if batch_size < 1:
+        raise RisError("--batch-size must be at least 1")
+    if must_exist:
+        coll = Collection.open(collection, weights)
+    else:
+        coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims)
+    with coll, progress_bar(enabled=not json_out) as bar:
+        report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
+                            progress=bar)  # fmt: skip
+    _print_report(report, json_out)
+
+
+@app.command()
+def remove(
+    patterns: Annotated[list[str], typer.Argument(help="Paths, folders or globs of indexed images.")],
+    collection: CollectionOpt = Path("collection.ris"),
+) -> None:
+    """Remove images from the collection (the files themselves are not touched)."""
+    from .collection import Collection
+
+    with Collection.open(collection) as coll:
+        n = coll.remove(patterns)
+        err.print(f"removed {n} images; {coll.info()['images']} remain")
+
+
+@app.command()
+def reindex(
+    collection: CollectionOpt = Path("collection.ris"),
+    refit_pca: Annotated[bool, typer.Option("--refit-pca", help="Refit PCA on the stored raw features.")] = False,
+) -> None:
+    """Rebuild the index from stored features (no re-extraction); --refit-pca refits PCA first."""
+    from .collection import Collection
+
+    with Collection.open(collection) as coll:
+        coll.refit_pca() if refit_pca else coll.rebuild_index()
+        info = coll.info()
+        err.print(f"index rebuilt: {info['images']} images, {info['dims']} dims")
+
+
+@app.command()
+def search(
+    queries: Annotated[list[str], typer.Argument(help="Query image files.")],
+    collection: CollectionOpt = Path("collection.ris"),
+    k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per query, one per line.")] = False,
+    grid: Annotated[Path | None, typer.Option(help="Write a PNG: each query beside its matches.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find the k most similar indexed images for each query image."""
+    from .collection import Collection
+    from .render import grid_png, results_html
+
+    with Collection.open(collection, weights) as coll:
+        results = coll.search_many(queries, k=k, device=device)
+    if json_out:
+        for r in results:
+            sys.stdout.write(json.dumps(r.as_json()) + "\n")
+    else:
+        for r in results:
+            table = Table(title=f"query: {r.query}", title_justify="left")
+            for col in ("rank", "score", "label", "path"):
+                table.add_column(col, overflow="fold")
+            for m in r.matches:
+                table.add_row(str(m.rank), f"{m.score:.3f}", m.label or "-", m.path)
+            out.print(table)
+    if grid:
+        err.print(f"grid written to {grid_png(results, grid)}")
+    if html_out:
+        err.print(f"page written to {results_html(results, html_out)}")
+
+
+@app.command()
+def info(
+    collection: CollectionOpt = Path("collection.ris"),
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a collection holds: counts, model, dims, skipped files."""
+    from .collection import Collection
+
+    with Collection.open(collection) as coll:
+        data = coll.info()
+    if json_out:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    for key, value in data.items():
+        if key != "skipped_files":
+            out.print(f"{key:>16}: {value}", highlight=False)
+    for item in data["skipped_files"]:
+        out.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo collection and results go.")] = Path("ris-demo"),
+    k: Annotated[int, typer.Option("-k")] = 5,
+) -> None:
+    """Run the whole job offline on photos bundled with scikit-image, with the bundled model."""
+    from .collection import Collection
+    from .demo import make_queries, sample_paths
+    from .render import grid_png, results_html
+
+    files = [str(p) for p in sample_paths()]
+    err.print(f"indexing {len(files)} sample photos bundled with scikit-image …")
+    with Collection.open_or_create(out_dir / "collection.ris") as coll, progress_bar() as bar:
+        report = coll.index(files, resync=True, progress=bar)
+        _print_report(report, False)
+        pairs = make_queries(out_dir / "queries")
+        results = coll.search_many([str(q) for q, _ in pairs], k=k)
+    for (query, original), result in zip(pairs, results, strict=True):
+        top = result.matches[0] if result.matches else None
+        verdict = "found" if top and Path(top.path) == original else "MISSED"
+        out.print(f"{query.name:<28} -> {Path(top.path).name if top else '-':<24} "
+                  f"score {top.score if top else 0:.3f}  ({verdict} the original)", highlight=False)  # fmt: skip
+    png = grid_png(results, out_dir / "results.png")
+    page = results_html(results, out_dir / "results.html", title="ris demo")
+    out.print(f"result grid: {png.absolute()}\nresult page: {page.absolute()}", highlight=False)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    try:
+        app()
+    except RisError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted; committed batches are kept, run again to resume", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The core: a persistent, searchable collection of images. CLI, API and server are thin over it.
+
+On disk a collection is a directory:
+    manifest.json   format version, model, pooling, precision, weights hash, dims, index factory
+    catalog.sqlite  images (path, size, mtime, hash, label, status, error) and raw features
+    pca.faiss       the PCA fitted on the collection (absent while it is too small for one)
+    index.faiss     the FAISS index over reduced vectors, keyed by image id
+    lock            held (flock) by the one writer; it holds the writer's PID
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import __version__, index, models, sources
+from .decode import decode_bytes, read_file, resize
+from .errors import CollectionLocked, DecodeError, RisError
+from .extract import StageTimes, default_workers
+from .reduce import DEFAULT_DIMS, Reducer
+from .search import Match, SearchResult
+from .store import Catalog
+
+FORMAT_VERSION = 1
+Query = str | os.PathLike | Image.Image | np.ndarray | bytes
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    pooling: str
+    precision: str
+    weights_sha256: str
+    input_size: int
+    raw_dims: int
+    dims: int
+    pca_dims: int
+    index_factory: str = index.EXACT_FACTORY
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+    ris_version: str = __version__
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RisError(f"{path.parent} is not a ris collection (unreadable manifest: {exc})") from None
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise RisError(
+                f"{path.parent} was written by a newer ris (format {data['format_version']}); upgrade ris to open it"
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+@dataclass
+class IndexReport:
+    """What one `index`/`add` run did."""
+
+    scanned: int
+    new: int
+    changed: int
+    removed: int
+    extracted: int
+    skipped: int
+    images: int
+    times: StageTimes
+    skipped_files: list[dict[str, str]]
+
+
+class Collection:
+    """A directory of images' features, searchable by image. See the module docstring for the layout."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+        self.catalog = Catalog(path / "catalog.sqlite")
+        self._lock_fd: int | None = None
+        self._extractor = None
+        self._extractor_key: tuple | None = None
+        self._index = None
+        self._index_mtime: int | None = None
+        self._reducer: Reducer | None = None
+
+    # --- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        model: str = models.DEFAULT_MODEL,
+        pooling: str = models.DEFAULT_POOLING,
+        precision: str = "int8",
+        weights: str | None = None,
+        dims: int = DEFAULT_DIMS,
+    ) -> Collection:
+        """A new, empty collection. Loads the model once to record its weights' hash."""
+        root = Path(path)
+        if (root / "manifest.json").exists():
+            raise RisError(f"{root} already holds a collection; open it instead")
+        if root.exists() and not root.is_dir():
+            raise RisError(f"{root} exists and is not a directory")
+        spec = models.get_spec(model)
+        if precision not in ("fp32", "int8"):
+            raise RisError("a collection's precision is fp32 or int8")
+        _, digest = models.build(model, pooling if spec.pooled else "avg", weights)
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(
+            model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
+            input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )  # fmt: skip
+        manifest.write(root / "manifest.json")
+        coll = cls(root, manifest)
+        coll._weights = weights
+        return coll
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, weights: str | None = None) -> Collection:
+        root = Path(path)
+        if not (root / "manifest.json").exists():
+            raise RisError(f"no collection at {root} (create one with `ris index FOLDER --collection {root}`)")
+        coll = cls(root, Manifest.read(root / "manifest.json"))
+        coll._weights = weights
+        return coll
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | os.PathLike,
+        model: str | None = None,
+        pooling: str | None = None,
+        precision: str | None = None,
+        weights: str | None = None,
+        dims: int | None = None,
+    ) -> Collection:
+        """Open an existing collection (checking it matches what was asked) or create one."""
+        root = Path(path)
+        if not (root / "manifest.json").exists():
+            return cls.create(
+                root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
+                precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
+            )  # fmt: skip
+        coll = cls.open(root, weights)
+        m = coll.manifest
+        for asked, have, what in ((model, m.model, "model"), (pooling, m.pooling, "pooling"),
+                                  (precision, m.precision, "precision")):  # fmt: skip
+            if asked is not None and asked != have and not (what == "pooling" and have == "fc2"):
+                raise RisError(
+                    f"collection {root} was built with {what} {have}, not {asked}; use another --collection"
+                )
+        return coll
+
+    def close(self) -> None:
+        self.unlock()
+        self.catalog.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writer lock ---------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Become the one writer, or fail at once naming the process that is."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CollectionLocked(f"collection {self.path} is locked by PID {holder} (another ris is writing)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    # --- the model -----------------------------------------------------------------------------
+
+    def extractor(self, device: str = "auto", threads: int | None = None):
+        """The model for this collection's manifest, loaded once and shared (thread-safe to call)."""
+        from . import runtime
+
+        dev = runtime.resolve_device(device)
+        key = (dev, threads)
+        if self._extractor is None or self._extractor_key != key:
+            m = self.manifest
+            precision = m.precision if dev == "cpu" else None
+            ext, digest = runtime.load_extractor(
+                m.model, m.pooling if m.pooling != "fc2" else "avg", getattr(self, "_weights", None),
+                device=dev, precision=precision, threads=threads,
+            )  # fmt: skip
+            if digest != m.weights_sha256:
+                raise RisError(
+                    f"collection {self.path} was built with other {m.model} weights "
+                    f"(sha256 {m.weights_sha256[:12]}…, these are {digest[:12]}…); pass the same --weights"
+                )
+            self._extractor, self._extractor_key = ext, key
+        return self._extractor
+
+    # --- indexing ------------------------------------------------------------------------------
+
+    def index(
+        self,
+        paths: Iterable[str | os.PathLike],
+        resync: bool = True,
+        batch_size: int = 32,
+        workers: int | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    ) -> IndexReport:
+        """Bring the collection in line with these folders/files.
+
+        resync=True (`ris index`): files gone from these paths are dropped. resync=False (`ris add`):
+        only adds or updates. Committed batches survive a crash; the next run resumes after them.
+        """
+        from . import extract, runtime
+
+        paths = list(paths)
+        files = sources.scan(paths)
+        self.lock()
+        try:
+            roots = [str(Path(p).expanduser().absolute()) for p in paths] if resync else []
+            report = self.catalog.sync(files, drop_under=roots)
+            todo = self.catalog.pending()
+            times = StageTimes()
+            if todo:
+                cores = threads or runtime.cpu_threads()
+                ext = self.extractor(device, threads=cores)
+                nworkers = default_workers(cores) if workers is None else workers
+                tick = progress(len(todo), len(files)) if progress else None
+                times = extract.run(
+                    todo, ext, self.manifest.input_size, self._store_batch, known=self.catalog.known_hashes,
+                    batch_size=batch_size, workers=nworkers, progress=tick,
+                )  # fmt: skip
+            self.catalog.drop_orphan_features()
+            self._finish()
+            counts = self.catalog.counts()
+            return IndexReport(
+                scanned=len(files), new=report.new, changed=report.changed, removed=report.removed,
+                extracted=times.extracted, skipped=counts["skipped"], images=counts["ok"], times=times,
+                skipped_files=self.catalog.skipped_files(),
+            )  # fmt: skip
+        finally:
+            self.unlock()
+
+    def add(self, paths: Iterable[str | os.PathLike], **kwargs: Any) -> IndexReport:
+        return self.index(paths, resync=False, **kwargs)
+
+    def remove(self, patterns: Iterable[str]) -> int:
+        """Drop images by path, folder or glob; returns how many went."""
+        pats = [str(Path(p).expanduser().absolute()) if not any(c in str(p) for c in "*?[") else str(p)
+                for p in patterns]  # fmt: skip
+        self.lock()
+        try:
+            removed = self.catalog.remove(pats)
+            self._finish()
+            return removed
+        finally:
+            self.unlock()
+
+    def _store_batch(self, batch, features: dict[str, np.ndarray]) -> None:
+        self.catalog.commit_batch([(i, sha) for i, sha, _ in batch.ok], features, batch.failed)
+
+    def _finish(self, refit_pca: bool = False) -> None:
+        """Fit PCA when due, then bring index.faiss in line with the catalogue (atomic writes)."""
+        ids = self.catalog.ok_ids()
+        m = self.manifest
+        pca_path = self.path / "pca.faiss"
+        reducer = Reducer.load(pca_path, m.raw_dims)
+        if (reducer.pca is None or refit_pca) and len(ids):
+            fitted = Reducer.fit(self.catalog.features(ids, m.raw_dims), m.pca_dims)
+            if fitted.pca is not None or refit_pca:
+                reducer = fitted
+                reducer.save(pca_path)
+                (self.path / "index.faiss").unlink(missing_ok=True)  # vectors change: rebuild
+        idx_path = self.path / "index.faiss"
+        idx = index.load(idx_path) if idx_path.exists() else index.create(reducer.dims, m.index_factory)
+        if idx.d != reducer.dims:
+            idx = index.create(reducer.dims, m.index_factory)
+        index.reconcile(idx, ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)))
+        index.save(idx, idx_path)
+        if m.dims != reducer.dims:
+            self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims})
+            self.manifest.write(self.path / "manifest.json")
+        self._index, self._reducer = idx, reducer
+
+    def rebuild_index(self) -> None:
+        """Rebuild index.faiss from the stored raw features with the stored PCA."""
+        self.lock()
+        try:
+            (self.path / "index.faiss").unlink(missing_ok=True)
+            self._finish()
+        finally:
+            self.unlock()
+
+    def refit_pca(self) -> None:
+        """Refit PCA on the stored raw features (no re-extraction) and rebuild the index."""
+        self.lock()
+        try:
+            self._finish(refit_pca=True)
+        finally:
+            self.unlock()
+
+    # --- searching -----------------------------------------------------------------------------
+
+    def _searchable(self):
+        """The latest saved index and PCA (reloaded when a writer replaced them)."""
+        idx_path = self.path / "index.faiss"
+        if not idx_path.exists():
+            raise RisError(f"collection {self.path} has no searchable images yet")
+        mtime = idx_path.stat().st_mtime_ns
+        if self._index is None or self._index_mtime != mtime:
+            self._index = index.load(idx_path)
+            self._index_mtime = mtime
+            self._reducer = Reducer.load(self.path / "pca.faiss", self.manifest.raw_dims)
+        return self._index, self._reducer
+
+    def query_pixels(self, query: Query) -> np.ndarray:
+        """Decode one query (path, bytes, PIL image or HxWx3 array) into model input."""
+        size = self.manifest.input_size
+        try:
+            if isinstance(query, Image.Image):
+                return resize(query.convert("RGB"), size)
+            if isinstance(query, np.ndarray):
+                return resize(Image.fromarray(np.asarray(query, dtype=np.uint8)).convert("RGB"), size)
+            if isinstance(query, bytes):
+                return decode_bytes(query, size).pixels
+            return decode_bytes(read_file(str(query)), size).pixels
+        except DecodeError as exc:
+            raise RisError(f"cannot use query {query if isinstance(query, (str, os.PathLike)) else '<image>'}: {exc}") from None
+
+    def embed(self, queries: Sequence[Query], device: str = "auto", batch_size: int = 32) -> np.ndarray:
+        """Reduced, unit-norm vectors for the queries (what the index compares)."""
+        _, reducer = self._searchable()
+        ext = self.extractor(device)
+        pixels = np.stack([self.query_pixels(q) for q in queries])
+        raw = np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        return reducer(raw)
+
+    def search(self, query: Query, k: int = 5, device: str = "auto") -> SearchResult:
+        return self.search_many([query], k, device)[0]
+
+    def search_many(self, queries: Sequence[Query], k: int = 5, device: str = "auto") -> list[SearchResult]:
+        """The k most similar indexed images for each query, in one batched model call and search."""
+        if k < 1:
+            raise RisError("k must be at least 1")
+        vectors = self.embed(queries, device)
+        return self.search_vectors(vectors, k, [_query_name(q) for q in queries])
+
+    def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str]) -> list[SearchResult]:
+        idx, _ = self._searchable()
+        scores, ids = index.search(idx, vectors, min(idx.ntotal, k + 8))  # margin for rows deleted since
+        rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+        results = []
+        for name, srow, irow in zip(names, scores, ids, strict=True):
+            matches = []
+            for score, image_id in zip(srow, irow, strict=True):
+                row = rows.get(int(image_id))
+                if row is not None and len(matches) < k:
+                    matches.append(Match(len(matches) + 1, row.path, float(score), row.label, row.id))
+            results.append(SearchResult(name, matches))
+        return results
+
+    # --- describing ----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        counts = self.catalog.counts()
+        m = self.manifest
+        return {
+            "collection": str(self.path.absolute()),
+            "images": counts["ok"],
+            "pending": counts["pending"],
+            "skipped": counts["skipped"],
+            "skipped_files": self.catalog.skipped_files(),
+            "model": m.model,
+            "pooling": m.pooling,
+            "precision": m.precision,
+            "weights_sha256": m.weights_sha256,
+            "raw_dims": m.raw_dims,
+            "dims": m.dims,
+            "pca": (self.path / "pca.faiss").exists(),
+            "index": m.index_factory,
+            "format_version": m.format_version,
+            "created": m.created,
+        }
+
+
+def _query_name(query: Query) -> str:
+    if isinstance(query, (str, os.PathLike)):
+        return str(query)
+    return "<image>"
+
+
+def is_collection(path: str | os.PathLike) -> bool:
+    return (Path(path) / "manifest.json").exists()
+
+

@@ -1,0 +1,95 @@
+"""Turn image bytes into the model's input: RGB, upright, resized, uint8 HxWx3.
+
+Runs in worker processes while the model runs, so it must be cheap: JPEGs are decoded at a
+reduced scale directly (libjpeg's DCT scaling through PIL's draft mode) before the final resize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DecodeError
+
+#: Formats we accept, recognised by content (magic bytes), never by extension.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
+#: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
+MAX_PIXELS = 178_956_970
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded file: its content hash (for dedup and change detection) and the model input."""
+
+    sha256: str
+    pixels: np.ndarray  # uint8, (size, size, 3)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode (L, P, CMYK, RGBA, LA, I;16, I, F) to RGB; transparency is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(((arr - lo) * scale).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode bytes to an upright RGB image; raise DecodeError with a short reason otherwise."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            if draft_size and img.format == "JPEG":
+                # libjpeg scales by 1/2, 1/4, 1/8 while decoding; keep at least draft_size pixels.
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DecodeError(f"image too large (over {MAX_PIXELS:,} pixels; decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def resize(img: Image.Image, size: int) -> np.ndarray:
+    """Squash to size x size, as the tutorial's Keras load_img(target_size=...) does."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_bytes(data: bytes, size: int) -> Decoded:
+    """Hash and decode one file's bytes into model input."""
+    digest = hashlib.sha256(data).hexdigest()
+    return Decoded(digest, resize(open_image(data, draft_size=size), size))
+
+
+def read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise DecodeError(f"unreadable: {exc.strerror or exc}") from None
+
+
+def decode_file(path: str, size: int) -> Decoded:
+    return decode_bytes(read_file(path), size)

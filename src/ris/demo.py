@@ -1,0 +1,85 @@
+"""The embedded default: sample photos that ship inside scikit-image, and transformed copies of them.
+
+`ris demo` needs no network and no data of the user's: it indexes these photos with the bundled
+model and queries the collection with cropped, flipped, re-encoded and rescaled copies.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, ImageEnhance, ImageOps
+
+SAMPLE_FILES = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
+    "coins.png", "color.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg",
+    "ihc.png", "logo.png", "moon.png", "motorcycle_left.png", "page.png", "phantom.png",
+    "retina.jpg", "rocket.jpg", "text.png",
+)  # fmt: skip
+
+
+def sample_dir() -> Path:
+    import skimage
+
+    return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+def sample_paths() -> list[Path]:
+    """The bundled photos present in this scikit-image install (a few may move between versions)."""
+    root = sample_dir()
+    return [root / name for name in SAMPLE_FILES if (root / name).is_file()]
+
+
+def sample_images() -> list[tuple[Path, Image.Image]]:
+    from .decode import open_image
+
+    return [(path, open_image(path.read_bytes())) for path in sample_paths()]
+
+
+def _reencode(img: Image.Image, quality: int = 30) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _crop(img: Image.Image, keep: float = 0.75) -> Image.Image:
+    w, h = img.size
+    dx, dy = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
+    return img.crop((dx, dy, w - dx, h - dy))
+
+
+#: name -> transform; what a "copy" of a photo looks like in the wild.
+TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "crop": _crop,
+    "flip": ImageOps.mirror,
+    "jpeg30": _reencode,
+    "half": lambda img: img.resize((max(1, img.width // 2), max(1, img.height // 2))),
+    "rotate10": lambda img: img.rotate(10, expand=True, fillcolor=(255, 255, 255)),
+    "brighter": lambda img: ImageEnhance.Brightness(img).enhance(1.4),
+    "border": lambda img: ImageOps.expand(img, border=max(4, img.width // 12), fill=(0, 0, 0)),
+    "gray": lambda img: ImageOps.grayscale(img).convert("RGB"),
+}
+
+DEMO_QUERIES = (("chelsea.png", "crop"), ("rocket.jpg", "flip"), ("coffee.png", "jpeg30"),
+                ("motorcycle_left.png", "half"))  # fmt: skip
+
+
+def make_queries(out_dir: Path) -> list[tuple[Path, Path]]:
+    """Write the demo's query images; returns (query path, original path) pairs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = sample_dir()
+    pairs = []
+    for name, transform in DEMO_QUERIES:
+        original = root / name
+        if not original.is_file():
+            continue
+        from .decode import open_image
+
+        img = TRANSFORMS[transform](open_image(original.read_bytes()))
+        query = out_dir / f"{Path(name).stem}-{transform}.jpg"
+        img.convert("RGB").save(query, "JPEG", quality=90)
+        pairs.append((query, original))
+    return pairs

@@ -1,0 +1,230 @@
+"""Run a FeatureNet fast where it runs: ONNX Runtime on CPUs, PyTorch on GPUs.
+
+On a CPU, ONNX Runtime is 5-8x faster than eager PyTorch for these networks; the graph is exported
+once per (model, pooling, weights, precision) and cached. `int8` is static QDQ quantization,
+calibrated on real photos (the bundled sample set), per-channel weights.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import models
+from .errors import RisError
+
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate caches
+
+
+class Extractor(Protocol):
+    name: str
+    input_size: int
+    dim: int
+    device: str
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks CUDA when PyTorch sees a GPU; asking for CUDA without one is a clear error."""
+    if device not in DEVICES:
+        raise RisError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise RisError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return device
+
+
+def default_precision(device: str) -> str:
+    return "bf16" if device == "cuda" else "fp32"
+
+
+@dataclass
+class TorchExtractor:
+    """Eager PyTorch: channels-last, inference mode, autocast to bf16/fp16 on GPUs."""
+
+    net: torch.nn.Module
+    name: str
+    input_size: int
+    dim: int
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        self.net = self.net.to(self.device, memory_format=torch.channels_last).eval()
+
+    def run_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC tensor already on the device -> float32 features on the device."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.inference_mode(), torch.autocast(self.device, dtype=dtype or torch.float32, enabled=bool(dtype)):
+            return self.net(pixels).float()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(pixels)
+        if self.device == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return self.run_tensor(tensor).cpu().numpy()
+
+
+class OnnxExtractor:
+    """ONNX Runtime on the CPU with a fixed thread budget (the decode workers get the rest)."""
+
+    device = "cpu"
+
+    def __init__(self, path: Path, name: str, input_size: int, dim: int, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.name, self.input_size, self.dim = name, input_size, dim
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(pixels)})[0]
+
+
+def _atomic_target(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(net: torch.nn.Module, input_size: int, path: Path) -> None:
+    """Trace the FeatureNet to ONNX with a dynamic batch axis; written atomically."""
+    tmp = _atomic_target(path)
+    warnings.filterwarnings("ignore", module="torch.onnx")
+    warnings.filterwarnings("ignore", message="Constant folding")
+    dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
+    try:
+        torch.onnx.export(
+            net.float().to(memory_format=torch.contiguous_format), (dummy,), str(tmp),
+            input_names=["pixels"], output_names=["features"],
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def calibration_batches(input_size: int, count: int = 64, batch: int = 16) -> Iterator[np.ndarray]:
+    """Real photos (the bundled samples) under crops and flips: what int8 scales are fitted to."""
+    from .decode import resize
+    from .demo import sample_images
+
+    rng = np.random.default_rng(0)
+    images = [img for _, img in sample_images()]
+    out: list[np.ndarray] = []
+    for i in range(count):
+        img = images[i % len(images)]
+        w, h = img.size
+        if i >= len(images):
+            fx, fy = rng.uniform(0.5, 0.9, size=2)
+            x0, y0 = int(rng.uniform(0, 1 - fx) * w), int(rng.uniform(0, 1 - fy) * h)
+            img = img.crop((x0, y0, x0 + int(fx * w), y0 + int(fy * h)))
+            if rng.random() < 0.5:
+                img = img.transpose(0)  # mirror
+        out.append(resize(img, input_size))
+        if len(out) == batch:
+            yield np.stack(out)
+            out = []
+    if out:
+        yield np.stack(out)
+
+
+def quantize_int8(fp32_path: Path, path: Path, input_size: int) -> None:
+    """Static QDQ int8, per-channel weights, calibrated on real images; written atomically.
+
+    Every op type is quantized: quantizing only Conv/MatMul left float islands between QDQ pairs,
+    which was both slower (159 vs 328 img/s) and less faithful (cosine 0.91 vs 0.994 to fp32).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = calibration_batches(input_size)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixels": batch}
+
+    pre = _atomic_target(path)
+    tmp = _atomic_target(path)
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+        os.replace(tmp, path)
+    finally:
+        pre.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_model_path(name: str, pooling: str, weights_sha: str, precision: str) -> Path:
+    root = models.cache_dir() / "onnx"
+    root.mkdir(exist_ok=True)
+    return root / f"{name}-{pooling}-{weights_sha[:16]}-v{EXPORT_VERSION}-{precision}.onnx"
+
+
+def load_extractor(
+    name: str = models.DEFAULT_MODEL,
+    pooling: str = models.DEFAULT_POOLING,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    runtime: str | None = None,
+    threads: int | None = None,
+) -> tuple[Extractor, str]:
+    """The fastest runner for this machine, and the weights' SHA-256 (recorded in the manifest).
+
+    runtime: 'onnx' (CPU default) or 'torch' (GPU default; also the eager baseline on CPU).
+    """
+    spec = models.get_spec(name)
+    device = resolve_device(device)
+    precision = precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise RisError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    runtime = runtime or ("torch" if device == "cuda" else "onnx")
+    if runtime == "onnx" and device != "cpu":
+        raise RisError("the ONNX runtime runs on the CPU here; use --device cpu or the torch runtime")
+    if runtime == "onnx" and precision not in ("fp32", "int8"):
+        raise RisError(f"precision {precision} needs a GPU; on the CPU use fp32 or int8")
+    if runtime == "torch" and precision == "int8":
+        raise RisError("int8 runs through ONNX Runtime on the CPU (--device cpu)")
+    net, digest = models.build(name, pooling if spec.pooled else "avg", weights)
+    pooling = pooling if spec.pooled else "fc2"
+    if runtime == "torch":
+        if device == "cpu":
+            torch.set_num_threads(threads or cpu_threads())
+        return TorchExtractor(net, name, spec.input_size, spec.dim, device, precision), digest
+    fp32 = onnx_model_path(name, pooling, digest, "fp32")
+    if not fp32.exists():
+        export_onnx(net, spec.input_size, fp32)
+    path = fp32
+    if precision == "int8":
+        path = onnx_model_path(name, pooling, digest, "int8")
+        if not path.exists():
+            quantize_int8(fp32, path, spec.input_size)
+    return OnnxExtractor(path, name, spec.input_size, spec.dim, threads or cpu_threads()), digest

@@ -1,0 +1,75 @@
+"""Search results: plain data that prints as a table, serialises to JSON, and shows in Jupyter."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Match:
+    rank: int
+    path: str
+    score: float  # cosine similarity, higher is closer
+    label: str | None
+    id: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "path": self.path, "score": round(self.score, 6), "label": self.label}
+
+
+@dataclass
+class SearchResult:
+    query: str
+    matches: list[Match] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """Exactly the documented shape of one `ris search --json` line."""
+        return {"query": self.query, "matches": [m.as_json() for m in self.matches]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "matches": [asdict(m) for m in self.matches]}
+
+    def __str__(self) -> str:
+        lines = [f"query: {self.query}"]
+        for m in self.matches:
+            lines.append(f"  {m.rank:>3}  {m.score:6.3f}  {m.label or '-':<20}  {m.path}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """A row of thumbnails with scores: how a result shows itself in a notebook."""
+        cells = [thumbnail_figure(self.query, f"query: {Path(self.query).name}")]
+        cells += [
+            thumbnail_figure(m.path, f"#{m.rank} {m.score:.3f}<br>{html.escape(m.label or '')}")
+            for m in self.matches
+        ]
+        return '<div style="display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start">' + "".join(cells) + "</div>"
+
+
+def thumbnail_data_uri(source: str | Path | Image.Image, size: int = 160) -> str:
+    """A JPEG thumbnail as a data: URI (self-contained pages, no file server needed)."""
+    from .decode import open_image, read_file
+
+    try:
+        img = source if isinstance(source, Image.Image) else open_image(read_file(str(source)), draft_size=size)
+    except Exception:
+        img = Image.new("RGB", (size, size), (200, 200, 200))
+    img = img.convert("RGB").copy()
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def thumbnail_figure(source: str | Path, caption_html: str, size: int = 160) -> str:
+    return (
+        f'<figure style="margin:0;width:{size}px;font:12px sans-serif;text-align:center">'
+        f'<img src="{thumbnail_data_uri(source, size)}" style="max-width:{size}px;max-height:{size}px" '
+        f'title="{html.escape(str(source))}"><figcaption>{caption_html}</figcaption></figure>'
+    )

@@ -1,0 +1,72 @@
+"""Find the image files to index: folders walked recursively, or a list file, labels from folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RisError
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A candidate file; whether it is an image is decided by its content when decoded."""
+
+    path: str  # absolute, normalised
+    size: int
+    mtime_ns: int
+    label: str | None
+
+
+def _label_for(path: Path) -> str | None:
+    parent = path.parent.name
+    return parent or None
+
+
+def _stat_file(path: Path) -> SourceFile:
+    st = path.stat()
+    return SourceFile(str(path), st.st_size, st.st_mtime_ns, _label_for(path))
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every regular, non-hidden file below root, in a stable order (sorted per folder)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def read_list_file(list_file: str | os.PathLike) -> list[str]:
+    """Paths from a file with one path per line; blank lines and '#' comments are ignored."""
+    try:
+        text = Path(list_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RisError(f"cannot read list file {list_file}: {exc.strerror or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def scan(paths: Iterable[str | os.PathLike]) -> list[SourceFile]:
+    """All files under the given folders (or the given files themselves), deduplicated.
+
+    A missing path is an error (the user mistyped), an empty result too: indexing nothing
+    would silently drop every image of an existing collection.
+    """
+    found: dict[str, SourceFile] = {}
+    for raw in paths:
+        root = Path(raw).expanduser().absolute()
+        if not root.exists():
+            raise RisError(f"no such file or folder: {raw}")
+        candidates = [root] if root.is_file() else _walk(root)
+        for path in candidates:
+            path = Path(os.path.normpath(path))
+            try:
+                if path.is_file():
+                    found.setdefault(str(path), _stat_file(path))
+            except OSError:
+                continue  # vanished or unreadable while walking: not ours to index
+    if not found:
+        raise RisError("no files found in: " + ", ".join(str(p) for p in paths))
+    return sorted(found.values(), key=lambda f: f.path)

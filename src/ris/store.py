@@ -1,0 +1,232 @@
+"""The catalogue: one SQLite file holding every image's state and the raw features.
+
+SQLite is the source of truth. Each extracted batch is committed in one transaction (features and
+image rows together), so a run killed at any moment resumes at the last committed batch and never
+shows half-written rows. WAL mode lets readers search while a writer indexes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RisError
+from .sources import SourceFile
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPE = np.float16  # raw features are only re-read to (re)fit PCA: half precision is plenty
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    label TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'ok', 'skipped')),
+    error TEXT,
+    seen INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE INDEX IF NOT EXISTS images_status ON images(status);
+CREATE TABLE IF NOT EXISTS features (sha256 TEXT PRIMARY KEY, vec BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    path: str
+    label: str | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    new: int
+    changed: int
+    unchanged: int
+    removed: int
+
+
+def _chunks(items: Sequence, size: int = 900) -> Iterator[Sequence]:
+    """SQLite caps the number of bound parameters; IN (...) lists go in slices."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Catalog:
+    """A typed wrapper over the collection's SQLite file."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            else:
+                self.db = sqlite3.connect(path, timeout=30)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                with self.db:
+                    self.db.executescript(SCHEMA)
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
+            version = int(self.meta("schema_version") or 0)
+        except sqlite3.DatabaseError as exc:
+            raise RisError(f"{path} is not a usable ris catalogue: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise RisError(f"{path} was written by a newer ris (schema {version}); upgrade ris to open it")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- meta --------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, value))  # fmt: skip
+
+    # --- syncing the file list -----------------------------------------------------------------
+
+    def sync(self, files: Iterable[SourceFile], drop_under: Sequence[str] = ()) -> SyncReport:
+        """Upsert the scanned files; changed files get a new id (their old vector leaves the index).
+
+        Rows at or below the `drop_under` roots (the folders a resync scanned) whose files were not
+        found again are deleted; rows elsewhere are left alone.
+        """
+        existing = {
+            path: (size, mtime)
+            for path, size, mtime in self.db.execute("SELECT path, size, mtime_ns FROM images")
+        }
+        new, changed, unchanged = [], [], []
+        for f in files:
+            old = existing.get(f.path)
+            if old is None:
+                new.append(f)
+            elif old != (f.size, f.mtime_ns):
+                changed.append(f)
+            else:
+                unchanged.append(f.path)
+        rows = [(f.path, f.size, f.mtime_ns, f.label) for f in new + changed]
+        with self.db:
+            removed = 0
+            if drop_under:
+                for root in drop_under:
+                    prefix = root.rstrip("/") + "/"
+                    self.db.execute("UPDATE images SET seen = 0 WHERE path = ? OR substr(path, 1, ?) = ?",
+                                    (root, len(prefix), prefix))  # fmt: skip
+                self.db.executemany("UPDATE images SET seen = 1 WHERE path = ?", ((p,) for p in unchanged + [f.path for f in changed]))
+                removed = self.db.execute("DELETE FROM images WHERE seen = 0").rowcount
+                self.db.execute("UPDATE images SET seen = 1")
+            for chunk in _chunks([f.path for f in changed]):
+                self.db.execute(f"DELETE FROM images WHERE path IN ({','.join('?' * len(chunk))})", list(chunk))
+            self.db.executemany(
+                "INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, ?, ?, ?, 'pending')", rows
+            )
+        return SyncReport(len(new), len(changed), len(unchanged), removed)
+
+    def pending(self) -> list[tuple[int, str]]:
+        return self.db.execute("SELECT id, path FROM images WHERE status = 'pending' ORDER BY id").fetchall()
+
+    def known_hashes(self, hashes: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(list(set(hashes))):
+            q = f"SELECT sha256 FROM features WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.db.execute(q, list(chunk)))
+        return found
+
+    def commit_batch(
+        self,
+        done: Sequence[tuple[int, str]],
+        features: dict[str, np.ndarray],
+        skipped: Sequence[tuple[int, str]],
+    ) -> None:
+        """One transaction: new features, images marked ok with their hash, bad files with reasons."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO features VALUES (?, ?)",
+                ((sha, np.asarray(vec, dtype=FEATURE_DTYPE).tobytes()) for sha, vec in features.items()),
+            )
+            self.db.executemany(
+                "UPDATE images SET status = 'ok', sha256 = ?, error = NULL WHERE id = ?",
+                ((sha, image_id) for image_id, sha in done),
+            )
+            self.db.executemany(
+                "UPDATE images SET status = 'skipped', error = ? WHERE id = ?",
+                ((reason, image_id) for image_id, reason in skipped),
+            )
+
+    def drop_orphan_features(self) -> int:
+        with self.db:
+            return self.db.execute(
+                "DELETE FROM features WHERE sha256 NOT IN (SELECT sha256 FROM images WHERE sha256 IS NOT NULL)"
+            ).rowcount
+
+    # --- removing ------------------------------------------------------------------------------
+
+    def remove(self, patterns: Iterable[str]) -> int:
+        """Delete images whose path equals, lies under, or glob-matches one of the patterns."""
+        paths = [p for (p,) in self.db.execute("SELECT path FROM images")]
+        doomed: set[str] = set()
+        for pattern in patterns:
+            folder = pattern.rstrip("/") + "/"
+            doomed.update(p for p in paths if p == pattern or p.startswith(folder) or fnmatch.fnmatch(p, pattern))
+        with self.db:
+            for chunk in _chunks(sorted(doomed)):
+                self.db.execute(f"DELETE FROM images WHERE path IN ({','.join('?' * len(chunk))})", list(chunk))
+        self.drop_orphan_features()
+        return len(doomed)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def ok_ids(self) -> np.ndarray:
+        rows = self.db.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def features(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """Raw float32 features of these images, in the order given."""
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        pos = {int(i): n for n, i in enumerate(ids)}
+        for chunk in _chunks([int(i) for i in ids]):
+            q = (
+                "SELECT images.id, features.vec FROM images JOIN features USING (sha256) "
+                f"WHERE images.id IN ({','.join('?' * len(chunk))})"
+            )
+            for image_id, blob in self.db.execute(q, list(chunk)):
+                out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
+        return out
+
+    def rows(self, ids: Iterable[int]) -> dict[int, ImageRow]:
+        ids = [int(i) for i in ids]
+        found: dict[int, ImageRow] = {}
+        for chunk in _chunks(ids):
+            q = f"SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({','.join('?' * len(chunk))})"
+            for row in self.db.execute(q, list(chunk)):
+                found[row[0]] = ImageRow(*row)
+        return found
+
+    def all_rows(self) -> list[ImageRow]:
+        q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id"
+        return [ImageRow(*r) for r in self.db.execute(q)]
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ok": 0, "pending": 0, "skipped": 0}
+        counts.update(dict(self.db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall()))
+        return counts
+
+    def skipped_files(self) -> list[dict[str, str]]:
+        q = "SELECT path, error FROM images WHERE status = 'skipped' ORDER BY path"
+        return [{"path": p, "reason": r} for p, r in self.db.execute(q)]
