@@ -56,6 +56,11 @@ class SyncReport:
     removed: int
 
 
+def _marks(n: int) -> str:
+    """'?, ?, ?' for an IN (...) list of n bound values."""
+    return ", ".join("?" * n)
+
+
 def _chunks(items: Sequence, size: int = 900) -> Iterator[Sequence]:
     """SQLite caps the number of bound parameters; IN (...) lists go in slices."""
     for start in range(0, len(items), size):
@@ -132,7 +137,7 @@ class Catalog:
                 removed = self.db.execute("DELETE FROM images WHERE seen = 0").rowcount
                 self.db.execute("UPDATE images SET seen = 1")
             for chunk in _chunks([f.path for f in changed]):
-                self.db.execute(f"DELETE FROM images WHERE path IN ({','.join('?' * len(chunk))})", list(chunk))
+                self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", list(chunk))
             self.db.executemany(
                 "INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, ?, ?, ?, 'pending')", rows
             )
@@ -144,7 +149,7 @@ class Catalog:
     def known_hashes(self, hashes: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(list(set(hashes))):
-            q = f"SELECT sha256 FROM features WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT sha256 FROM features WHERE sha256 IN ({_marks(len(chunk))})"
             found.update(r[0] for r in self.db.execute(q, list(chunk)))
         return found
 
@@ -186,7 +191,7 @@ class Catalog:
             doomed.update(p for p in paths if p == pattern or p.startswith(folder) or fnmatch.fnmatch(p, pattern))
         with self.db:
             for chunk in _chunks(sorted(doomed)):
-                self.db.execute(f"DELETE FROM images WHERE path IN ({','.join('?' * len(chunk))})", list(chunk))
+                self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", list(chunk))
         self.drop_orphan_features()
         return len(doomed)
 
@@ -203,7 +208,7 @@ class Catalog:
         for chunk in _chunks([int(i) for i in ids]):
             q = (
                 "SELECT images.id, features.vec FROM images JOIN features USING (sha256) "
-                f"WHERE images.id IN ({','.join('?' * len(chunk))})"
+                f"WHERE images.id IN ({_marks(len(chunk))})"
             )
             for image_id, blob in self.db.execute(q, list(chunk)):
                 out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
@@ -213,7 +218,7 @@ class Catalog:
         ids = [int(i) for i in ids]
         found: dict[int, ImageRow] = {}
         for chunk in _chunks(ids):
-            q = f"SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({_marks(len(chunk))})"
             for row in self.db.execute(q, list(chunk)):
                 found[row[0]] = ImageRow(*row)
         return found
