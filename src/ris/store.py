@@ -133,7 +133,8 @@ class Catalog:
                     prefix = root.rstrip("/") + "/"
                     self.db.execute("UPDATE images SET seen = 0 WHERE path = ? OR substr(path, 1, ?) = ?",
                                     (root, len(prefix), prefix))  # fmt: skip
-                self.db.executemany("UPDATE images SET seen = 1 WHERE path = ?", ((p,) for p in unchanged + [f.path for f in changed]))
+                kept = unchanged + [f.path for f in changed]
+                self.db.executemany("UPDATE images SET seen = 1 WHERE path = ?", ((p,) for p in kept))
                 removed = self.db.execute("DELETE FROM images WHERE seen = 0").rowcount
                 self.db.execute("UPDATE images SET seen = 1")
             for chunk in _chunks([f.path for f in changed]):
