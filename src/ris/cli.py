@@ -236,6 +236,21 @@ def demo(
     out.print(f"result grid: {png.absolute()}\nresult page: {page.absolute()}", highlight=False)
 
 
+@app.command()
+def serve(
+    collection: CollectionOpt = Path("collection.ris"),
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve the web page and the REST API (docs at /docs)."""
+    from .server import run
+
+    run(collection, host=host, port=port, token=token, weights=weights, device=device)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     try:
