@@ -1,0 +1,289 @@
+"""The REST API over real HTTP: a real uvicorn on a loopback port, a real collection, the real model."""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+
+from ris.collection import Collection
+from ris.demo import sample_paths
+from ris.server import DEFAULT_MAX_UPLOAD_BYTES, create_app, serve_in_thread
+from server_fixtures import build_collection, caltech_images
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def collection_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_collection(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def base_url(collection_path: Path) -> Iterator[str]:
+    """A server with a token: add and remove are enabled."""
+    with serve_in_thread(create_app(collection_path, token=TOKEN)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def readonly_url(collection_path: Path) -> Iterator[str]:
+    """A server without a token, the default: add and remove are refused."""
+    with serve_in_thread(create_app(collection_path)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+def upload(path: Path) -> dict:
+    return {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+
+
+def raw_get(base_url: str, target: str) -> tuple[int, bytes]:
+    """GET a request target byte for byte (HTTP clients normalise '../' away; attackers do not)."""
+    parts = urlsplit(base_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data
+
+
+# --- searching ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query", [caltech_images()[0], caltech_images()[7], sample_paths()[0]], ids=lambda p: p.name)
+def test_search_finds_the_uploaded_image_first(client: httpx.Client, query: Path) -> None:
+    res = client.post("/api/search", files=upload(query), data={"k": "4"})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["query"] == query.name
+    assert [m["rank"] for m in body["matches"]] == [1, 2, 3, 4]
+    top = body["matches"][0]
+    assert top["path"] == str(query) and top["score"] > 0.9
+    assert top["thumbnail"] == f"/api/images/{top['id']}/thumbnail"
+    assert set(top) >= {"rank", "path", "score", "label", "id", "thumbnail"}
+
+
+def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collection_path: Path) -> None:
+    """The API adds links to exactly what `ris search --json` prints for the same query."""
+    query = caltech_images()[3]
+    api = client.post("/api/search", files=upload(query), data={"k": "5"}).json()
+    with Collection.open(collection_path) as coll:
+        expected = coll.search(query, k=5).as_json()
+    assert [{key: m[key] for key in ("rank", "path", "score", "label")} for m in api["matches"]] == expected["matches"]
+
+
+def test_more_like_this_by_id(client: httpx.Client) -> None:
+    first = client.post("/api/search", files=upload(caltech_images()[0]), data={"k": "3"}).json()
+    other = first["matches"][1]
+    res = client.get("/api/search", params={"id": other["id"], "k": 3})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["matches"][0]["id"] == other["id"] and body["matches"][0]["score"] > 0.99
+    assert len(body["matches"]) == 3
+
+
+def test_search_parameters_are_validated(client: httpx.Client) -> None:
+    assert client.get("/api/search", params={"id": 999_999}).status_code == 404
+    assert client.get("/api/search", params={"id": "abc"}).status_code == 422
+    assert client.get("/api/search", params={"id": 1, "k": 0}).status_code == 422
+    assert client.post("/api/search", files=upload(caltech_images()[0]), data={"k": "1000"}).status_code == 422
+    assert client.post("/api/search", data={"k": "3"}).status_code == 422  # no file
+
+
+# --- bad uploads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [DEFAULT_MAX_UPLOAD_BYTES + 1, DEFAULT_MAX_UPLOAD_BYTES + 2 * 1024 * 1024])
+def test_oversized_upload_is_413(client: httpx.Client, size: int) -> None:
+    """Just over the limit (caught after parsing) and well over it (refused by its Content-Length)."""
+    res = client.post("/api/search", files={"file": ("big.jpg", b"\xff" * size, "image/jpeg")})
+    assert res.status_code == 413
+    assert "too large" in res.json()["detail"]
+
+
+def test_non_image_is_415(client: httpx.Client) -> None:
+    res = client.post("/api/search", files={"file": ("notes.txt", b"just some text, not pixels", "text/plain")})
+    assert res.status_code == 415
+    assert "not an image" in res.json()["detail"]
+
+
+@pytest.mark.parametrize("cut", [0, 2000])
+def test_empty_or_truncated_image_is_400(client: httpx.Client, cut: int) -> None:
+    data = caltech_images()[0].read_bytes()[:cut]
+    res = client.post("/api/search", files={"file": ("broken.jpg", data, "image/jpeg")})
+    assert res.status_code == 400
+    assert res.json()["detail"].startswith("cannot use this upload")
+
+
+def test_decompression_bomb_is_refused(client: httpx.Client) -> None:
+    """A few kB of PNG that would decode to 180 megapixels."""
+    buf = io.BytesIO()
+    Image.new("1", (15_000, 12_000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 1_000_000
+    res = client.post("/api/search", files={"file": ("bomb.png", buf.getvalue(), "image/png")})
+    assert res.status_code in (400, 413)
+    assert "too large" in res.json()["detail"]
+
+
+# --- serving images ----------------------------------------------------------------------------------
+
+
+def test_original_and_thumbnail_by_id(client: httpx.Client, collection_path: Path) -> None:
+    body = client.get("/api/collection", params={"limit": 200}).json()
+    by_suffix = {Path(row["path"]).suffix: row for row in body["sample"]}
+    for suffix, content_type in ((".png", "image/png"), (".jpg", "image/jpeg")):
+        row = by_suffix[suffix]
+        res = client.get(f"/api/images/{row['id']}")
+        assert res.status_code == 200 and res.headers["content-type"] == content_type
+        assert res.content == Path(row["path"]).read_bytes()
+        thumb = client.get(row["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        img = Image.open(io.BytesIO(thumb.content))
+        assert img.format == "JPEG" and max(img.size) <= 256
+    assert list((collection_path / "thumbs").glob("*.jpg")), "thumbnails are cached in the collection"
+
+
+def test_unknown_id_is_404(client: httpx.Client) -> None:
+    for url in ("/api/images/999999", "/api/images/999999/thumbnail", "/api/images/-1"):
+        res = client.get(url)
+        assert res.status_code == 404 and "no image" in res.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/images/../../../../etc/passwd",
+        "/api/images/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/images/%2Fetc%2Fpasswd",
+        "/api/images/1/../../../../../etc/passwd",
+        "/api/images/1/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/static/../../../../../../etc/passwd",
+        "/static/..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/static/..%2Fserver.py",
+        "/static/%2Fetc%2Fpasswd",
+    ],
+)
+def test_path_traversal_gets_nothing(base_url: str, target: str) -> None:
+    status, data = raw_get(base_url, target)
+    assert status in (400, 404, 422), (target, status)
+    assert b"root:" not in data and b"create_app" not in data
+
+
+# --- adding and removing -----------------------------------------------------------------------------
+
+
+def test_add_and_remove_are_disabled_without_a_token(readonly_url: str) -> None:
+    with httpx.Client(base_url=readonly_url, timeout=60) as c:
+        assert c.post("/api/images", files=upload(caltech_images(5)[0]), headers=AUTH).status_code == 403
+        assert c.delete("/api/images/1", headers=AUTH).status_code == 403
+        assert c.get("/api/images/1").status_code == 200  # still there
+        assert c.get("/api/collection").json()["writable"] is False
+
+
+def test_add_and_remove_need_the_right_token(client: httpx.Client) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+        res = client.post("/api/images", files=upload(caltech_images(5)[0]), headers=headers)
+        assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer"
+        assert client.delete("/api/images/1", headers=headers).status_code == 401
+    assert client.get("/api/images/1").status_code == 200
+
+
+def test_add_then_remove_with_the_token(client: httpx.Client, collection_path: Path) -> None:
+    new = caltech_images(offset=10, per_category=1)[0]
+    before = client.get("/api/health").json()["images"]
+    res = client.post("/api/images", files=upload(new), data={"label": "new ones"}, headers=AUTH)
+    assert res.status_code == 201, res.text
+    added = res.json()
+    saved = Path(added["path"])
+    assert added["added"] and added["label"] == "new_ones"
+    assert saved.is_relative_to((collection_path / "uploads").absolute()) and saved.read_bytes() == new.read_bytes()
+    assert client.get("/api/health").json()["images"] == before + 1
+
+    found = client.post("/api/search", files=upload(new), data={"k": "1"}).json()["matches"][0]
+    assert found["id"] == added["id"] and found["score"] > 0.99
+
+    again = client.post("/api/images", files=upload(new), data={"label": "new ones"}, headers=AUTH).json()
+    assert again["id"] == added["id"] and again["added"] is False  # the same bytes are not added twice
+
+    res = client.delete(f"/api/images/{added['id']}", headers=AUTH)
+    assert res.status_code == 200 and res.json()["removed"] == added["id"]
+    assert client.get(f"/api/images/{added['id']}").status_code == 404
+    assert client.delete(f"/api/images/{added['id']}", headers=AUTH).status_code == 404
+    assert client.get("/api/health").json()["images"] == before
+    assert not saved.exists()
+
+
+def test_adding_a_non_image_is_refused(client: httpx.Client, collection_path: Path) -> None:
+    res = client.post("/api/images", files={"file": ("x.jpg", b"<html>", "image/jpeg")}, headers=AUTH)
+    assert res.status_code == 415
+    assert not list((collection_path / "uploads").rglob("*.jpg*"))
+
+
+# --- describing --------------------------------------------------------------------------------------
+
+
+def test_health_and_collection_info(client: httpx.Client) -> None:
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["images"] > 30
+    info = client.get("/api/collection", params={"offset": 0, "limit": 10}).json()
+    assert info["images"] == health["images"] and info["model"] and info["dims"] > 0 and info["writable"]
+    assert len(info["sample"]) == 10 and set(info["sample"][0]) == {"id", "label", "path", "thumbnail", "image"}
+    second = client.get("/api/collection", params={"offset": 10, "limit": 10}).json()["sample"]
+    assert not {r["id"] for r in info["sample"]} & {r["id"] for r in second}
+    assert client.get("/api/collection", params={"limit": 0}).status_code == 422
+
+
+def test_docs_and_openapi(client: httpx.Client) -> None:
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/images", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
+            "/api/health", "/api/collection"} <= set(paths)  # fmt: skip
+    assert set(paths["/api/search"]) == {"get", "post"}
+
+
+def test_page_and_static_files(client: httpx.Client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="file-input"' in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        res = client.get(f"/static/{name}")
+        assert res.status_code == 200 and kind in res.headers["content-type"]
+    assert "//cdn" not in client.get("/static/app.js").text + page.text  # nothing from the network
+
+
+# --- concurrency -------------------------------------------------------------------------------------
+
+
+def test_concurrent_searches_all_succeed_identically(base_url: str) -> None:
+    """16 uploads from 8 threads (model calls in parallel, catalogue on its one thread) agree exactly."""
+    queries = caltech_images(offset=6, per_category=1)[:4]
+
+    def search(n: int) -> tuple[int, list[tuple[int, float]]]:
+        with httpx.Client(base_url=base_url, timeout=120) as c:
+            res = c.post("/api/search", files=upload(queries[n % 4]), data={"k": "5"})
+            assert res.status_code == 200, res.text
+            return n % 4, [(m["id"], m["score"]) for m in res.json()["matches"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(search, range(16)))
+    by_query: dict[int, set[str]] = {}
+    for q, matches in results:
+        by_query.setdefault(q, set()).add(repr(matches))
+    assert len(by_query) == 4 and all(len(v) == 1 for v in by_query.values())
