@@ -266,8 +266,6 @@ def decode_upload(data: bytes, draft_size: int | None = None) -> Image.Image:
         return open_image(data, draft_size=draft_size)
     except DecodeError as exc:
         raise HTTPException(_decode_status(str(exc)), f"cannot use this upload: {exc}") from None
-    except KeyError:  # Pillow 13 has no "MPO" opener (JPEG reads MPOs); decode.FORMATS still names it
-        raise HTTPException(415, "cannot use this upload: not an image (or an unsupported format)") from None
 
 
 def query_pixels(data: bytes, size: int) -> np.ndarray:
