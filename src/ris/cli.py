@@ -18,8 +18,8 @@ from .errors import RisError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Reverse image search: index folders of images, find the most similar ones.")  # fmt: skip
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collection directory.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
@@ -234,6 +234,43 @@ def demo(
     png = grid_png(results, out_dir / "results.png")
     page = results_html(results, out_dir / "results.html", title="ris demo")
     out.print(f"result grid: {png.absolute()}\nresult page: {page.absolute()}", highlight=False)
+
+
+@app.command(name="eval")
+def evaluate(
+    collection: CollectionOpt = Path("collection.ris"),
+    queries: Annotated[Path | None, typer.Option("--queries", help="Folder of labelled queries (by subfolder).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Also report precision@k.")] = 5,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Labels left out (default BACKGROUND_Google).")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label."""
+    from . import evaluate as ev
+    from .collection import Collection
+    from .sources import scan
+
+    ks = sorted({1, 5, 10, k})
+    excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
+    with Collection.open(collection) as coll:
+        rows, vecs = coll.vectors()
+        keep = ev.labelled([r.label for r in rows], excluded)
+        if len(keep) < 2:
+            raise RisError("evaluation needs at least two labelled images (labels are folder names)")
+        labels = [rows[i].label for i in keep]
+        if queries:
+            files = [f for f in scan([queries]) if f.label and f.label not in excluded]
+            qvecs = coll.embed([f.path for f in files])
+            report = ev.queries_against(qvecs, [f.label for f in files], vecs[keep], labels, ks)
+        else:
+            with progress_bar(enabled=not json_out) as bar:
+                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)))
+    if json_out:
+        sys.stdout.write(json.dumps(report.as_json()) + "\n")
+        return
+    figures = "  ".join(f"precision@{kk} {v:.3f}" for kk, v in report.precision.items())
+    out.print(f"{report.images} images, {report.classes} classes: {figures}  mAP {report.map:.3f}", highlight=False)
+    if report.per_class:
+        out.print("worst classes: " + ", ".join(f"{lab} (mAP {s['map']:.2f})" for lab, s in report.worst()), highlight=False)
 
 
 @app.command()

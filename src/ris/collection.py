@@ -386,6 +386,13 @@ class Collection:
             results.append(SearchResult(name, matches))
         return results
 
+    def vectors(self) -> tuple[list, np.ndarray]:
+        """Every searchable image's catalogue row and its reduced vector (what the index holds)."""
+        _, reducer = self._searchable()
+        rows = self.catalog.all_rows()
+        raw = self.catalog.features([r.id for r in rows], self.manifest.raw_dims)
+        return rows, reducer(raw)
+
     # --- describing ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:

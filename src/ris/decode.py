@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DecodeError
 
 #: Formats we accept, recognised by content (magic bytes), never by extension.
-FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 #: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
 MAX_PIXELS = 178_956_970
 

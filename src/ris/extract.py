@@ -82,7 +82,9 @@ def decoded_batches(
         for chunk in chunks:
             yield collect([_decode_job(j) for j in chunk])
         return
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in user
+    # scripts; they only run PIL/numpy, never the parent's model threads.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers) as pool:
         pending: deque = deque()
         next_chunk = 0

@@ -194,25 +194,23 @@ def is_hdf5(path: str | os.PathLike) -> bool:
         return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
-def download_vgg16_weights(dest_dir: Path) -> Path:
-    """Fetch torchvision's VGG16 weights once, checking their SHA-256 prefix before keeping them."""
-    dest = dest_dir / VGG16_TORCHVISION_FILE
-    tmp = dest.with_suffix(".part")
+def download_weights(url: str, sha256_prefix: str, dest: Path) -> Path:
+    """Fetch a weights file once into the cache, keeping it only if its SHA-256 matches."""
+    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(VGG16_TORCHVISION_URL, timeout=30) as resp, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise RisError(
             f"vgg16 needs ImageNet weights and they could not be downloaded ({exc}); pass --weights with "
-            f"torchvision's {VGG16_TORCHVISION_FILE} or Keras' {VGG16_KERAS_FILE}, "
-            f"or put one of them in {dest_dir}"
+            f"torchvision's {VGG16_TORCHVISION_FILE} or Keras' {VGG16_KERAS_FILE}, or put one of them in {dest.parent}"
         ) from None
     digest = file_sha256(tmp)
-    if not digest.startswith(VGG16_TORCHVISION_SHA256_PREFIX):
+    if not digest.startswith(sha256_prefix):
         tmp.unlink(missing_ok=True)
-        raise RisError(f"downloaded VGG16 weights have the wrong SHA-256 ({digest[:16]}…); not kept")
+        raise RisError(f"downloaded weights from {url} have the wrong SHA-256 ({digest[:16]}…); not kept")
     os.replace(tmp, dest)
     return dest
 
@@ -229,12 +227,7 @@ def resolve_vgg16_weights(weights: str | None) -> Path:
     for name in (VGG16_TORCHVISION_FILE, VGG16_KERAS_FILE):
         if (wdir / name).is_file():
             return wdir / name
-    if os.environ.get("RIS_OFFLINE"):
-        raise RisError(
-            f"vgg16 needs ImageNet weights: pass --weights {VGG16_TORCHVISION_FILE} (torchvision) or "
-            f"{VGG16_KERAS_FILE} (Keras), or put one of them in {wdir}"
-        )
-    return download_vgg16_weights(wdir)
+    return download_weights(VGG16_TORCHVISION_URL, VGG16_TORCHVISION_SHA256_PREFIX, wdir / VGG16_TORCHVISION_FILE)
 
 
 def load_vgg16(weights: str | None) -> tuple[VGG16, bool, str]:

@@ -71,4 +71,4 @@ class Reducer:
     def load(cls, path: Path, raw_dims: int) -> Reducer:
         if not path.exists():
             return cls(raw_dims)
-        return cls(raw_dims, faiss.downcast_VectorTransform(faiss.read_VectorTransform(str(path))))
+        return cls(raw_dims, faiss.read_VectorTransform(str(path)))  # already the PCAMatrix subclass

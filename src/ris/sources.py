@@ -31,8 +31,18 @@ def _stat_file(path: Path) -> SourceFile:
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """Every regular, non-hidden file below root, in a stable order (sorted per folder)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    """Every regular, non-hidden file below root, in a stable order (sorted per folder).
+
+    Symlinked folders are followed (photo libraries are often assembled from links), each real
+    folder once, so a link loop cannot recurse forever.
+    """
+    visited: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):

@@ -1,0 +1,61 @@
+"""Shared fixtures: real Caltech-101 images from ../shared, the real bundled model, real collections."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
+SUBSET_CLASSES = ("airplanes", "Motorbikes", "sunflower", "panda", "scissors", "cup")
+PER_CLASS = 10
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One model cache for the whole run: the ONNX export and int8 calibration happen once.
+    if "RIS_CACHE_DIR" not in os.environ:
+        cache = Path(config.rootpath) / ".pytest_cache" / "ris-model-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["RIS_CACHE_DIR"] = str(cache)
+
+
+def caltech_files(cls: str, n: int, start: int = 0) -> list[Path]:
+    if not CALTECH.is_dir():
+        pytest.skip(f"Caltech-101 not found at {CALTECH}")
+    return sorted((CALTECH / cls).glob("*.jpg"))[start : start + n]
+
+
+@pytest.fixture(scope="session")
+def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled image tree: PER_CLASS images from each of SUBSET_CLASSES (copied, so tests may edit)."""
+    root = tmp_path_factory.mktemp("caltech-subset")
+    for cls in SUBSET_CLASSES:
+        (root / cls).mkdir()
+        for f in caltech_files(cls, PER_CLASS):
+            shutil.copy2(f, root / cls / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def subset_collection(subset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A read-only collection of the subset, built once with the default model."""
+    from ris.collection import Collection
+
+    path = tmp_path_factory.mktemp("collections") / "subset.ris"
+    coll = Collection.open_or_create(path)
+    coll.index([subset_dir])
+    coll.close()
+    return path
+
+
+def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `ris` entry point in a subprocess (stdout, stderr and exit code as a user sees them)."""
+    proc = subprocess.run([sys.executable, "-m", "ris", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=600)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ris {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc

@@ -1,0 +1,92 @@
+"""Decoding real files of every supported format and mode, and refusing bad ones with a reason."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ris.decode import MAX_PIXELS, decode_bytes, decode_file, open_image
+from ris.errors import DecodeError
+
+from .conftest import caltech_files
+
+
+def _photo() -> Image.Image:
+    return Image.open(caltech_files("sunflower", 1)[0]).convert("RGB")
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_every_format_is_read_by_content_not_extension(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "no_extension_and.WRONG"
+    path.write_bytes(_encode(_photo(), fmt))
+    decoded = decode_file(str(path), 224)
+    assert decoded.pixels.shape == (224, 224, 3) and decoded.pixels.dtype == np.uint8
+    assert len(decoded.sha256) == 64
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    img = _photo()
+    if mode == "I;16":
+        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        img = Image.fromarray(arr)
+        assert img.mode == "I;16"
+    else:
+        img = img.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    out = open_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == img.size
+    if mode == "I;16":  # 16-bit is rescaled to 8-bit, not clipped to white
+        assert 30 < np.asarray(out).mean() < 225
+
+
+def test_transparent_pixels_become_white() -> None:
+    img = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    assert np.asarray(open_image(_encode(img, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = _photo()  # landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    rotated = open_image(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert rotated.size == (img.height, img.width)
+
+
+def test_same_bytes_same_hash_and_pixels() -> None:
+    data = _encode(_photo(), "JPEG", quality=90)
+    a, b = decode_bytes(data, 224), decode_bytes(data, 224)
+    assert a.sha256 == b.sha256 and np.array_equal(a.pixels, b.pixels)
+
+
+def test_bad_files_raise_with_a_reason(tmp_path: Path) -> None:
+    good = _encode(_photo(), "JPEG")
+    cases = {
+        "empty": (b"", "empty file"),
+        "text": (b"just some text, not an image\n" * 20, "not an image"),
+        "truncated": (good[: len(good) // 3], "truncated"),
+        "corrupt": (good[:200] + bytes(range(256)) * 8, "corrupt"),
+    }
+    for name, (data, reason) in cases.items():
+        with pytest.raises(DecodeError, match=reason):
+            decode_bytes(data, 224)
+    with pytest.raises(DecodeError, match="unreadable"):
+        decode_file(str(tmp_path / "vanished.jpg"), 224)
+
+
+def test_decompression_bomb_is_refused() -> None:
+    side = int((MAX_PIXELS * 1.05) ** 0.5) + 1
+    bomb = _encode(Image.new("1", (side, side)), "PNG")  # a few KB on disk, ~190 megapixels decoded
+    assert len(bomb) < 1_000_000
+    with pytest.raises(DecodeError, match="too large"):
+        decode_bytes(bomb, 224)
