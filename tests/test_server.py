@@ -16,7 +16,7 @@ from PIL import Image
 from ris.collection import Collection
 from ris.demo import sample_paths
 from ris.server import DEFAULT_MAX_UPLOAD_BYTES, create_app, serve_in_thread
-from server_fixtures import build_collection, caltech_images
+from tests.server_fixtures import build_collection, caltech_images
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

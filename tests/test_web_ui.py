@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ris.server import create_app, serve_in_thread
-from server_fixtures import build_collection, caltech_images
+from tests.server_fixtures import build_collection, caltech_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
