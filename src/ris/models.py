@@ -238,7 +238,7 @@ def load_vgg16(weights: str | None) -> tuple[VGG16, bool, str]:
         state = keras_vgg16_state_dict(path) if keras else torch.load(path, map_location="cpu", weights_only=True)
         net = VGG16()
         net.load_state_dict(state)
-    except (KeyError, RuntimeError, ValueError, OSError, StopIteration) as exc:
+    except Exception as exc:  # pickle, h5py and shape errors alike mean "not usable weights"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise RisError(f"{path} is not a VGG16 weights file (torchvision .pth or Keras .h5): {reason}") from None
     return net, keras, file_sha256(path)

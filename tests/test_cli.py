@@ -1,0 +1,90 @@
+"""The real `ris` command in a subprocess: outputs a user relies on, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from .conftest import SUBSET_CLASSES, run_cli
+
+
+def _assert_one_line_error(proc, needle: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_search_json_is_one_object_per_query(subset_collection: Path, subset_dir: Path) -> None:
+    queries = [str(sorted((subset_dir / c).glob("*.jpg"))[0]) for c in ("panda", "cup")]
+    proc = run_cli("search", *queries, "--collection", str(subset_collection), "-k", "3", "--json")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for query, line in zip(queries, lines, strict=True):
+        obj = json.loads(line)
+        assert set(obj) == {"query", "matches"} and obj["query"] == query
+        assert [set(m) for m in obj["matches"]] == [{"rank", "path", "score", "label"}] * 3
+        assert obj["matches"][0]["path"] == query and obj["matches"][0]["label"] in SUBSET_CLASSES
+        assert [m["rank"] for m in obj["matches"]] == [1, 2, 3]
+        assert Path(obj["matches"][1]["path"]).is_absolute()
+
+
+def test_search_writes_grid_and_page(subset_collection: Path, subset_dir: Path, tmp_path: Path) -> None:
+    query = str(sorted((subset_dir / "sunflower").glob("*.jpg"))[1])
+    proc = run_cli("search", query, "-c", str(subset_collection), "-k", "5",
+                   "--grid", str(tmp_path / "g.png"), "--html", str(tmp_path / "p.html"))  # fmt: skip
+    assert "sunflower" in proc.stdout  # the readable table
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.width >= 6 * 160 and grid.height >= 160
+    page = (tmp_path / "p.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 6 and "sunflower" in page
+
+
+def test_info_json(subset_collection: Path) -> None:
+    info = json.loads(run_cli("info", "-c", str(subset_collection), "--json").stdout)
+    for key in ("images", "skipped", "skipped_files", "model", "dims", "format_version"):
+        assert key in info
+    assert info["model"] == "efficientnet-lite0" and info["images"] == 60 and info["skipped"] == 0
+
+
+def test_index_from_list_and_eval(subset_dir: Path, tmp_path: Path) -> None:
+    files = sorted(subset_dir.glob("*/*.jpg"))[::2]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my photos\n" + "\n".join(map(str, files)) + "\n")
+    proc = run_cli("index", "--from-list", str(listing), "-c", str(tmp_path / "c.ris"), "--json")
+    report = json.loads(proc.stdout)
+    assert report["images"] == len(files) and report["extracted"] == len(files)
+    assert report["times"]["model"] > 0
+    ev = json.loads(run_cli("eval", "-c", str(tmp_path / "c.ris"), "--json").stdout)
+    assert ev["images"] == len(files) and 0.5 < ev["precision@5"] <= 1 and 0.5 < ev["map"] <= 1
+
+
+def test_demo_runs_offline_and_finds_every_original(tmp_path: Path) -> None:
+    proc = run_cli("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert proc.stdout.count("(found the original)") == 4 and "MISSED" not in proc.stdout
+    assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "results.html").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["index", "/no/such/folder", "-c", "{tmp}/c.ris"], "no such file or folder: /no/such/folder"),
+        (["index", "{tmp}/empty", "-c", "{tmp}/c.ris"], "no files found"),
+        (["search", "{tmp}/q.jpg", "-c", "{tmp}/nothing.ris"], "no collection at"),
+        (["search", "{tmp}/notes.txt", "-c", "{coll}"], "cannot use query"),
+        (["search", "{tmp}/missing.jpg", "-c", "{coll}"], "unreadable"),
+        (["index", "{tmp}/empty", "-c", "{tmp}/c2.ris", "--model", "resnet9000"], "unknown model"),
+        (["index", "{tmp}/empty", "-c", "{coll}", "--model", "vgg16"], "built with model efficientnet-lite0"),
+        (["search", "{tmp}/notes.txt", "-c", "{coll}", "-k", "0"], "k must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args: list[str], needle: str, tmp_path: Path, subset_collection: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "q.jpg").write_bytes(b"")
+    proc = run_cli(*[a.format(tmp=tmp_path, coll=subset_collection) for a in args], check=False)
+    _assert_one_line_error(proc, needle)

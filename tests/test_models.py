@@ -1,0 +1,182 @@
+"""Model loading: VGG16 from torchvision and Keras files (weights we generate), downloads, runtimes."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ris import models, runtime
+from ris.decode import decode_file
+from ris.errors import RisError
+
+from .conftest import caltech_files
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def random_vgg16() -> models.VGG16:
+    torch.manual_seed(0)
+    net = models.VGG16().eval()
+    with torch.no_grad():  # He-style scales keep activations alive through 15 layers
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.bias.uniform_(-0.05, 0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.stack([decode_file(str(f), 224).pixels for f in caltech_files("panda", 2)])
+
+
+def test_torchvision_state_dict_loads_and_gives_fc2(random_vgg16, pixels, tmp_path_factory) -> None:
+    path = tmp_path_factory.mktemp("w") / "vgg16-test.pth"
+    torch.save(random_vgg16.state_dict(), path)
+    net, digest = models.build("vgg16", weights=str(path))
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(models.IMAGENET_MEAN_RGB).view(1, 3, 1, 1)
+    std = torch.tensor(models.IMAGENET_STD_RGB).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = random_vgg16.classifier[:5](torch.flatten(random_vgg16.features((x - mean) / std), 1))
+        got = net(torch.from_numpy(pixels))
+    assert got.shape == (2, 4096) and (got >= 0).all()  # fc2 is taken after its ReLU, as in Keras
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _write_keras_h5(net: models.VGG16, path: Path) -> None:
+    """Save `net` the way Keras' VGG16 weights file lays it out (channels-last kernels, HWC flatten)."""
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    with h5py.File(path, "w") as h5:
+        layers = list(models.KERAS_CONV_LAYERS) + ["fc1", "fc2", "predictions"]
+        h5.attrs["layer_names"] = [n.encode() for n in layers]
+        tensors = [(c.weight.detach().numpy().transpose(2, 3, 1, 0), c.bias.detach().numpy()) for c in convs]
+        fc1 = net.classifier[0].weight.detach().numpy().T.reshape(512, 7, 7, -1).transpose(1, 2, 0, 3).reshape(25088, -1)
+        tensors.append((fc1, net.classifier[0].bias.detach().numpy()))
+        for i in (3, 6):
+            tensors.append((net.classifier[i].weight.detach().numpy().T, net.classifier[i].bias.detach().numpy()))
+        for name, (kernel, bias) in zip(layers, tensors, strict=True):
+            group = h5.create_group(name)
+            group.attrs["weight_names"] = [f"{name}_W_1:0".encode(), f"{name}_b_1:0".encode()]
+            group.create_dataset(f"{name}_W_1:0", data=kernel)
+            group.create_dataset(f"{name}_b_1:0", data=bias)
+
+
+def _numpy_vgg16_fc2_nhwc(h5path: Path, pixels: np.ndarray) -> np.ndarray:
+    """An independent reference: Keras semantics (BGR caffe input, NHWC, HWC flatten) in plain numpy."""
+    x = pixels[..., ::-1].astype(np.float32) - np.array(models.CAFFE_MEAN_BGR, dtype=np.float32)
+    with h5py.File(h5path, "r") as h5:
+        layer = 0
+        for item in models.VGG16_CFG:
+            if item == "M":
+                n, h, w, c = x.shape
+                x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+                continue
+            name = models.KERAS_CONV_LAYERS[layer]
+            layer += 1
+            k, b = h5[name][f"{name}_W_1:0"][()], h5[name][f"{name}_b_1:0"][()]
+            n, h, w, c = x.shape
+            padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            cols = np.stack([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=3)
+            x = np.maximum(cols.reshape(n, h, w, 9 * c) @ k.reshape(9 * c, -1) + b, 0)
+        x = x.reshape(len(x), -1)
+        for name in ("fc1", "fc2"):
+            x = np.maximum(x @ h5[name][f"{name}_W_1:0"][()] + h5[name][f"{name}_b_1:0"][()], 0)
+    return x
+
+
+def test_keras_h5_maps_onto_torch_layout(random_vgg16, pixels, tmp_path_factory) -> None:
+    path = tmp_path_factory.mktemp("w") / models.VGG16_KERAS_FILE
+    _write_keras_h5(random_vgg16, path)
+    net, _ = models.build("vgg16", weights=str(path))
+    with torch.no_grad():
+        got = net(torch.from_numpy(pixels)).numpy()
+    expected = _numpy_vgg16_fc2_nhwc(path, pixels)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_not_a_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "vgg16.pth"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(RisError, match="not a VGG16 weights file"):
+        models.build("vgg16", weights=str(bad))
+    with pytest.raises(RisError, match="weights file not found"):
+        models.build("vgg16", weights=str(tmp_path / "missing.pth"))
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def file_server(tmp_path: Path):
+    """A real HTTP server on loopback serving tmp_path."""
+    handler = lambda *a, **kw: _Files(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+
+
+def test_download_checks_sha256_before_keeping(file_server, tmp_path_factory) -> None:
+    base, root = file_server
+    payload = b"pretend these are weights" * 1000
+    (root / "w.pth").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    cache = tmp_path_factory.mktemp("cache")
+    kept = models.download_weights(f"{base}/w.pth", digest[:8], cache / "w.pth")
+    assert kept.read_bytes() == payload
+    with pytest.raises(RisError, match="wrong SHA-256"):
+        models.download_weights(f"{base}/w.pth", "00000000", cache / "other.pth")
+    assert not (cache / "other.pth").exists() and not list(cache.glob("*.part"))
+
+
+def test_offline_without_weights_says_how_to_supply_them(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RIS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "VGG16_TORCHVISION_URL", "http://127.0.0.1:9/vgg16-397923af.pth")  # closed port
+    with pytest.raises(RisError, match=r"pass --weights .*vgg16-397923af\.pth.*vgg16_weights_tf_dim_ordering"):
+        models.build("vgg16")
+
+
+def test_onnx_runtime_matches_pytorch_and_int8_stays_close(pixels) -> None:
+    eager, digest = runtime.load_extractor(device="cpu", runtime="torch")
+    fp32, digest32 = runtime.load_extractor(device="cpu", precision="fp32")
+    int8, _ = runtime.load_extractor(device="cpu", precision="int8")
+    assert digest == digest32
+    ref = eager(pixels)
+    assert ref.shape == (2, 1280)
+    assert _cos(fp32(pixels), ref).min() > 0.9999
+    assert _cos(int8(pixels), ref).min() > 0.97
+
+
+def test_device_selection_degrades_to_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert runtime.resolve_device("auto") == "cpu"
+    with pytest.raises(RisError, match="sees no CUDA GPU"):
+        runtime.resolve_device("cuda")
+    with pytest.raises(RisError, match="unknown device"):
+        runtime.resolve_device("tpu")
+    with pytest.raises(RisError, match="needs a GPU"):
+        runtime.load_extractor(device="cpu", precision="bf16")
+
+
+def test_torch_extractor_autocast_matches_fp32(pixels) -> None:
+    """The GPU path's dtype handling, exercised on the CPU: bf16 autocast stays close to fp32."""
+    net, _ = models.build("efficientnet-lite0")
+    fp32 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "fp32")(pixels)
+    bf16 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "bf16")(pixels)
+    assert bf16.dtype == np.float32 and _cos(bf16, fp32).min() > 0.98
