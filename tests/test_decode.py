@@ -77,7 +77,7 @@ def test_bad_files_raise_with_a_reason(tmp_path: Path) -> None:
         "truncated": (good[: len(good) // 3], "truncated"),
         "corrupt": (good[:200] + bytes(range(256)) * 8, "corrupt"),
     }
-    for name, (data, reason) in cases.items():
+    for data, reason in cases.values():
         with pytest.raises(DecodeError, match=reason):
             decode_bytes(data, 224)
     with pytest.raises(DecodeError, match="unreadable"):

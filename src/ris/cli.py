@@ -279,13 +279,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the web page and the REST API (docs at /docs)."""
     from .server import run
 
-    run(collection, host=host, port=port, token=token, weights=weights, device=device)
+    run(collection, host=host, port=port, token=token, weights=weights, device=device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024))  # fmt: skip
 
 
 def main() -> None:

@@ -275,11 +275,19 @@ class Collection:
         """Drop images by path, folder or glob; returns how many went."""
         pats = [str(Path(p).expanduser().absolute()) if not any(c in str(p) for c in "*?[") else str(p)
                 for p in patterns]  # fmt: skip
+        return self._write(lambda: self.catalog.remove(pats))
+
+    def remove_ids(self, ids: Iterable[int]) -> int:
+        """Drop images by id (exact, whatever characters their paths hold)."""
+        return self._write(lambda: self.catalog.remove_ids(list(ids)))
+
+    def _write(self, change: Callable[[], int]) -> int:
+        """Apply a catalogue change under the writer lock, then bring the index in line."""
         self.lock()
         try:
-            removed = self.catalog.remove(pats)
+            result = change()
             self._finish()
-            return removed
+            return result
         finally:
             self.unlock()
 
@@ -311,12 +319,7 @@ class Collection:
 
     def rebuild_index(self) -> None:
         """Rebuild index.faiss from the stored raw features with the stored PCA."""
-        self.lock()
-        try:
-            (self.path / "index.faiss").unlink(missing_ok=True)
-            self._finish()
-        finally:
-            self.unlock()
+        self._write(lambda: (self.path / "index.faiss").unlink(missing_ok=True) or 0)
 
     def refit_pca(self) -> None:
         """Refit PCA on the stored raw features (no re-extraction) and rebuild the index."""
@@ -354,13 +357,17 @@ class Collection:
         except DecodeError as exc:
             raise RisError(f"cannot use query {query if isinstance(query, (str, os.PathLike)) else '<image>'}: {exc}") from None
 
+    def reduce(self, raw: np.ndarray) -> np.ndarray:
+        """Raw model output -> the unit vectors the index compares (with the latest saved PCA)."""
+        _, reducer = self._searchable()
+        return reducer(raw)
+
     def embed(self, queries: Sequence[Query], device: str = "auto", batch_size: int = 32) -> np.ndarray:
         """Reduced, unit-norm vectors for the queries (what the index compares)."""
-        _, reducer = self._searchable()
         ext = self.extractor(device)
         pixels = np.stack([self.query_pixels(q) for q in queries])
         raw = np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
-        return reducer(raw)
+        return self.reduce(raw)
 
     def search(self, query: Query, k: int = 5, device: str = "auto") -> SearchResult:
         return self.search_many([query], k, device)[0]

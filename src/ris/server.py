@@ -160,8 +160,8 @@ class CollectionService:
         return self.call(self._lookup, raw, k, name)
 
     def _lookup(self, raw: np.ndarray, k: int, name: str) -> SearchResult:
-        _, reducer = self.coll._searchable()  # reloads the index if another process rewrote it
-        return self.coll.search_vectors(reducer(raw), k, [name])[0]
+        # reduce() reloads PCA and index if another process rewrote them
+        return self.coll.search_vectors(self.coll.reduce(raw), k, [name])[0]
 
     # --- reading ---
 
@@ -173,7 +173,7 @@ class CollectionService:
 
     def page(self, offset: int, limit: int) -> tuple[dict[str, Any], list[ImageRow]]:
         def read() -> tuple[dict[str, Any], list[ImageRow]]:
-            return self.coll.info(), self.coll.catalog.all_rows()[offset : offset + limit]
+            return self.coll.info(), self.coll.catalog.page(offset, limit)
 
         return self.call(read)
 
@@ -186,7 +186,7 @@ class CollectionService:
         """Index one file; returns its row and whether it is new to the collection."""
 
         def find() -> ImageRow | None:
-            return next((r for r in self.coll.catalog.all_rows() if r.path == str(path)), None)
+            return self.coll.catalog.row_by_path(str(path))
 
         def add_and_find() -> tuple[ImageRow, bool]:
             known = find() is not None
@@ -199,7 +199,7 @@ class CollectionService:
         return self.call(add_and_find)
 
     def remove(self, row: ImageRow) -> None:
-        self.call(self.coll.remove, [row.path])
+        self.call(self.coll.remove_ids, [row.id])
         for thumb in self.thumbs.glob(f"{row.id}-*.jpg"):
             thumb.unlink(missing_ok=True)
         if Path(row.path).is_relative_to(self.uploads.absolute()):

@@ -185,16 +185,12 @@ class Catalog:
 
     def remove(self, patterns: Iterable[str]) -> int:
         """Delete images whose path equals, lies under, or glob-matches one of the patterns."""
-        paths = [p for (p,) in self.db.execute("SELECT path FROM images")]
-        doomed: set[str] = set()
+        rows = self.db.execute("SELECT id, path FROM images").fetchall()
+        doomed: set[int] = set()
         for pattern in patterns:
             folder = pattern.rstrip("/") + "/"
-            doomed.update(p for p in paths if p == pattern or p.startswith(folder) or fnmatch.fnmatch(p, pattern))
-        with self.db:
-            for chunk in _chunks(sorted(doomed)):
-                self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", list(chunk))
-        self.drop_orphan_features()
-        return len(doomed)
+            doomed.update(i for i, p in rows if p == pattern or p.startswith(folder) or fnmatch.fnmatch(p, pattern))
+        return self.remove_ids(sorted(doomed))
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -223,6 +219,23 @@ class Catalog:
             for row in self.db.execute(q, list(chunk)):
                 found[row[0]] = ImageRow(*row)
         return found
+
+    def page(self, offset: int, limit: int) -> list[ImageRow]:
+        q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id LIMIT ? OFFSET ?"
+        return [ImageRow(*r) for r in self.db.execute(q, (limit, offset))]
+
+    def row_by_path(self, path: str) -> ImageRow | None:
+        row = self.db.execute("SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND path = ?", (path,)).fetchone()
+        return ImageRow(*row) if row else None
+
+    def remove_ids(self, ids: Sequence[int]) -> int:
+        with self.db:
+            removed = sum(
+                self.db.execute(f"DELETE FROM images WHERE id IN ({_marks(len(chunk))})", list(chunk)).rowcount
+                for chunk in _chunks([int(i) for i in ids])
+            )
+        self.drop_orphan_features()
+        return removed
 
     def all_rows(self) -> list[ImageRow]:
         q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id"
