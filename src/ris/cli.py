@@ -290,6 +290,44 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024))  # fmt: skip
 
 
+@app.command(name="map")
+def map_(
+    collection: CollectionOpt = Path("collection.ris"),
+    out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("map.png"),
+    method: Annotated[str, typer.Option(help="tsne or pca.")] = "tsne",
+    limit: Annotated[int, typer.Option(help="At most this many images (a random sample beyond).")] = 2000,
+) -> None:
+    """Draw a 2-D map of the collection: thumbnails placed at their t-SNE coordinates."""
+    from .maps import map_command
+
+    map_command(collection, out_file, method=method, limit=limit)
+
+
+@app.command()
+def dupes(
+    collection: CollectionOpt = Path("collection.ris"),
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images are near-duplicates.")] = 0.9,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv")] = False,
+) -> None:
+    """Groups of exact (same content hash) and near-duplicate images."""
+    from .dupes import dupes_command
+
+    dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out)
+
+
+@app.command()
+def export(
+    collection: CollectionOpt = Path("collection.ris"),
+    out_path: Annotated[Path, typer.Option("--out", help="Output file (.parquet) or folder (npy).")] = Path("export"),
+    fmt: Annotated[str, typer.Option("--format", help="parquet or npy.")] = "npy",
+) -> None:
+    """Write features and metadata for other tools."""
+    from .export import export_command
+
+    export_command(collection, out_path, fmt=fmt)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     try:
