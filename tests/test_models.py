@@ -180,3 +180,18 @@ def test_torch_extractor_autocast_matches_fp32(pixels) -> None:
     fp32 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "fp32")(pixels)
     bf16 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "bf16")(pixels)
     assert bf16.dtype == np.float32 and _cos(bf16, fp32).min() > 0.98
+
+
+def test_gpu_decode_path_degrades_to_the_cpu_decoder(pixels) -> None:
+    """Without a GPU (or torchvision) the device-decode stage hands every file to the CPU decoder."""
+    from ris import extract
+
+    files = caltech_files("panda", 2)
+    todo = {f"sha{i}": f.read_bytes() for i, f in enumerate(files)}
+    todo["bad"] = b"\xff\xd8\xff" + b"\x00" * 100  # a broken JPEG
+    shas, batch, failures = extract._device_inputs(todo, 224, "cpu")
+    assert shas == ["sha0", "sha1"] and list(failures) == ["bad"]
+    assert batch.dtype == torch.uint8 and tuple(batch.shape) == (2, 224, 224, 3)
+    assert np.array_equal(batch.numpy(), pixels)  # same pixels as the worker decoder makes
+    image_id, sha, data, error, _ = extract._read_job((7, str(files[0]), 224))
+    assert (image_id, error) == (7, None) and data == files[0].read_bytes() and sha == hashlib.sha256(data).hexdigest()

@@ -274,6 +274,37 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    folder: Annotated[str, typer.Argument(help="Folder of images to index.")],
+    model: Annotated[str, typer.Option("--model")] = "efficientnet-lite0",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str | None, typer.Option(help="int8 (CPU default) or fp32.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    workers: Annotated[int | None, typer.Option()] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
+    baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
+    baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
+    from .bench import run_bench
+
+    result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit)
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    m = result["machine"]
+    out.print(f"machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores, GPU {m['gpu'] or 'none'}", highlight=False)
+    out.print(f"ris index   : {result['images_per_s']:>8.1f} img/s  ({result['images']} images in {result['seconds']} s, "
+              f"{result['model']} {result['precision']} on {result['device']})", highlight=False)  # fmt: skip
+    out.print(f"tutorial    : {result['baseline_images_per_s']:>8.2f} img/s  ({result['baseline']}, "
+              f"{result['baseline_images']} images)", highlight=False)  # fmt: skip
+    out.print(f"ratio       : {result['ratio']}x   peak RSS {result['peak_rss_mb']:.0f} MB", highlight=False)
+    out.print("stages (s)  : " + ", ".join(f"{k} {v}" for k, v in result["stages_s"].items()), highlight=False)
+
+
+@app.command()
 def serve(
     collection: CollectionOpt = Path("collection.ris"),
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",

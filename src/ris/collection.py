@@ -205,6 +205,7 @@ class Collection:
         from . import runtime
 
         dev = runtime.resolve_device(device)
+        threads = threads or runtime.cpu_threads()
         key = (dev, threads)
         if self._extractor is None or self._extractor_key != key:
             m = self.manifest

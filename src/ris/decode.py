@@ -93,3 +93,44 @@ def read_file(path: str) -> bytes:
 
 def decode_file(path: str, size: int) -> Decoded:
     return decode_bytes(read_file(path), size)
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_jpegs_on_device(datas: list[bytes], size: int, device: str):
+    """Batch-decode JPEGs on the GPU (nvJPEG via torchvision) and resize there.
+
+    Returns (uint8 NHWC tensor on the device for the decoded ones, their positions in `datas`).
+    Anything else (other formats, CMYK or broken JPEGs, no torchvision) is left to the CPU decoder.
+    """
+    import torch
+
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None, []
+    positions = [i for i, d in enumerate(datas) if is_jpeg(d)]
+    if not positions:
+        return None, []
+    encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in positions]
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:  # one bad file fails the whole batch: fall back one by one
+        images, kept = [], []
+        for pos, enc in zip(positions, encoded, strict=True):
+            try:
+                images.append(decode_jpeg(enc, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                kept.append(pos)
+            except RuntimeError:
+                continue
+        positions = kept
+    if not images:
+        return None, []
+    out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=device)
+    for n, img in enumerate(images):  # CHW uint8 -> squash-resize like the CPU path
+        resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                  antialias=True, align_corners=False)  # fmt: skip
+        out[n] = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return out, positions

@@ -7,6 +7,7 @@ memory stays bounded whatever the number of images.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import time
 from collections import deque
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import decode_file
+from .decode import decode_bytes, decode_file, decode_jpegs_on_device, read_file
 from .errors import DecodeError
 
 
@@ -56,13 +57,52 @@ def _decode_job(job: tuple[int, str, int]) -> tuple[int, str | None, np.ndarray 
         return image_id, None, None, f"decode failed: {type(exc).__name__}: {exc}", time.perf_counter() - start
 
 
+def _read_job(job: tuple[int, str, int]) -> tuple[int, str | None, bytes | None, str | None, float]:
+    """For GPU decoding: workers only read and hash; pixels are made on the device."""
+    image_id, path, _ = job
+    start = time.perf_counter()
+    try:
+        data = read_file(path)
+        if not data:
+            raise DecodeError("empty file")
+        return image_id, hashlib.sha256(data).hexdigest(), data, None, time.perf_counter() - start
+    except DecodeError as exc:
+        return image_id, None, None, str(exc), time.perf_counter() - start
+
+
+def _device_inputs(todo: dict[str, bytes], size: int, device: str):
+    """(shas, uint8 NHWC tensor on the device, {sha: reason} for files no decoder could read)."""
+    import torch
+
+    shas = list(todo)
+    on_device, positions = decode_jpegs_on_device([todo[s] for s in shas], size, device)
+    done = set(positions)
+    cpu_shas, cpu_pixels, failures = [], [], {}
+    for i, sha in enumerate(shas):
+        if i not in done:  # other formats and JPEGs nvJPEG refused: the CPU decoder decides
+            try:
+                cpu_pixels.append(decode_bytes(todo[sha], size).pixels)
+                cpu_shas.append(sha)
+            except DecodeError as exc:
+                failures[sha] = str(exc)
+    parts, order = [], []
+    if on_device is not None:
+        parts.append(on_device)
+        order += [shas[i] for i in positions]
+    if cpu_pixels:
+        parts.append(torch.from_numpy(np.stack(cpu_pixels)).to(device))
+        order += cpu_shas
+    return order, (torch.cat(parts) if parts else None), failures
+
+
 def default_workers(threads: int) -> int:
     """Decode processes: one per two cores beside the model (decoding is ~1 ms/img, the model more)."""
     return max(1, threads // 2)
 
 
 def decoded_batches(
-    items: Sequence[tuple[int, str]], size: int, batch_size: int, workers: int, times: StageTimes, prefetch: int = 3
+    items: Sequence[tuple[int, str]], size: int, batch_size: int, workers: int, times: StageTimes, prefetch: int = 3,
+    job: Callable = _decode_job,
 ) -> Iterator[Batch]:
     """Decoded batches in input order; decoding runs `prefetch` batches ahead in `workers` processes."""
     jobs = [(image_id, path, size) for image_id, path in items]
@@ -80,7 +120,7 @@ def decoded_batches(
 
     if workers <= 0 or len(jobs) <= batch_size:
         for chunk in chunks:
-            yield collect([_decode_job(j) for j in chunk])
+            yield collect([job(j) for j in chunk])
         return
     # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in user
     # scripts; they only run PIL/numpy, never the parent's model threads.
@@ -90,7 +130,7 @@ def decoded_batches(
         next_chunk = 0
         while next_chunk < len(chunks) or pending:
             while next_chunk < len(chunks) and len(pending) < prefetch:
-                pending.append(pool.map_async(_decode_job, chunks[next_chunk], chunksize=8))
+                pending.append(pool.map_async(job, chunks[next_chunk], chunksize=8))
                 next_chunk += 1
             start = time.perf_counter()
             results = pending.popleft().get()
@@ -114,18 +154,28 @@ def run(
     """
     times = StageTimes(images=len(items))
     wall = time.perf_counter()
-    for batch in decoded_batches(items, input_size, batch_size, workers, times):
+    device = getattr(extractor, "device", "cpu")
+    on_device = device != "cpu" and getattr(extractor, "decode_on_device", False)
+    job = _read_job if on_device else _decode_job
+    for batch in decoded_batches(items, input_size, batch_size, workers, times, job=job):
         have = known([sha for _, sha, _ in batch.ok])
-        todo: dict[str, np.ndarray] = {}
-        for _, sha, pixels in batch.ok:
+        todo: dict[str, np.ndarray | bytes] = {}
+        for _, sha, payload in batch.ok:
             if sha not in have:
-                todo.setdefault(sha, pixels)
+                todo.setdefault(sha, payload)
         features: dict[str, np.ndarray] = {}
         if todo:
             start = time.perf_counter()
-            out = extractor(np.stack(list(todo.values())))
+            if on_device:
+                shas, pixels, failures = _device_inputs(todo, input_size, device)
+                if failures:
+                    batch.failed += [(i, failures[sha]) for i, sha, _ in batch.ok if sha in failures]
+                    batch.ok = [item for item in batch.ok if item[1] not in failures]
+            else:
+                shas, pixels = list(todo), np.stack(list(todo.values()))
+            out = extractor(pixels) if pixels is not None else []
             times.model += time.perf_counter() - start
-            features = dict(zip(todo, out, strict=True))
+            features = dict(zip(shas, out, strict=True))
         start = time.perf_counter()
         on_batch(batch, features)
         times.write += time.perf_counter() - start

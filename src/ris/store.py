@@ -106,7 +106,7 @@ class Catalog:
 
     # --- syncing the file list -----------------------------------------------------------------
 
-    def sync(self, files: Iterable[SourceFile], drop_under: Sequence[str] = ()) -> SyncReport:
+    def sync(self, files: Sequence[SourceFile], drop_under: Sequence[str] = ()) -> SyncReport:
         """Upsert the scanned files; changed files get a new id (their old vector leaves the index).
 
         Rows at or below the `drop_under` roots (the folders a resync scanned) whose files were not
@@ -126,10 +126,13 @@ class Catalog:
             else:
                 unchanged.append(f.path)
         rows = [(f.path, f.size, f.mtime_ns, f.label) for f in new + changed]
+        scanned = {f.path for f in files}
         with self.db:
             removed = 0
             if drop_under:
-                for root in drop_under:
+                folders = [r for r in drop_under if r not in scanned]  # file roots are in the scan itself
+                self.db.executemany("UPDATE images SET seen = 0 WHERE path = ?", ((r,) for r in drop_under if r in scanned))
+                for root in folders:
                     prefix = root.rstrip("/") + "/"
                     self.db.execute("UPDATE images SET seen = 0 WHERE path = ? OR substr(path, 1, ?) = ?",
                                     (root, len(prefix), prefix))  # fmt: skip

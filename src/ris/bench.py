@@ -1,0 +1,158 @@
+"""`ris bench`: end-to-end indexing throughput beside the tutorial's loop, measured in the same run.
+
+Ours: image files on disk -> features in a fresh collection (scan, decode workers, batched model,
+SQLite commits, PCA, FAISS index), timed as a whole and per stage. The baseline is the tutorial's
+method on the same model and images: one image at a time, PIL load + resize, one forward per image
+in eager fp32 (PyTorch, or the tutorial's Keras loop itself with --baseline keras).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import models, runtime
+from .errors import RisError
+from .sources import scan
+
+INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and the flags that decide kernel choice, cores, GPU: printed with every figure."""
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("unknown", ""):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
+        "cores": runtime.cpu_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tutorial_loop(files: list[str], model: str, weights: str | None, device: str) -> float:
+    """The tutorial's extraction: per image, PIL load + resize, one eager fp32 forward. Images/s."""
+    import torch
+
+    spec = models.get_spec(model)
+    net, _ = models.build(model, models.DEFAULT_POOLING if spec.pooled else "avg", weights)
+    net = net.to(device).eval()
+    size = spec.input_size
+    with torch.inference_mode():
+        net(torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device))  # warm-up, as Keras' first predict
+        start = time.perf_counter()
+        for path in files:
+            img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST)  # keras load_img
+            x = torch.from_numpy(np.asarray(img))[None].to(device)
+            net(x).cpu().numpy()
+        return len(files) / (time.perf_counter() - start)
+
+
+def keras_loop(files: list[str], weights: str | None) -> float:
+    """The tutorial's own code path: Keras VGG16 up to fc2, one `predict` per image. Images/s."""
+    try:
+        import keras
+    except ImportError:
+        raise RisError("--baseline keras needs TensorFlow/Keras installed (pip install tensorflow-cpu)") from None
+    if not weights or not models.is_hdf5(weights):
+        raise RisError("--baseline keras needs --weights vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+    from keras.applications.vgg16 import VGG16, preprocess_input
+
+    base = VGG16(weights=weights, include_top=True)
+    feat = keras.Model(inputs=base.input, outputs=base.get_layer("fc2").output)
+    load = keras.utils.load_img
+    feat.predict(np.zeros((1, 224, 224, 3), np.float32), verbose=0)
+    start = time.perf_counter()
+    for path in files:
+        x = preprocess_input(np.expand_dims(keras.utils.img_to_array(load(path, target_size=(224, 224))), 0))
+        feat.predict(x, verbose=0)
+    return len(files) / (time.perf_counter() - start)
+
+
+def run_bench(
+    folder: str,
+    model: str = models.DEFAULT_MODEL,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    limit: int | None = None,
+    baseline: str = "torch",
+    baseline_limit: int = 100,
+) -> dict[str, Any]:
+    """Index `folder` into a throwaway collection and run the baseline on a prefix of the same files."""
+    from .collection import Collection
+
+    files = [f.path for f in scan([folder])]
+    if limit:
+        files = files[:: max(1, len(files) // limit)][:limit]  # spread over every class, not the first few
+    dev = runtime.resolve_device(device)
+    precision = precision or ("int8" if dev == "cpu" else "fp32")
+    with tempfile.TemporaryDirectory(prefix="ris-bench-") as tmp:
+        coll = Collection.create(Path(tmp) / "bench.ris", model, models.DEFAULT_POOLING, precision, weights)
+        load_start = time.perf_counter()
+        coll.extractor(dev)  # export / quantize / upload once, outside the timed run
+        load_s = time.perf_counter() - load_start
+        start = time.perf_counter()
+        report = coll.index(files, batch_size=batch_size, workers=workers, device=dev)
+        wall = time.perf_counter() - start
+        ours_rss = peak_rss_mb()
+        coll.close()
+    sample = files[:: max(1, len(files) // baseline_limit)][:baseline_limit]
+    if baseline == "keras":
+        base_rate = keras_loop(sample, weights)
+    else:
+        base_rate = tutorial_loop(sample, model, weights, dev)
+    ours = len(files) / wall
+    t = report.times
+    return {
+        "model": model,
+        "precision": precision if dev == "cpu" else "bf16 autocast",
+        "device": dev,
+        "images": len(files),
+        "indexed": report.images,
+        "skipped": report.skipped,
+        "seconds": round(wall, 2),
+        "images_per_s": round(ours, 1),
+        "baseline": f"tutorial loop ({'Keras' if baseline == 'keras' else 'eager PyTorch fp32'}, 1 image per forward)",
+        "baseline_images": len(sample),
+        "baseline_images_per_s": round(base_rate, 2),
+        "ratio": round(ours / base_rate, 1),
+        "stages_s": {"read+decode (worker-seconds)": round(t.decode, 2), "model": round(t.model, 2),
+                     "write": round(t.write, 2), "model waiting for decode": round(t.wait, 2),
+                     "scan+pca+index (rest)": round(wall - t.wall, 2)},  # fmt: skip
+        "model_load_s": round(load_s, 2),
+        "batch_size": batch_size,
+        "peak_rss_mb": round(ours_rss, 0),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
