@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the `device` tool): installs the carried wheels, makes
-# ~9,000 unique JPEGs from the carried Caltech subset (re-encoded at different qualities, so the
-# content-hash dedup cannot short-cut anything), then benchmarks, checks GPU-vs-CPU features and
-# samples GPU utilisation. Everything lands in $OUT.
+# ~9,000 unique JPEGs from the carried Caltech subset (re-encoded at six qualities, so the
+# content-hash dedup cannot short-cut anything), profiles model and decoders, then benchmarks
+# end to end with the best model settings, checks GPU-vs-CPU features and samples GPU utilisation.
 set -u
-export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src
+export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 - <<'PY'
-import os, io, concurrent.futures as cf
+import os, concurrent.futures as cf
 from PIL import Image
 src = ".gpu/caltech"; dst = "/tmp/imgs"
 jobs = [(os.path.join(r, f), os.path.basename(r), f) for r, _, fs in os.walk(src) for f in fs]
@@ -20,27 +20,33 @@ def make(job):
         img.save(f"{dst}/{cls}/q{q}_{name}", "JPEG", quality=q)
 with cf.ProcessPoolExecutor(16) as ex:
     list(ex.map(make, jobs, chunksize=32))
-print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))
-PY
-python3 - <<'PY'
 import torch, sys
 sys.path.insert(0, "src")
 from ris.models import VGG16
 torch.manual_seed(0)
 torch.save(VGG16().state_dict(), "/tmp/vgg16-random.pth")  # speed only: random weights
+print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))
 PY
+timeout 200 python3 benchmarks/gpu_profile.py /tmp/imgs $OUT/profile.json 2>>$OUT/log.txt
+best() {  # best precision and layout for a model from the profile
+  python3 -c "import json,sys; r=json.load(open('$OUT/profile.json')); m=sys.argv[1]
+k=max((k for k in r if k.startswith('model_'+m+'_') and isinstance(r[k],(int,float))), key=lambda k: r[k])
+p,l=k.split('_')[-2:]; print(p, 1 if l=='cl' else 0)" "$1"
+}
 (nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 > $OUT/util.csv) &
 SMI=$!
-for bs in 256; do
-  echo "== lite0 bs=$bs" | tee -a $OUT/log.txt
-  timeout 150 python3 -m ris bench /tmp/imgs --device cuda --batch-size $bs --workers 12 --baseline-limit 300 --json \
-    > $OUT/bench_lite0.json 2>>$OUT/log.txt; cat $OUT/bench_lite0.json
-  date +%s.%N >> $OUT/marks.txt
-  echo "== vgg16 bs=$bs" | tee -a $OUT/log.txt
-  timeout 150 python3 -m ris bench /tmp/imgs --model vgg16 --weights /tmp/vgg16-random.pth --device cuda \
-    --batch-size $bs --workers 12 --baseline-limit 300 --json > $OUT/bench_vgg16.json 2>>$OUT/log.txt; cat $OUT/bench_vgg16.json
-  date +%s.%N >> $OUT/marks.txt
+for model in efficientnet-lite0 vgg16; do
+  read prec cl < <(best $model)
+  export RIS_GPU_PRECISION=$prec RIS_CHANNELS_LAST=$cl
+  W=""; [ $model = vgg16 ] && W="--weights /tmp/vgg16-random.pth"
+  for dec in cpu device; do
+    echo "== $model $prec cl=$cl decode=$dec $(date +%s.%N)" | tee -a $OUT/log.txt $OUT/marks.txt
+    RIS_DECODE=$dec timeout 120 python3 -m ris bench /tmp/imgs --model $model $W --device cuda --batch-size 256 \
+      --workers 14 --baseline-limit 300 --json > $OUT/bench_${model}_${dec}.json 2>>$OUT/log.txt
+    echo "   end $(date +%s.%N)" >> $OUT/marks.txt
+    python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}.json')); print({k: r[k] for k in ('images_per_s','baseline_images_per_s','ratio','stages_s','precision')})"
+  done
 done
 kill $SMI
-timeout 120 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check.json 2>>$OUT/log.txt
-tail -20 $OUT/log.txt
+RIS_DECODE=device timeout 90 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check.json 2>>$OUT/log.txt | tail -8
+grep -v Warning $OUT/log.txt | tail -5

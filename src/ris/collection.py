@@ -3,7 +3,7 @@
 On disk a collection is a directory:
     manifest.json   format version, model, pooling, precision, weights hash, dims, index factory
     catalog.sqlite  images (path, size, mtime, hash, label, status, error) and raw features
-    pca.faiss       the PCA fitted on the collection (absent while it is too small for one)
+    pca.npz         the PCA fitted on the collection (absent while it is too small for one)
     index.faiss     the FAISS index over reduced vectors, keyed by image id
     lock            held (flock) by the one writer; it holds the writer's PID
 """
@@ -299,11 +299,11 @@ class Collection:
         """Fit PCA when due, then bring index.faiss in line with the catalogue (atomic writes)."""
         ids = self.catalog.ok_ids()
         m = self.manifest
-        pca_path = self.path / "pca.faiss"
+        pca_path = self.path / "pca.npz"
         reducer = Reducer.load(pca_path, m.raw_dims)
-        if (reducer.pca is None or refit_pca) and len(ids):
+        if (not reducer.fitted or refit_pca) and len(ids):
             fitted = Reducer.fit(self.catalog.features(ids, m.raw_dims), m.pca_dims)
-            if fitted.pca is not None or refit_pca:
+            if fitted.fitted or refit_pca:
                 reducer = fitted
                 reducer.save(pca_path)
                 (self.path / "index.faiss").unlink(missing_ok=True)  # vectors change: rebuild
@@ -341,7 +341,7 @@ class Collection:
         if self._index is None or self._index_mtime != mtime:
             self._index = index.load(idx_path)
             self._index_mtime = mtime
-            self._reducer = Reducer.load(self.path / "pca.faiss", self.manifest.raw_dims)
+            self._reducer = Reducer.load(self.path / "pca.npz", self.manifest.raw_dims)
         return self._index, self._reducer
 
     def query_pixels(self, query: Query) -> np.ndarray:
@@ -418,7 +418,7 @@ class Collection:
             "weights_sha256": m.weights_sha256,
             "raw_dims": m.raw_dims,
             "dims": m.dims,
-            "pca": (self.path / "pca.faiss").exists(),
+            "pca": (self.path / "pca.npz").exists(),
             "index": m.index_factory,
             "format_version": m.format_version,
             "created": m.created,

@@ -11,7 +11,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -52,7 +52,8 @@ def resolve_device(device: str) -> str:
 
 
 def default_precision(device: str) -> str:
-    return "bf16" if device == "cuda" else "fp32"
+    """fp32 on CPUs (int8 is a collection's choice); bf16 autocast on GPUs, RIS_GPU_PRECISION overrides."""
+    return os.environ.get("RIS_GPU_PRECISION", "bf16") if device == "cuda" else "fp32"
 
 
 @dataclass
@@ -65,10 +66,14 @@ class TorchExtractor:
     dim: int
     device: str = "cpu"
     precision: str = "fp32"
-    decode_on_device: bool = True  # on a GPU, JPEGs are decoded there (nvJPEG) when torchvision exists
+    #: On a GPU, decode JPEGs there (nvJPEG) instead of in CPU worker processes: RIS_DECODE=device.
+    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "cpu") == "device")
+    channels_last: bool = field(default_factory=lambda: os.environ.get("RIS_CHANNELS_LAST", "1") == "1")
 
     def __post_init__(self) -> None:
-        self.net = self.net.to(self.device, memory_format=torch.channels_last).eval()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.net.channels_last = self.channels_last
+        self.net = self.net.to(self.device, memory_format=fmt).eval()
         if self.device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
 
