@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,41 @@ def machine() -> dict[str, Any]:
     }
 
 
+class GpuUtilisation:
+    """Samples the GPU's busy percentage (NVML) every 50 ms while the timed run goes on."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuUtilisation:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML (CPU machine, or no nvidia-ml-py): nothing to sample
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.05):
+                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def mean(self) -> float | None:
+        steady = self.samples[len(self.samples) // 5 :]  # drop the ramp-up
+        return round(sum(steady) / len(steady), 1) if steady else None
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -71,7 +107,7 @@ def tutorial_loop(files: list[str], model: str, weights: str | None, device: str
         start = time.perf_counter()
         for path in files:
             img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.NEAREST)  # keras load_img
-            x = torch.from_numpy(np.asarray(img))[None].to(device)
+            x = torch.from_numpy(np.array(img))[None].to(device)
             net(x).cpu().numpy()
         return len(files) / (time.perf_counter() - start)
 
@@ -120,10 +156,13 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="ris-bench-") as tmp:
         coll = Collection.create(Path(tmp) / "bench.ris", model, models.DEFAULT_POOLING, precision, weights)
         load_start = time.perf_counter()
-        coll.extractor(dev)  # export / quantize / upload once, outside the timed run
+        ext = coll.extractor(dev)  # export / quantize / upload once, outside the timed run
+        size = models.get_spec(model).input_size
+        ext(np.zeros((batch_size, size, size, 3), np.uint8))  # and warm up (cuDNN autotuning) likewise
         load_s = time.perf_counter() - load_start
         start = time.perf_counter()
-        report = coll.index(files, batch_size=batch_size, workers=workers, device=dev)
+        with GpuUtilisation() as gpu_busy:
+            report = coll.index(files, batch_size=batch_size, workers=workers, device=dev)
         wall = time.perf_counter() - start
         ours_rss = peak_rss_mb()
         coll.close()
@@ -153,6 +192,7 @@ def run_bench(
         "model_load_s": round(load_s, 2),
         "batch_size": batch_size,
         "peak_rss_mb": round(ours_rss, 0),
+        "gpu_util_pct": gpu_busy.mean(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -66,8 +66,8 @@ class TorchExtractor:
     dim: int
     device: str = "cpu"
     precision: str = "fp32"
-    #: On a GPU, decode JPEGs there (nvJPEG) instead of in CPU worker processes: RIS_DECODE=device.
-    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "cpu") == "device")
+    #: On a GPU, decode JPEGs there (nvJPEG) rather than in CPU worker processes (RIS_DECODE=cpu).
+    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "device") == "device")
     channels_last: bool = field(default_factory=lambda: os.environ.get("RIS_CHANNELS_LAST", "1") == "1")
 
     def __post_init__(self) -> None:
@@ -78,10 +78,20 @@ class TorchExtractor:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
 
     def run_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC tensor already on the device -> float32 features on the device."""
+        """uint8 NHWC tensor already on the device -> float32 features on the device.
+
+        On a GPU a short batch is padded to the largest batch seen: cuDNN's autotuner (benchmark
+        mode) would otherwise tune every new shape again, which cost seconds per run.
+        """
+        n = len(pixels)
+        if self.device == "cuda":
+            self._largest = max(getattr(self, "_largest", 0), n)
+            if n < self._largest:
+                pad = pixels.new_zeros((self._largest - n, *pixels.shape[1:]))
+                pixels = torch.cat([pixels, pad])
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode(), torch.autocast(self.device, dtype=dtype or torch.float32, enabled=bool(dtype)):
-            return self.net(pixels).float()
+            return self.net(pixels).float()[:n]
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         tensor = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
