@@ -194,7 +194,6 @@ def test_disk_full_while_writing_keeps_committed_batches_and_resumes(images: Pat
     _assert_resumes(images, coll)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: sqlite3.OperationalError from Catalog.commit_batch is not a RisError")
 def test_disk_full_is_a_one_line_error(full_disk_run) -> None:
     proc, _ = full_disk_run
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

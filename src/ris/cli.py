@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -337,7 +338,7 @@ def map_(
 @app.command()
 def dupes(
     collection: CollectionOpt = Path("collection.ris"),
-    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images are near-duplicates.")] = 0.9,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images are near-duplicates.")] = 0.88,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     csv_out: Annotated[bool, typer.Option("--csv")] = False,
 ) -> None:
@@ -365,6 +366,10 @@ def main() -> None:
         app()
     except RisError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    except (sqlite3.OperationalError, OSError) as exc:  # disk full, read-only media, permissions
+        err.print(f"error: cannot read or write the collection: {exc} (disk full or no permission?); "
+                  "batches committed before this are kept", highlight=False, markup=False)  # fmt: skip
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted; committed batches are kept, run again to resume", highlight=False)

@@ -305,8 +305,9 @@ class Collection:
             fitted = Reducer.fit(self.catalog.features(ids, m.raw_dims), m.pca_dims)
             if fitted.fitted or refit_pca:
                 reducer = fitted
+                # old index first: a crash in between must not pair old vectors with a new PCA
+                (self.path / "index.faiss").unlink(missing_ok=True)
                 reducer.save(pca_path)
-                (self.path / "index.faiss").unlink(missing_ok=True)  # vectors change: rebuild
         idx_path = self.path / "index.faiss"
         idx = index.load(idx_path) if idx_path.exists() else index.create(reducer.dims, m.index_factory)
         if idx.d != reducer.dims:

@@ -23,7 +23,7 @@ from .errors import RisError
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate caches
+EXPORT_VERSION = 2  # bump when the exported graph or its quantization changes, to invalidate caches
 
 
 class Extractor(Protocol):
@@ -66,8 +66,9 @@ class TorchExtractor:
     dim: int
     device: str = "cpu"
     precision: str = "fp32"
-    #: On a GPU, decode JPEGs there (nvJPEG) rather than in CPU worker processes (RIS_DECODE=cpu).
-    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "device") == "device")
+    #: On a GPU, JPEGs can be decoded there (nvJPEG, RIS_DECODE=device); measured on an H200 with 16 cores,
+    #: CPU worker processes fed the model faster (1,576 vs 851 img/s end to end), so they are the default.
+    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "cpu") == "device")
     channels_last: bool = field(default_factory=lambda: os.environ.get("RIS_CHANNELS_LAST", "1") == "1")
 
     def __post_init__(self) -> None:
