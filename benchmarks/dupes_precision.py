@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ris.bench import machine
+
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
 # Faces/Faces_easy hold the same photos cropped differently; BACKGROUND_Google is not one class.
 EXCLUDED = {"BACKGROUND_Google", "Faces_easy"}
@@ -134,16 +136,6 @@ def kind_recall(groups: Iterable, origin: dict[str, str], kind: str) -> float:
     return sum(frozenset((p, o)) in predicted for p, o in copies.items()) / len(copies) if copies else 1.0
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--originals", type=int, default=500)
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         report = coll.index([work / "images"])
         index_s = time.perf_counter() - start
         info = coll.info()
-        print(f"# ris dupes precision/recall — {_cpu_model()}, {os.cpu_count()} cores")
+        print(f"# ris dupes precision/recall — {machine()['cpu']}, {os.cpu_count()} cores")
         print(f"# {args.originals} originals + {len(origin) - args.originals} copies "
               f"({', '.join(COPY_KINDS)}), {report.images} images, dims {info['dims']} "
               f"(PCA {'on' if info['pca'] else 'off'}), indexed in {index_s:.1f} s")  # fmt: skip

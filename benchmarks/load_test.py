@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -25,20 +24,12 @@ from pathlib import Path
 
 import httpx
 
+from ris.bench import machine
+
 CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
 CATEGORIES = ("accordion", "airplanes", "anchor", "ant", "barrel", "bonsai", "brain", "butterfly", "camera", "chair",
               "cup", "dolphin", "ferry", "grand_piano", "helicopter", "lamp")  # fmt: skip
 INDEXED_PER_CATEGORY = 5
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def caltech(offset: int, count: int) -> list[Path]:
@@ -141,7 +132,7 @@ def main() -> None:
             server.terminate()
             server.wait(30)
     report.update(
-        cpu=cpu_model(), cores=len(os.sched_getaffinity(0)), collection_images=info["images"], model=info["model"],
+        cpu=machine()["cpu"], cores=len(os.sched_getaffinity(0)), collection_images=info["images"], model=info["model"],
         precision=info["precision"], query_images=len(queries), server="subprocess, uvicorn, 1 worker",
     )  # fmt: skip
     if args.json:

@@ -29,15 +29,19 @@ def caltech_files(cls: str, n: int, start: int = 0) -> list[Path]:
     return sorted((CALTECH / cls).glob("*.jpg"))[start : start + n]
 
 
-@pytest.fixture(scope="session")
-def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small labelled image tree: PER_CLASS images from each of SUBSET_CLASSES (copied, so tests may edit)."""
-    root = tmp_path_factory.mktemp("caltech-subset")
-    for cls in SUBSET_CLASSES:
-        (root / cls).mkdir()
-        for f in caltech_files(cls, PER_CLASS):
+def copy_classes(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """A labelled image tree under root: the first per_class Caltech images of each class (copies, editable)."""
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for f in caltech_files(cls, per_class):
             shutil.copy2(f, root / cls / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled image tree: PER_CLASS images from each of SUBSET_CLASSES."""
+    return copy_classes(tmp_path_factory.mktemp("caltech-subset"), SUBSET_CLASSES, PER_CLASS)
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,24 @@ def test_bad_input_is_one_line_and_nonzero(args: list[str], needle: str, tmp_pat
     (tmp_path / "q.jpg").write_bytes(b"")
     proc = run_cli(*[a.format(tmp=tmp_path, coll=subset_collection) for a in args], check=False)
     _assert_one_line_error(proc, needle)
+
+
+def test_bench_reports_both_sides_and_their_ratio(subset_dir: Path) -> None:
+    proc = run_cli("bench", str(subset_dir), "--limit", "24", "--baseline-limit", "4", "--device", "cpu", "--json")
+    r = json.loads(proc.stdout)
+    assert r["images"] == 24 and r["indexed"] == 24 and r["images_per_s"] > 0 and r["baseline_images_per_s"] > 0
+    assert abs(r["ratio"] - r["images_per_s"] / r["baseline_images_per_s"]) < 0.1
+    assert {"model", "write", "model waiting for decode"} <= set(r["stages_s"]) and r["peak_rss_mb"] > 0
+    assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+
+
+def test_eval_copies_and_query_expansion(subset_collection: Path, subset_dir: Path) -> None:
+    copies = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "12", "--json").stdout)
+    assert set(copies["transforms"]) >= {"crop", "flip", "jpeg30", "half", "rotate10", "border", "text", "all"}
+    assert copies["transforms"]["flip"]["recall@1"] >= 0.9 and copies["transforms"]["all"]["recall@5"] >= 0.9
+    plain = json.loads(run_cli("eval", "-c", str(subset_collection), "--json", "--qe", "0").stdout)
+    expanded = json.loads(run_cli("eval", "-c", str(subset_collection), "--json", "--qe", "3").stdout)
+    assert expanded["map"] != plain["map"] and expanded["map"] > 0.6
+    query = str(sorted((subset_dir / "panda").glob("*.jpg"))[0])
+    line = json.loads(run_cli("search", query, "-c", str(subset_collection), "--qe", "3", "--json").stdout)
+    assert line["matches"][0]["path"] == query

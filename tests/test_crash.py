@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from ris import index
 from ris.collection import Collection
 
-from .conftest import caltech_files, run_cli
+from .conftest import copy_classes, run_cli
 
 CLASSES = ("accordion", "anchor", "ant", "barrel", "bass", "beaver",
            "binocular", "bonsai", "brain", "buddha", "butterfly", "camera")  # fmt: skip
@@ -35,12 +34,7 @@ TOTAL = len(CLASSES) * PER_CLASS  # 120, a whole number of batches
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash-images")
-    for cls in CLASSES:
-        (root / cls).mkdir()
-        for f in caltech_files(cls, PER_CLASS):
-            shutil.copyfile(f, root / cls / f.name)
-    return root
+    return copy_classes(tmp_path_factory.mktemp("crash-images"), CLASSES, PER_CLASS)
 
 
 def _index_cmd(images: Path, coll: Path, batch: int = BATCH) -> list[str]:

@@ -28,12 +28,10 @@ INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"
 
 def machine() -> dict[str, Any]:
     """CPU model and the flags that decide kernel choice, cores, GPU: printed with every figure."""
-    cpu, flags = platform.processor() or "unknown", set()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", ""):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
+            if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
@@ -119,7 +117,7 @@ def keras_loop(files: list[str], weights: str | None) -> float:
     except ImportError:
         raise RisError("--baseline keras needs TensorFlow/Keras installed (pip install tensorflow-cpu)") from None
     if not weights or not models.is_hdf5(weights):
-        raise RisError("--baseline keras needs --weights vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+        raise RisError("--baseline keras needs --baseline-weights vgg16_weights_tf_dim_ordering_tf_kernels.h5")
     from keras.applications.vgg16 import VGG16, preprocess_input
 
     base = VGG16(weights=weights, include_top=True)
@@ -144,6 +142,7 @@ def run_bench(
     limit: int | None = None,
     baseline: str = "torch",
     baseline_limit: int = 100,
+    baseline_weights: str | None = None,
 ) -> dict[str, Any]:
     """Index `folder` into a throwaway collection and run the baseline on a prefix of the same files."""
     from .collection import Collection
@@ -167,8 +166,8 @@ def run_bench(
         ours_rss = peak_rss_mb()
         coll.close()
     sample = files[:: max(1, len(files) // baseline_limit)][:baseline_limit]
-    if baseline == "keras":
-        base_rate = keras_loop(sample, weights)
+    if baseline == "keras":  # always the tutorial's VGG16, whatever model ours runs
+        base_rate = keras_loop(sample, baseline_weights or weights)
     else:
         base_rate = tutorial_loop(sample, model, weights, dev)
     ours = len(files) / wall
@@ -182,7 +181,8 @@ def run_bench(
         "skipped": report.skipped,
         "seconds": round(wall, 2),
         "images_per_s": round(ours, 1),
-        "baseline": f"tutorial loop ({'Keras' if baseline == 'keras' else 'eager PyTorch fp32'}, 1 image per forward)",
+        "baseline": ("the tutorial's Keras VGG16 fc2 loop (1 predict per image)" if baseline == "keras"
+                     else f"tutorial loop on {model} (eager PyTorch fp32, 1 image per forward)"),
         "baseline_images": len(sample),
         "baseline_images_per_s": round(base_rate, 2),
         "ratio": round(ours / base_rate, 1),

@@ -164,6 +164,7 @@ def search(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per query, one per line.")] = False,
     grid: Annotated[Path | None, typer.Option(help="Write a PNG: each query beside its matches.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+    qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -172,7 +173,7 @@ def search(
     from .render import grid_png, results_html
 
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(queries, k=k, device=device)
+        results = coll.search_many(queries, k=k, device=device, qe=qe)
     if json_out:
         for r in results:
             sys.stdout.write(json.dumps(r.as_json()) + "\n")
@@ -243,15 +244,26 @@ def evaluate(
     queries: Annotated[Path | None, typer.Option("--queries", help="Folder of labelled queries (by subfolder).")] = None,
     k: Annotated[int, typer.Option("-k", help="Also report precision@k.")] = 5,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Labels left out (default BACKGROUND_Google).")] = None,
+    copies: Annotated[int, typer.Option("--copies", help="Copy detection: transform N indexed images, find them.")] = 0,
+    qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label."""
+    """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection."""
     from . import evaluate as ev
     from .collection import Collection
     from .sources import scan
 
     ks = sorted({1, 5, 10, k})
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
+    if copies:
+        with Collection.open(collection) as coll:
+            report = ev.copy_detection(coll, copies, k=k)
+        if json_out:
+            sys.stdout.write(json.dumps({"copies": copies, "transforms": report}) + "\n")
+            return
+        for name, scores in report.items():
+            out.print(f"{name:>10}: " + "  ".join(f"{key} {v:.3f}" for key, v in scores.items()), highlight=False)
+        return
     with Collection.open(collection) as coll:
         rows, vecs = coll.vectors()
         keep = ev.labelled([r.label for r in rows], excluded)
@@ -264,7 +276,8 @@ def evaluate(
             report = ev.queries_against(qvecs, [f.label for f in files], vecs[keep], labels, ks)
         else:
             with progress_bar(enabled=not json_out) as bar:
-                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)))
+                n_qe = coll.manifest.query_expansion if qe is None else qe
+                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe)
     if json_out:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return
@@ -286,12 +299,14 @@ def bench(
     limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
     baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
     baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
+    baseline_weights: Annotated[str | None, typer.Option("--baseline-weights", help="Keras VGG16 .h5 weights.")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
     from .bench import run_bench
 
-    result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit)
+    result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit,
+                       baseline_weights)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
         return

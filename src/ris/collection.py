@@ -44,6 +44,7 @@ class Manifest:
     raw_dims: int
     dims: int
     pca_dims: int
+    query_expansion: int = 0  # αQE: queries averaged with their top-n neighbours before the final search
     index_factory: str = index.EXACT_FACTORY
     format_version: int = FORMAT_VERSION
     created: str = ""
@@ -343,6 +344,9 @@ class Collection:
             self._index = index.load(idx_path)
             self._index_mtime = mtime
             self._reducer = Reducer.load(self.path / "pca.npz", self.manifest.raw_dims)
+            if self._index.d != self._reducer.dims:
+                raise RisError(f"collection {self.path}: index and PCA disagree ({self._index.d} vs {self._reducer.dims} "
+                               "dims); run `ris reindex --refit-pca`")  # fmt: skip
         return self._index, self._reducer
 
     def query_pixels(self, query: Query) -> np.ndarray:
@@ -371,18 +375,37 @@ class Collection:
         raw = np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
         return self.reduce(raw)
 
-    def search(self, query: Query, k: int = 5, device: str = "auto") -> SearchResult:
-        return self.search_many([query], k, device)[0]
+    def search(self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None) -> SearchResult:
+        """The k most similar indexed images to one query (path, bytes, PIL image or HxWx3 array)."""
+        return self.search_many([query], k, device, qe)[0]
 
-    def search_many(self, queries: Sequence[Query], k: int = 5, device: str = "auto") -> list[SearchResult]:
+    def search_many(
+        self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None
+    ) -> list[SearchResult]:
         """The k most similar indexed images for each query, in one batched model call and search."""
         if k < 1:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
-        return self.search_vectors(vectors, k, [_query_name(q) for q in queries])
+        return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe)
 
-    def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str]) -> list[SearchResult]:
+    def expand(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        """αQE: each query moved towards its n nearest indexed images (weighted by similarity)."""
+        from .evaluate import QE_ALPHA
+
         idx, _ = self._searchable()
+        sims, ids = index.search(idx, vectors, n)
+        neighbours = np.stack([[idx.reconstruct(int(i)) if i >= 0 else np.zeros(idx.d, np.float32) for i in row]
+                               for row in ids])  # fmt: skip
+        weights = np.clip(sims, 0, None)[..., None] ** QE_ALPHA
+        out = vectors + (weights * neighbours).sum(axis=1)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None) -> list[SearchResult]:
+        """The k nearest indexed images per vector; qe (default: the collection's) expands queries first."""
+        idx, _ = self._searchable()
+        qe = self.manifest.query_expansion if qe is None else qe
+        if qe and idx.ntotal:
+            vectors = self.expand(vectors, min(qe, idx.ntotal))
         scores, ids = index.search(idx, vectors, min(idx.ntotal, k + 8))  # margin for rows deleted since
         rows = self.catalog.rows(np.unique(ids[ids >= 0]))
         results = []

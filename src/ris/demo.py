@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 SAMPLE_FILES = (
     "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
@@ -61,7 +61,22 @@ TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "brighter": lambda img: ImageEnhance.Brightness(img).enhance(1.4),
     "border": lambda img: ImageOps.expand(img, border=max(4, img.width // 12), fill=(0, 0, 0)),
     "gray": lambda img: ImageOps.grayscale(img).convert("RGB"),
+    "text": lambda img: _caption(img),
 }
+
+
+def _caption(img: Image.Image) -> Image.Image:
+    """A watermark-style caption across the lower third, as reposted photos carry."""
+    out = img.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    size = max(10, out.height // 8)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    draw.text((out.width // 20, out.height * 2 // 3), "© ris demo 2026", fill=(255, 255, 0), font=font,
+              stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0))  # fmt: skip
+    return out
 
 DEMO_QUERIES = (("chelsea.png", "crop"), ("rocket.jpg", "flip"), ("coffee.png", "jpeg30"),
                 ("motorcycle_left.png", "half"))  # fmt: skip

