@@ -257,7 +257,7 @@ def evaluate(
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
     if copies:
         with Collection.open(collection) as coll:
-            report = ev.copy_detection(coll, copies, k=k)
+            report = ev.copy_detection(coll, copies, k=k, qe=qe)
         if json_out:
             sys.stdout.write(json.dumps({"copies": copies, "transforms": report}) + "\n")
             return

@@ -124,7 +124,9 @@ def queries_against(
     return EvalReport(len(query_vectors), len(set(query_labels)), precision, float(ap.mean()))
 
 
-def copy_detection(coll, n: int, seed: int = 0, k: int = 5, batch: int = 64) -> dict[str, dict[str, float]]:
+def copy_detection(
+    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None
+) -> dict[str, dict[str, float]]:
     """Recall@1/@k of finding an indexed image from a transformed copy of it, per transform.
 
     `n` indexed images are drawn at random; each gets every transform of `ris.demo.TRANSFORMS`
@@ -142,7 +144,7 @@ def copy_detection(coll, n: int, seed: int = 0, k: int = 5, batch: int = 64) -> 
         hits1 = hitsk = 0
         for start in range(0, len(picked), batch):
             copies = [transform(img) for img in originals[start : start + batch]]
-            results = coll.search_vectors(coll.embed(copies), k, [name] * len(copies))
+            results = coll.search_vectors(coll.embed(copies), k, [name] * len(copies), qe=qe)
             for row, result in zip(picked[start : start + batch], results, strict=True):
                 ids = [m.id for m in result.matches]
                 hits1 += bool(ids) and ids[0] == row.id
