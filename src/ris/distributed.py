@@ -1,0 +1,309 @@
+"""Extraction on a Ray cluster: the same decode → model → commit pipeline as `extract.run`, scaled out.
+
+Ray Data streams the pending files through CPU decode tasks and a pool of model actors (one per GPU
+when the cluster has GPUs). The driver gathers features into shards: a shard holds the images whose
+id falls in one `shard_size` range, and its file in C/ray-shards/ is named by a hash of its file list
+and the model. A shard is written before it is merged (one `Catalog.commit_batch` transaction), so
+after a crash written shards are merged again without recomputing, and merged ones are no longer pending.
+
+Every node must read the image files at the same paths (a shared filesystem) and have ris installed;
+only the driver touches the collection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DecodeError, RisError
+from .extract import StageTimes
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+SHARD_DIR = "ray-shards"
+LOCAL = "local"
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """One unit of resumable work: images (id, path) and, once extracted, their outcome."""
+
+    key: int
+    items: list[tuple[int, str]]
+    name: str = ""
+    ids: list[int] = field(default_factory=list)
+    shas: list[str] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ids) + len(self.failed) == len(self.items)
+
+
+def shard_name(identity: str, items: Sequence[tuple[int, str]]) -> str:
+    """A file name that changes whenever the shard's files or the model do (so a stale shard is never reused)."""
+    digest = hashlib.sha256(identity.encode())
+    for image_id, path in items:
+        digest.update(f"\0{image_id}\0{path}".encode())
+    return digest.hexdigest()[:32] + ".npz"
+
+
+def plan_shards(items: Sequence[tuple[int, str]], shard_size: int, identity: str) -> list[Shard]:
+    """Group by id range, not by position: after a crash the still-pending images fall in the same shards."""
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for image_id, path in items:
+        groups.setdefault(image_id // shard_size, []).append((int(image_id), path))
+    return [Shard(key, group, shard_name(identity, group)) for key, group in sorted(groups.items())]
+
+
+def save_shard(shard: Shard, directory: Path, raw_dims: int) -> Path:
+    """Write atomically (temp file + rename): a shard file on disk is always whole."""
+    from .store import FEATURE_DTYPE
+
+    path = directory / shard.name
+    tmp = path.with_name(path.name + ".tmp")
+    features = np.stack(shard.features).astype(FEATURE_DTYPE) if shard.features else np.zeros((0, raw_dims), FEATURE_DTYPE)
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh, ids=np.asarray(shard.ids, np.int64), shas=np.asarray(shard.shas, dtype=str), features=features,
+            failed_ids=np.asarray([i for i, _ in shard.failed], np.int64),
+            reasons=np.asarray([r for _, r in shard.failed], dtype=str),
+        )  # fmt: skip
+    os.replace(tmp, path)
+    return path
+
+
+def load_shard(shard: Shard, path: Path) -> Shard:
+    with np.load(path, allow_pickle=False) as data:
+        shard.ids = [int(i) for i in data["ids"]]
+        shard.shas = [str(s) for s in data["shas"]]
+        shard.features = list(data["features"])
+        shard.failed = [(int(i), str(r)) for i, r in zip(data["failed_ids"], data["reasons"], strict=True)]
+    return shard
+
+
+def merge_shard(coll: Collection, shard: Shard) -> int:
+    """One transaction, as the local path commits a batch; returns how many features were new."""
+    have = coll.catalog.known_hashes(shard.shas)
+    features: dict[str, np.ndarray] = {}
+    for sha, vec in zip(shard.shas, shard.features, strict=True):
+        if sha not in have:
+            features.setdefault(sha, vec)
+    coll.catalog.commit_batch(list(zip(shard.ids, shard.shas, strict=True)), features, shard.failed)
+    return len(features)
+
+
+# --- the Ray stages (run on the cluster's nodes) -------------------------------------------------
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """CPU task: read, hash and decode files; failures keep their row with a reason (zero pixels)."""
+    from .extract import _decode_job
+
+    results = [_decode_job((int(i), str(p), size)) for i, p in zip(batch["id"], batch["path"], strict=True)]
+    blank = np.zeros((size, size, 3), np.uint8)
+    return {
+        "id": np.asarray([r[0] for r in results], np.int64),
+        "sha": np.asarray([r[1] or "" for r in results], dtype=object),
+        "error": np.asarray([r[3] or "" for r in results], dtype=object),
+        "pixels": np.stack([r[2] if r[2] is not None else blank for r in results]),
+        "decode_s": np.asarray([r[4] for r in results], np.float64),
+    }
+
+
+class ModelActor:
+    """Loads the collection's model once per actor; features for the decoded rows of each batch."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from . import runtime
+
+        self.extractor, digest = runtime.load_extractor(
+            settings["model"], settings["pooling"], settings["weights"], device=settings["device"],
+            precision=settings["precision"], threads=settings["threads"],
+        )  # fmt: skip
+        if digest != settings["weights_sha256"]:
+            raise RisError(f"the weights on this node differ from the collection's (sha256 {digest[:12]}…)")
+        self.dim = int(settings["raw_dims"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray([e == "" for e in batch["error"]], bool)
+        features = np.zeros((len(ok), self.dim), np.float32)
+        start = time.perf_counter()
+        if ok.any():
+            features[ok] = self.extractor(np.ascontiguousarray(batch["pixels"][ok]))
+        seconds = time.perf_counter() - start
+        return {"id": batch["id"], "sha": batch["sha"], "error": batch["error"], "features": features,
+                "decode_s": batch["decode_s"], "model_s": np.full(len(ok), seconds / max(1, len(ok)))}  # fmt: skip
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` ('local' or None: a local instance). True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "", LOCAL):
+        # local workers inherit the model cache, so the export/calibration done on the driver is reused
+        env = {k: v for k, v in os.environ.items() if k.startswith("RIS_")}
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+def actor_settings(coll: Collection, gpus: float, threads: int) -> dict[str, Any]:
+    m = coll.manifest
+    device = "cuda" if gpus else "cpu"
+    return {
+        "model": m.model, "pooling": m.pooling if m.pooling != "fc2" else "avg", "weights": getattr(coll, "_weights", None),
+        "device": device, "precision": m.precision if device == "cpu" else None, "threads": threads,
+        "weights_sha256": m.weights_sha256, "raw_dims": m.raw_dims,
+    }  # fmt: skip
+
+
+def _identity(coll: Collection) -> str:
+    m = coll.manifest
+    return json.dumps([m.model, m.pooling, m.precision, m.weights_sha256, m.input_size, m.raw_dims])
+
+
+def _build_dataset(shards: Sequence[Shard], coll: Collection, batch_size: int, actors: int | None, threads: int | None):
+    """files → decode tasks (CPU) → model actors (one GPU each when the cluster has GPUs)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False  # the caller shows its own progress
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        size, remote = actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+    else:
+        # one CPU reserved per actor, two model threads each: the split measured best locally (ORT 2 threads + decode)
+        size, remote = actors or max(1, cpus // 2), {"num_cpus": 1}
+    rows = [{"id": i, "path": p} for shard in shards for i, p in shard.items]
+    return (
+        ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * cpus)))
+        .map_batches(decode_batch, fn_kwargs={"size": coll.manifest.input_size}, batch_size=batch_size,
+                     batch_format="numpy", num_cpus=1, ray_remote_args_fn=_spread)
+        .map_batches(ModelActor, fn_constructor_kwargs={"settings": actor_settings(coll, gpus, threads or 2)},
+                     compute=ray.data.ActorPoolStrategy(size=size), batch_size=batch_size, batch_format="numpy",
+                     **remote)
+    )  # fmt: skip
+
+
+def _spread() -> dict[str, str]:
+    """Decode tasks go wherever CPUs are free. A remote-args function also keeps Ray from fusing decoding
+    into the model actors, where it would run serially with the model instead of beside it."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def ray_extract(
+    coll: Collection,
+    items: Sequence[tuple[int, str]],
+    address: str | None = LOCAL,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    actors: int | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> StageTimes:
+    """Extract features for pending `items` (id, path) on Ray and merge them into `coll`, shard by shard.
+
+    The caller holds the writer lock and calls `_finish()` afterwards, as `Collection.index` does.
+    actors: model actors (default: one per GPU, else one per two CPUs); threads: model threads per CPU actor.
+    """
+    if shard_size < 1 or batch_size < 1:
+        raise RisError("batch and shard sizes must be at least 1")
+    try:
+        import ray
+    except ImportError:
+        raise RisError("--ray needs Ray: pip install 'ray[data]'") from None
+    times = StageTimes(images=len(items))
+    wall = time.perf_counter()
+    directory = coll.path / SHARD_DIR
+    directory.mkdir(exist_ok=True)
+    shards = plan_shards(items, shard_size, _identity(coll))
+    _drop_stale(directory, {s.name for s in shards})
+
+    def finish(shard: Shard) -> None:
+        start = time.perf_counter()
+        path = save_shard(shard, directory, coll.manifest.raw_dims) if not (directory / shard.name).exists() else None
+        times.extracted += merge_shard(coll, shard)
+        (path or directory / shard.name).unlink(missing_ok=True)  # merged: the catalogue holds it now
+        times.write += time.perf_counter() - start
+        times.skipped += len(shard.failed)
+        if progress:
+            progress(len(shard.items))
+
+    todo = []
+    for shard in shards:
+        if (directory / shard.name).exists():
+            finish(load_shard(shard, directory / shard.name))  # written before a crash: merge, do not recompute
+        else:
+            todo.append(shard)
+    if todo:
+        if address in (None, "", LOCAL):
+            coll.extractor("cpu", threads=1)  # checks the weights and exports/calibrates once, before the actors
+        started = connect(address)
+        try:
+            _stream(_build_dataset(todo, coll, batch_size, actors, threads), todo, times, finish)
+        except ray.exceptions.RayError as exc:
+            raise RisError(f"Ray extraction failed: {_first_line(exc)}") from exc
+        finally:
+            if started:
+                ray.shutdown()
+    times.wall = time.perf_counter() - wall
+    return times
+
+
+def _stream(dataset, todo: Sequence[Shard], times: StageTimes, finish: Callable[[Shard], None]) -> None:
+    """Gather result rows into their shards; each shard is written and merged as soon as it is whole."""
+    by_id = {image_id: shard for shard in todo for image_id, _ in shard.items}
+    waited = time.perf_counter()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        times.wait += time.perf_counter() - waited
+        times.decode += float(batch["decode_s"].sum())
+        times.model += float(batch["model_s"].sum())
+        for image_id, sha, error, vec in zip(batch["id"], batch["sha"], batch["error"], batch["features"], strict=True):
+            shard = by_id[int(image_id)]
+            if error:
+                shard.failed.append((int(image_id), str(error)))
+            else:
+                shard.ids.append(int(image_id))
+                shard.shas.append(str(sha))
+                shard.features.append(vec)
+            if shard.complete:
+                finish(shard)
+        waited = time.perf_counter()
+
+
+def _drop_stale(directory: Path, wanted: set[str]) -> None:
+    """Shard files of other file lists were merged already (or belong to a model no longer used)."""
+    for path in directory.iterdir():
+        if path.name not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, (RisError, DecodeError)):
+        return str(cause)
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

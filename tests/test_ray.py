@@ -1,0 +1,142 @@
+"""Extraction on a local Ray instance (2 CPUs) gives what the local pipeline gives, and resumes by shard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ris import distributed
+from ris.collection import Collection
+from ris.distributed import plan_shards, ray_extract
+from ris.sources import scan
+
+from .conftest import copy_classes
+
+CLASSES = ("airplanes", "panda", "cup")
+PER_CLASS = 8
+SHARD = 10  # ids 1..27: shards of ids 1-9, 10-19, 20-27
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray's own deprecated settings
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k.startswith("RIS_")}
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, object_store_memory=200 * 2**20,
+             runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_classes(tmp_path_factory.mktemp("ray-images"), CLASSES, PER_CLASS)
+    good = next((root / "cup").glob("*.jpg")).read_bytes()
+    (root / "bad").mkdir()
+    (root / "bad" / "notes.jpg").write_text("not an image")
+    (root / "bad" / "empty.png").write_bytes(b"")
+    (root / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 4])
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_features(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], list]:
+    """The reference: the same files through the local pipeline."""
+    with Collection.open_or_create(tmp_path_factory.mktemp("local") / "c.ris") as coll:
+        coll.index([images])
+        return _features_by_path(coll), coll.catalog.skipped_files()
+
+
+def _features_by_path(coll: Collection) -> dict[str, np.ndarray]:
+    rows = coll.catalog.all_rows()
+    raw = coll.catalog.features([r.id for r in rows], coll.manifest.raw_dims).astype(np.float32)
+    return {r.path: v for r, v in zip(rows, raw, strict=True)}
+
+
+def _ray_collection(path: Path, images: Path) -> tuple[Collection, list[tuple[int, str]]]:
+    coll = Collection.open_or_create(path)
+    coll.lock()
+    coll.catalog.sync(scan([images]))
+    return coll, coll.catalog.pending()
+
+
+def _assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) -> None:
+    ref, ref_skipped = local
+    got = _features_by_path(coll)
+    assert set(got) == set(ref) and len(got) == len(CLASSES) * PER_CLASS
+    for path, vec in got.items():
+        cos = float(vec @ ref[path] / (np.linalg.norm(vec) * np.linalg.norm(ref[path])))
+        assert cos >= 0.999, (path, cos)
+    assert coll.catalog.skipped_files() == ref_skipped and len(ref_skipped) == 3
+    assert coll.catalog.counts()["pending"] == 0
+    assert not any((coll.path / distributed.SHARD_DIR).iterdir())  # every shard merged, none left behind
+
+
+def test_ray_matches_the_local_pipeline(ray_local: None, images: Path, local_features, tmp_path: Path) -> None:
+    coll, items = _ray_collection(tmp_path / "ray.ris", images)
+    with coll:
+        times = ray_extract(coll, items, address=None, batch_size=8, shard_size=SHARD)
+        coll.catalog.drop_orphan_features()
+        coll._finish()
+        assert (times.images, times.extracted, times.skipped) == (len(items), len(CLASSES) * PER_CLASS, 3)
+        assert times.model > 0 and times.decode > 0
+        _assert_same(coll, local_features)
+        hits = coll.search(str(next((images / "panda").glob("*.jpg"))), k=1)
+        assert hits.matches[0].label == "panda"
+
+
+def test_a_crash_resumes_from_the_written_shards(
+    ray_local: None, images: Path, local_features, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coll, items = _ray_collection(tmp_path / "ray.ris", images)
+    real_merge, computed = distributed.merge_shard, []
+
+    def crash_after_first(c: Collection, shard: distributed.Shard) -> int:
+        if computed:  # the second shard: die after it was written, before its merge
+            raise KeyboardInterrupt
+        computed.append(shard)
+        return real_merge(c, shard)
+
+    with coll:
+        monkeypatch.setattr(distributed, "merge_shard", crash_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            ray_extract(coll, items, address=None, batch_size=8, shard_size=SHARD)
+        written = {p.name for p in (coll.path / distributed.SHARD_DIR).iterdir()}
+        assert len(written) == 1 and computed[0].name not in written  # one shard merged (and gone), one on disk
+        monkeypatch.setattr(distributed, "merge_shard", real_merge)
+        rows: list[int] = []
+        real_build = distributed._build_dataset
+
+        def spy(shards: list[distributed.Shard], *args: object):
+            rows.append(sum(len(s.items) for s in shards))
+            return real_build(shards, *args)
+
+        monkeypatch.setattr(distributed, "_build_dataset", spy)
+        pending = coll.catalog.pending()
+        assert len(pending) == len(items) - len(computed[0].items)
+        times = ray_extract(coll, pending, address=None, batch_size=8, shard_size=SHARD)
+        written_shard = next(s for s in plan_shards(pending, SHARD, distributed._identity(coll)) if s.name in written)
+        assert rows == [len(pending) - len(written_shard.items)]  # the written shard was merged, not recomputed
+        assert times.images == len(pending)
+        coll.catalog.drop_orphan_features()
+        coll._finish()
+        _assert_same(coll, local_features)
+
+
+def test_shards_keep_their_names_when_other_shards_are_done() -> None:
+    items = [(i, f"/img/{i}.jpg") for i in range(1, 40)]
+    before = plan_shards(items, 16, "model")
+    after = plan_shards([it for it in items if it[0] >= 16], 16, "model")
+    assert [s.name for s in after] == [s.name for s in before[1:]]
+    assert plan_shards(items, 16, "other model")[1].name != before[1].name
