@@ -90,11 +90,12 @@ def index(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Extract on Ray: local, auto, ray://HOST:PORT.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
-           batch_size, workers, json_out, resync=True)  # fmt: skip
+           batch_size, workers, json_out, resync=True, ray=ray)  # fmt: skip
 
 
 @app.command()
@@ -114,7 +115,7 @@ def add(
 
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
-           json_out, resync, must_exist=False) -> None:  # fmt: skip
+           json_out, resync, must_exist=False, ray: str | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -125,7 +126,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims)
     with coll, progress_bar(enabled=not json_out) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
-                            progress=bar)  # fmt: skip
+                            progress=bar, ray=ray)  # fmt: skip
     _print_report(report, json_out)
 
 
