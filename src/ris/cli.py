@@ -90,7 +90,7 @@ def index(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
-    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Extract on Ray: local, auto, ray://HOST:PORT.")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
