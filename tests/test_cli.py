@@ -94,7 +94,7 @@ def test_bench_reports_both_sides_and_their_ratio(subset_dir: Path) -> None:
     proc = run_cli("bench", str(subset_dir), "--limit", "24", "--baseline-limit", "4", "--device", "cpu", "--json")
     r = json.loads(proc.stdout)
     assert r["images"] == 24 and r["indexed"] == 24 and r["images_per_s"] > 0 and r["baseline_images_per_s"] > 0
-    assert abs(r["ratio"] - r["images_per_s"] / r["baseline_images_per_s"]) < 0.1
+    assert abs(r["ratio"] - r["images_per_s"] / r["baseline_images_per_s"]) <= 0.02 * r["ratio"] + 0.1  # rounding
     assert {"model", "write", "model waiting for decode"} <= set(r["stages_s"]) and r["peak_rss_mb"] > 0
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
 
