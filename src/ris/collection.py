@@ -45,7 +45,9 @@ class Manifest:
     dims: int
     pca_dims: int
     query_expansion: int = 0  # αQE: queries averaged with their top-n neighbours before the final search
-    index_factory: str = index.EXACT_FACTORY
+    index_factory: str = index.AUTO  # a FAISS factory string, or "auto": exact when small, IVF when large
+    index_built: str = ""  # the factory index.faiss was built with ("auto" resolved); "" = index_factory
+    nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = index.default_nprobe
     format_version: int = FORMAT_VERSION
     created: str = ""
     ris_version: str = __version__
@@ -109,6 +111,8 @@ class Collection:
         precision: str = "int8",
         weights: str | None = None,
         dims: int = DEFAULT_DIMS,
+        index_factory: str = index.AUTO,
+        nprobe: int = 0,
     ) -> Collection:
         """A new, empty collection. Loads the model once to record its weights' hash."""
         root = Path(path)
@@ -119,12 +123,13 @@ class Collection:
         spec = models.get_spec(model)
         if precision not in ("fp32", "int8"):
             raise RisError("a collection's precision is fp32 or int8")
+        index.check_args(index_factory, nprobe, dims if 0 < dims < spec.dim else spec.dim)
         _, digest = models.build(model, pooling if spec.pooled else "avg", weights)
         root.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(
             model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
             input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            index_factory=index_factory, nprobe=nprobe, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )  # fmt: skip
         manifest.write(root / "manifest.json")
         coll = cls(root, manifest)
@@ -149,13 +154,20 @@ class Collection:
         precision: str | None = None,
         weights: str | None = None,
         dims: int | None = None,
+        index_factory: str | None = None,
+        nprobe: int | None = None,
     ) -> Collection:
-        """Open an existing collection (checking it matches what was asked) or create one."""
+        """Open an existing collection (checking it matches what was asked) or create one.
+
+        An index_factory or nprobe other than the manifest's is recorded there; the next
+        index/add/remove run rebuilds the index to match.
+        """
         root = Path(path)
         if not (root / "manifest.json").exists():
             return cls.create(
                 root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
                 precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
+                index_factory or index.AUTO, nprobe or 0,
             )  # fmt: skip
         coll = cls.open(root, weights)
         m = coll.manifest
@@ -165,6 +177,12 @@ class Collection:
                 raise RisError(
                     f"collection {root} was built with {what} {have}, not {asked}; use another --collection"
                 )
+        changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe))
+                   if v is not None and v != getattr(m, k)}  # fmt: skip
+        if changes:
+            index.check_args(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe), m.dims)
+            coll.manifest = Manifest(**{**asdict(m), **changes})
+            coll.manifest.write(root / "manifest.json")
         return coll
 
     def close(self) -> None:
@@ -234,11 +252,14 @@ class Collection:
         device: str = "auto",
         threads: int | None = None,
         progress: Callable[[int, int], Callable[[int], None]] | None = None,
+        ray: str | None = None,
+        shard_size: int = 1024,
     ) -> IndexReport:
         """Bring the collection in line with these folders/files.
 
         resync=True (`ris index`): files gone from these paths are dropped. resync=False (`ris add`):
         only adds or updates. Committed batches survive a crash; the next run resumes after them.
+        ray: a Ray address ("local", "auto", "ray://host:10001") to extract on a cluster instead.
         """
         from . import extract, runtime
 
@@ -251,14 +272,19 @@ class Collection:
             todo = self.catalog.pending()
             times = StageTimes()
             if todo:
-                cores = threads or runtime.cpu_threads()
-                ext = self.extractor(device, threads=cores)
-                nworkers = default_workers(cores) if workers is None else workers
                 tick = progress(len(todo), len(files)) if progress else None
-                times = extract.run(
-                    todo, ext, self.manifest.input_size, self._store_batch, known=self.catalog.known_hashes,
-                    batch_size=batch_size, workers=nworkers, progress=tick,
-                )  # fmt: skip
+                if ray is not None:  # device and workers are the cluster's
+                    from .distributed import ray_extract
+
+                    times = ray_extract(self, todo, ray, batch_size=batch_size, shard_size=shard_size, progress=tick)
+                else:
+                    cores = threads or runtime.cpu_threads()
+                    ext = self.extractor(device, threads=cores)
+                    nworkers = default_workers(cores) if workers is None else workers
+                    times = extract.run(
+                        todo, ext, self.manifest.input_size, self._store_batch, known=self.catalog.known_hashes,
+                        batch_size=batch_size, workers=nworkers, progress=tick,
+                    )  # fmt: skip
             self.catalog.drop_orphan_features()
             self._finish()
             counts = self.catalog.counts()
@@ -310,15 +336,21 @@ class Collection:
                 (self.path / "index.faiss").unlink(missing_ok=True)
                 reducer.save(pca_path)
         idx_path = self.path / "index.faiss"
-        idx = index.load(idx_path) if idx_path.exists() else index.create(reducer.dims, m.index_factory)
-        if idx.d != reducer.dims:
-            idx = index.create(reducer.dims, m.index_factory)
-        index.reconcile(idx, ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)))
-        index.save(idx, idx_path)
-        if m.dims != reducer.dims:
-            self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims})
+        # the index written before the manifest: after a crash in between, the manifest names the older
+        # factory and the index is rebuilt, never used as the wrong kind
+        built = m.index_built or (m.index_factory if m.index_factory != index.AUTO else index.EXACT_FACTORY)
+        target = index.resolve(m.index_factory, len(ids), built if idx_path.exists() else None)
+        idx = index.load(idx_path, mmap=False) if idx_path.exists() and target == built else None
+        if idx is None or idx.d != reducer.dims or index.is_approximate(idx) != (target != index.EXACT_FACTORY):
+            idx = index.create(reducer.dims, target)
+        fresh = not idx_path.exists() or idx.ntotal == 0
+        if any(index.reconcile(idx, ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)))) or fresh:
+            index.save(idx, idx_path)  # unchanged: not rewritten (a 10M-vector IVF,SQ6 is 1.9 GiB)
+        if m.dims != reducer.dims or m.index_built != target:
+            self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
             self.manifest.write(self.path / "manifest.json")
         self._index, self._reducer = idx, reducer
+        self._index_mtime = idx_path.stat().st_mtime_ns
 
     def rebuild_index(self) -> None:
         """Rebuild index.faiss from the stored raw features with the stored PCA."""
@@ -335,7 +367,7 @@ class Collection:
     # --- searching -----------------------------------------------------------------------------
 
     def _searchable(self):
-        """The latest saved index and PCA (reloaded when a writer replaced them)."""
+        """The latest saved index and PCA (reloaded when a writer replaced them; large indexes memory-mapped)."""
         idx_path = self.path / "index.faiss"
         if not idx_path.exists():
             raise RisError(f"collection {self.path} has no searchable images yet")
@@ -388,26 +420,48 @@ class Collection:
         vectors = self.embed(queries, device)
         return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe)
 
-    def expand(self, vectors: np.ndarray, n: int) -> np.ndarray:
-        """αQE: each query moved towards its n nearest indexed images (weighted by similarity)."""
+    def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
+        """αQE: each query moved towards its n nearest indexed images (weighted by similarity).
+
+        Neighbour vectors come from the catalogue's raw features, not the index: approximate indexes
+        cannot reconstruct by id (IVF has no direct map) or only lossily (SQ6, PQ).
+        """
         from .evaluate import QE_ALPHA
 
-        idx, _ = self._searchable()
-        sims, ids = index.search(idx, vectors, n)
-        neighbours = np.stack([[idx.reconstruct(int(i)) if i >= 0 else np.zeros(idx.d, np.float32) for i in row]
-                               for row in ids])  # fmt: skip
+        idx, reducer = self._searchable()
+        sims, ids = index.search(idx, vectors, n, nprobe or self.manifest.nprobe or None)
+        known = np.array(sorted(self.catalog.rows(np.unique(ids[ids >= 0]))), dtype=np.int64)
+        found = np.isin(ids, known)
+        neighbours = np.zeros((*ids.shape, idx.d), np.float32)
+        if len(known):
+            neighbours[found] = reducer(self.catalog.features(ids[found], self.manifest.raw_dims))
+        sims = np.where(found, sims, 0)
         weights = np.clip(sims, 0, None)[..., None] ** QE_ALPHA
         out = vectors + (weights * neighbours).sum(axis=1)
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
-    def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None) -> list[SearchResult]:
-        """The k nearest indexed images per vector; qe (default: the collection's) expands queries first."""
-        idx, _ = self._searchable()
+    def search_vectors(
+        self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None, nprobe: int | None = None
+    ) -> list[SearchResult]:
+        """The k nearest indexed images per vector; qe (default: the collection's) expands queries first.
+
+        nprobe (default: the manifest's, else the index's default) trades speed for recall in IVF/HNSW.
+        Approximate indexes' candidates are re-scored exactly (scores are then true cosine similarities).
+        """
+        idx, reducer = self._searchable()
         qe = self.manifest.query_expansion if qe is None else qe
+        nprobe = nprobe or self.manifest.nprobe or None
         if qe and idx.ntotal:
-            vectors = self.expand(vectors, min(qe, idx.ntotal))
-        scores, ids = index.search(idx, vectors, min(idx.ntotal, k + 8))  # margin for rows deleted since
-        rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+            vectors = self.expand(vectors, min(qe, idx.ntotal), nprobe)
+        want = min(idx.ntotal, k + 8)  # margin for rows deleted since
+        if not index.is_approximate(idx):
+            scores, ids = index.search(idx, vectors, want, nprobe)
+            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+        else:  # candidates re-scored with exact vectors from the catalogue's raw features (index.rerank)
+            _, ids = index.search(idx, vectors, min(idx.ntotal, want * index.REFINE_FACTOR), nprobe)
+            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+            ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
+            scores, ids = index.rerank(vectors, ids, lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims)), want)
         results = []
         for name, srow, irow in zip(names, scores, ids, strict=True):
             matches = []

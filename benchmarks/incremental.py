@@ -1,0 +1,142 @@
+"""Incremental cost and batched queries, measured through the real `ris` entry point and API.
+
+    python benchmarks/incremental.py --images 2000 --add 20 --queries 100
+
+1. `ris index` of --images Caltech-101 images into a new collection, then `ris add` of --add (1%)
+   more: wall time of each (each a fresh process: interpreter start and model load included, as a
+   user sees them) and the extraction/index part alone (from the run report), so the fixed
+   overheads show apart from the part that scales with the images.
+2. --queries query images not in the collection: Collection.search_many (one batched model call and
+   one batched index search) against Collection.search one by one, after a warm-up; and the index
+   search alone, batched against one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
+
+
+def caltech(n: int, skip: int = 0) -> list[Path]:
+    """n images spread over all classes (every 4th file in path order), after the first `skip`."""
+    files = sorted(CALTECH.glob("*/*.jpg"))[::4]
+    return files[skip : skip + n]
+
+
+def copy_tree(files: list[Path], root: Path) -> Path:
+    for f in files:
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, root / f.parent.name / f.name)
+    return root
+
+
+def ris(*args: str) -> tuple[float, dict]:
+    """Wall seconds of one `ris ... --json` process and its JSON report."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ris", *args, "--json"], capture_output=True, text=True, check=True)
+    return time.perf_counter() - t, json.loads(proc.stdout)
+
+
+def model_load_s(coll_path: Path) -> float:
+    """A fresh process's import + model load, the fixed cost of every `ris` run that extracts."""
+    code = ("import time; t=time.perf_counter(); from ris.collection import Collection; "
+            f"Collection.open({str(coll_path)!r}).extractor('cpu'); print(time.perf_counter()-t)")  # fmt: skip
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def incremental(work: Path, n: int, extra: int) -> list[dict]:
+    base = copy_tree(caltech(n), work / "base")
+    more = copy_tree(caltech(extra, skip=n), work / "more")
+    coll = work / "c.ris"
+    full_s, full = ris("index", str(base), "--collection", str(coll))
+    add_s, add = ris("add", str(more), "--collection", str(coll))
+    load_s = model_load_s(coll)
+    return [
+        {"run": f"ris index ({n} images)", "wall_s": full_s, "extract_s": full["times"].get("wall"), "images": full["extracted"]},
+        {"run": f"ris add ({extra} images)", "wall_s": add_s, "extract_s": add["times"].get("wall"), "images": add["extracted"]},
+        {"run": "fixed: process start + model load", "wall_s": load_s, "extract_s": None, "images": 0},
+    ]  # fmt: skip
+
+
+def batching(coll_path: Path, n_queries: int, n_base: int, extra: int) -> list[dict]:
+    from ris import index
+    from ris.collection import Collection
+
+    queries = [str(p) for p in caltech(n_queries, skip=n_base + extra)]
+    rows = []
+    with Collection.open(coll_path) as coll:
+        coll.search_many(queries[:8], k=10, device="cpu")  # warm-up: model loaded, index read
+        t = time.perf_counter()
+        coll.search_many(queries, k=10, device="cpu")
+        batched = time.perf_counter() - t
+        t = time.perf_counter()
+        for q in queries:
+            coll.search(q, k=10, device="cpu")
+        single = time.perf_counter() - t
+        idx, _ = coll._searchable()
+        vecs = coll.embed(queries, "cpu")
+        t = time.perf_counter()
+        index.search(idx, vecs, 10)
+        ibatched = time.perf_counter() - t
+        t = time.perf_counter()
+        for v in vecs:
+            index.search(idx, v[None], 10)
+        isingle = time.perf_counter() - t
+    rows.append({"what": f"model + index, {n_queries} queries", "batched_ms_per_query": 1e3 * batched / n_queries,
+                 "one_by_one_ms_per_query": 1e3 * single / n_queries, "speedup": single / batched})  # fmt: skip
+    rows.append({"what": f"index alone ({idx.ntotal} vectors)", "batched_ms_per_query": 1e3 * ibatched / n_queries,
+                 "one_by_one_ms_per_query": 1e3 * isingle / n_queries, "speedup": isingle / ibatched})  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+
+    def fmt(v: object) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows])  # fmt: skip
+
+
+def main() -> None:
+    from ris.bench import machine
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--add", type=int, default=20)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
+    args = ap.parse_args()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ris-incremental-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        inc = incremental(work, args.images, args.add)
+        full, added, fixed = inc
+        ratio = added["wall_s"] / full["wall_s"]
+        var = (added["wall_s"] - fixed["wall_s"]) / (full["wall_s"] - fixed["wall_s"])
+        batch = batching(work / "c.ris", args.queries, args.images, args.add)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    m = machine()
+    print(f"`python benchmarks/incremental.py {' '.join(sys.argv[1:])}`  \n{m.get('cpu')}, {os.cpu_count()} cores, "
+          f"{dt.date.today()}, CPU int8 model\n")  # fmt: skip
+    print(markdown(inc))
+    print(f"\nadd/index wall: {ratio:.3f} ({args.add / args.images:.3f} of the images); "
+          f"without the fixed cost: {var:.3f}\n")
+    print(markdown(batch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Index choice and approximate (IVF) indexes: auto by size, recall against exact, add/remove, mmap, manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from ris import index
+from ris.collection import Collection
+from ris.errors import RisError
+
+
+def _clustered(n: int, dims: int = 64, centres: int = 50, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhoods like real features, not uniform noise."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, dims)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + 0.6 * rng.standard_normal((n, dims)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _filled(factory: str, x: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    idx = index.create(x.shape[1], factory)
+    lookup = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    index.reconcile(idx, ids, lambda chunk: x[[lookup[int(i)] for i in chunk]])
+    return idx
+
+
+def _copy_collection(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+    return dst
+
+
+def test_auto_is_exact_when_small_and_ivf_when_large() -> None:
+    assert index.resolve(index.AUTO, 49, approx_from=50) == index.EXACT_FACTORY
+    assert index.resolve(index.AUTO, 50, approx_from=50).startswith("IVF")
+    assert index.resolve(index.AUTO, 10**7) == "IVF4096,SQ6"
+    assert index.resolve("IVF8,PQ4", 3) == "IVF8,PQ4"  # an explicit factory is kept whatever the size
+    # hysteresis: an IVF collection shrinking just under the threshold stays IVF; well under it, exact
+    assert index.resolve(index.AUTO, 40, "IVF1,SQ6", approx_from=50) == "IVF1,SQ6"
+    assert index.resolve(index.AUTO, 24, "IVF1,SQ6", approx_from=50) == index.EXACT_FACTORY
+    # grown ~16x since training: rebuilt with more lists
+    assert index.resolve(index.AUTO, 16_000_000, "IVF1024,SQ6") == "IVF4096,SQ6"
+    assert index.resolve(index.AUTO, 2_000_000, "IVF1024,SQ6") == "IVF1024,SQ6"
+
+
+def test_bad_factory_is_a_clear_error() -> None:
+    with pytest.raises(RisError, match="bad FAISS index factory"):
+        index.check_args("IVF8,Nonsense", 0, 64)
+    with pytest.raises(RisError, match="nprobe"):
+        index.check_args(index.AUTO, -1, 64)
+
+
+def test_ivf_recall_against_exact_search() -> None:
+    x = _clustered(4000)
+    ids = np.arange(4000, dtype=np.int64) * 7 + 3
+    queries = _clustered(100, seed=1)
+    _, exact = index.search(_filled(index.EXACT_FACTORY, x, ids), queries, 10)
+    ivf = _filled("IVF64,SQ8", x, ids)
+    _, approx = index.search(ivf, queries, 10)
+    recall = np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9
+    _, few = index.search(ivf, queries, 10, nprobe=1)  # fewer lists visited: faster, lower recall
+    assert np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(few, exact, strict=True)]) < recall
+
+
+def test_reconcile_adds_and_removes_on_ivf() -> None:
+    x = _clustered(3000)
+    ids = np.arange(3000, dtype=np.int64) * 2
+    idx = _filled("IVF32,SQ8", x, ids[:2000])
+    assert idx.is_trained and sorted(index.ids_of(idx)) == ids[:2000].tolist()
+    lookup = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    wanted = np.concatenate([ids[500:2000], ids[2000:]])  # 500 removed, 1000 added
+    assert index.reconcile(idx, wanted, lambda chunk: x[[lookup[int(i)] for i in chunk]]) == (1000, 500)
+    assert np.array_equal(np.sort(index.ids_of(idx)), wanted) and idx.ntotal == 2500
+    _, found = index.search(idx, x[2500:2510], 1)
+    assert found[:, 0].tolist() == ids[2500:2510].tolist()
+    _, found = index.search(idx, x[:200], 10)
+    assert not np.isin(found, ids[:500]).any()
+
+
+def test_large_indexes_are_memory_mapped(tmp_path: Path) -> None:
+    x = _clustered(3000)
+    ids = np.arange(3000, dtype=np.int64)
+    for factory in ("IVF16,SQ8", index.EXACT_FACTORY):
+        path = tmp_path / "i.faiss"
+        index.save(_filled(factory, x, ids), path)
+        mapped, loaded = index.load(path, mmap=True), index.load(path, mmap=False)
+        assert np.array_equal(index.search(mapped, x[:20], 5)[1], index.search(loaded, x[:20], 5)[1])
+        assert sorted(index.ids_of(mapped)) == ids.tolist()
+    path = tmp_path / "ivf.faiss"
+    index.save(_filled("IVF16,SQ8", x, ids), path)
+    mapped = index.load(path, mmap=True)
+    ivf = index._ivf(mapped)
+    assert isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def test_ivf_collection_of_real_images(subset_collection: Path, subset_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    path = _copy_collection(subset_collection, tmp_path / "ivf.ris")
+    with Collection.open_or_create(path, index_factory="IVF4,SQ8", nprobe=4) as coll:
+        coll.rebuild_index()  # no re-extraction: from the stored raw features
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["index_factory"], manifest["index_built"], manifest["nprobe"]) == ("IVF4,SQ8", "IVF4,SQ8", 4)
+    monkeypatch.setattr(index, "MMAP_FROM_BYTES", 0)  # search the memory-mapped index, as large collections do
+    with Collection.open(path) as coll:
+        idx, _ = coll._searchable()
+        assert index.is_approximate(idx) and idx.ntotal == 60
+        image = sorted((subset_dir / "sunflower").glob("*.jpg"))[2]
+        hits = coll.search(str(image), k=3).matches
+        assert hits[0].path == str(image) and {h.label for h in hits} == {"sunflower"}
+        assert coll.search(str(image), k=3, qe=2).matches[0].path == str(image)  # αQE without reconstruct()
+        rows, vectors = coll.vectors()
+        found = coll.search_vectors(vectors[:10], 1, ["v"] * 10, nprobe=1)
+        assert sum(r.matches[0].path == row.path for r, row in zip(found, rows[:10], strict=True)) >= 8
+        coll.remove([str(subset_dir / "panda")])
+        idx, _ = coll._searchable()
+        assert idx.ntotal == 50 and "panda" not in {m.label for m in coll.search(str(image), k=50).matches}
+
+
+def test_auto_switches_to_ivf_and_back_by_size(subset_collection: Path, subset_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    path = _copy_collection(subset_collection, tmp_path / "auto.ris")
+    monkeypatch.setattr(index, "APPROX_FROM", 40)
+    with Collection.open(path) as coll:
+        assert coll.manifest.index_factory == index.AUTO
+        coll.rebuild_index()
+        assert coll.manifest.index_built == "IVF1,SQ6" and index.is_approximate(coll._searchable()[0])
+        coll.remove([str(subset_dir / c) for c in ("panda", "cup")])  # 40 left: stays IVF
+        assert coll.manifest.index_built == "IVF1,SQ6"
+        coll.remove([str(subset_dir / c) for c in ("scissors", "sunflower", "Motorbikes")])  # 10 left
+        assert coll.manifest.index_built == index.EXACT_FACTORY
+        idx, _ = coll._searchable()
+        assert not index.is_approximate(idx) and idx.ntotal == 10
+
+
+def test_rerank_rescores_candidates_exactly() -> None:
+    x = _clustered(4000)
+    ids = np.arange(4000, dtype=np.int64)
+    queries = _clustered(100, seed=1)
+    _, exact = index.search(_filled(index.EXACT_FACTORY, x, ids), queries, 10)
+    ivf = _filled("IVF64,SQ4", x, ids)
+    _, coarse = index.search(ivf, queries, 10)
+    _, cands = index.search(ivf, queries, 10 * index.REFINE_FACTOR)
+    cands[:, -1] = -1  # a missing candidate (a row deleted since) is skipped
+    scores, fine = index.rerank(queries, cands, lambda c: x[c], 10)
+    assert np.allclose(scores, np.einsum("qd,qkd->qk", queries, x[fine]), atol=1e-5)
+
+    def recall(found: np.ndarray) -> float:
+        return float(np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(found, exact, strict=True)]))
+
+    assert recall(fine) > recall(coarse) and recall(fine) >= 0.95
