@@ -109,3 +109,15 @@ def test_eval_copies_and_query_expansion(subset_collection: Path, subset_dir: Pa
     query = str(sorted((subset_dir / "panda").glob("*.jpg"))[0])
     line = json.loads(run_cli("search", query, "-c", str(subset_collection), "--qe", "3", "--json").stdout)
     assert line["matches"][0]["path"] == query
+
+
+def test_index_factory_and_nprobe_options(subset_dir: Path, tmp_path: Path) -> None:
+    coll = str(tmp_path / "ivf.ris")
+    run_cli("index", str(subset_dir), "-c", coll, "--index", "IVF4,Flat", "--nprobe", "2", "--json")
+    info = json.loads(run_cli("info", "-c", coll, "--json").stdout)
+    assert info["index"] == "IVF4,Flat" and info["index_built"] == "IVF4,Flat" and info["nprobe"] == 2
+    query = str(sorted((subset_dir / "cup").glob("*.jpg"))[1])
+    line = json.loads(run_cli("search", query, "-c", coll, "--nprobe", "4", "--json").stdout)
+    assert line["matches"][0]["path"] == query
+    bad = run_cli("index", str(subset_dir), "-c", str(tmp_path / "bad.ris"), "--index", "NoSuchIndex", check=False)
+    _assert_one_line_error(bad, "index")

@@ -91,11 +91,13 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
+    index_factory: Annotated[str | None, typer.Option("--index", help='FAISS factory string, or "auto" (default).')] = None,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists visited per search (0 = default).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
-           batch_size, workers, json_out, resync=True, ray=ray)  # fmt: skip
+           batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe)  # fmt: skip
 
 
 @app.command()
@@ -115,7 +117,8 @@ def add(
 
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
-           json_out, resync, must_exist=False, ray: str | None = None) -> None:  # fmt: skip
+           json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
+           nprobe: int | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -123,7 +126,8 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     if must_exist:
         coll = Collection.open(collection, weights)
     else:
-        coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims)
+        coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
+                                         index_factory=index_factory, nprobe=nprobe)  # fmt: skip
     with coll, progress_bar(enabled=not json_out) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip
@@ -166,6 +170,7 @@ def search(
     grid: Annotated[Path | None, typer.Option(help="Write a PNG: each query beside its matches.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists visited (default: the collection's).")] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -174,7 +179,7 @@ def search(
     from .render import grid_png, results_html
 
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(queries, k=k, device=device, qe=qe)
+        results = coll.search_many(queries, k=k, device=device, qe=qe, nprobe=nprobe)
     if json_out:
         for r in results:
             sys.stdout.write(json.dumps(r.as_json()) + "\n")

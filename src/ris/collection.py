@@ -407,18 +407,20 @@ class Collection:
         raw = np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
         return self.reduce(raw)
 
-    def search(self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None) -> SearchResult:
+    def search(
+        self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None
+    ) -> SearchResult:
         """The k most similar indexed images to one query (path, bytes, PIL image or HxWx3 array)."""
-        return self.search_many([query], k, device, qe)[0]
+        return self.search_many([query], k, device, qe, nprobe)[0]
 
     def search_many(
-        self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None
+        self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None
     ) -> list[SearchResult]:
         """The k most similar indexed images for each query, in one batched model call and search."""
         if k < 1:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
-        return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe)
+        return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe, nprobe)
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity).
@@ -498,6 +500,8 @@ class Collection:
             "dims": m.dims,
             "pca": (self.path / "pca.npz").exists(),
             "index": m.index_factory,
+            "index_built": m.index_built or m.index_factory,
+            "nprobe": m.nprobe,
             "format_version": m.format_version,
             "created": m.created,
         }
