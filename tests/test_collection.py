@@ -187,3 +187,15 @@ def test_pca_is_fitted_once_large_enough_and_refit_on_demand(subset_dir: Path, t
         coll.refit_pca()
         after = coll.search(str(caltech_files("panda", 1)[0]), k=3)
         assert before.matches[0].path == after.matches[0].path
+
+
+def test_features_keep_order_and_repeats(subset_collection: Path) -> None:
+    """Neighbour lookups ask for the same image several times (query expansion, re-scoring)."""
+    with Collection.open(subset_collection) as coll:
+        ids = [int(i) for i in coll.catalog.ok_ids()[:3]]
+        once = coll.catalog.features(ids, 1280)
+        repeated = coll.catalog.features([ids[2], ids[0], ids[2], ids[1], ids[0]], 1280)
+        assert np.array_equal(repeated, once[[2, 0, 2, 1, 0]])
+        assert not coll.catalog.features([10**9], 1280).any()  # unknown id: zeros, never garbage
+        expanded = coll.expand(coll.vectors()[1][:8], 5)
+        assert np.isfinite(expanded).all() and np.allclose(np.linalg.norm(expanded, axis=1), 1, atol=1e-4)

@@ -202,17 +202,18 @@ class Catalog:
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def features(self, ids: Sequence[int], dim: int) -> np.ndarray:
-        """Raw float32 features of these images, in the order given."""
-        out = np.empty((len(ids), dim), dtype=np.float32)
-        pos = {int(i): n for n, i in enumerate(ids)}
-        for chunk in _chunks([int(i) for i in ids]):
+        """Raw float32 features of these images, in the order given (repeats allowed; unknown ids: zeros)."""
+        unique, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        out = np.zeros((len(unique), dim), dtype=np.float32)
+        pos = {int(i): n for n, i in enumerate(unique)}
+        for chunk in _chunks([int(i) for i in unique]):
             q = (
                 "SELECT images.id, features.vec FROM images JOIN features USING (sha256) "
                 f"WHERE images.id IN ({_marks(len(chunk))})"
             )
             for image_id, blob in self.db.execute(q, list(chunk)):
                 out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
-        return out
+        return out[inverse.reshape(-1)]
 
     def rows(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = [int(i) for i in ids]
