@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -252,6 +253,9 @@ def test_health_and_collection_info(client: httpx.Client) -> None:
 def test_docs_and_openapi(client: httpx.Client) -> None:
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert assets and all(not a.startswith("http") for a in assets)  # works offline: no CDN
+    assert all(client.get(a).status_code == 200 for a in assets)
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/search", "/api/images", "/api/images/{image_id}", "/api/images/{image_id}/thumbnail",
             "/api/health", "/api/collection"} <= set(paths)  # fmt: skip

@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -365,7 +366,7 @@ def create_app(
         yield
         service.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI whose /docs and /redoc assets are served locally, not from a CDN
         title="ris",
         version=__version__,
         description="Reverse image search over one collection: upload an image, get the most similar ones.",
