@@ -90,3 +90,14 @@ def test_decompression_bomb_is_refused() -> None:
     assert len(bomb) < 1_000_000
     with pytest.raises(DecodeError, match="too large"):
         decode_bytes(bomb, 224)
+
+
+@pytest.mark.parametrize("side", [300, 1000, 3000])
+def test_resize_stays_close_to_an_antialiased_resize(side: int) -> None:
+    """The fast bilinear path must not alias: large images are box-reduced first."""
+    from ris.decode import resize
+
+    img = _photo().resize((side, side * 3 // 4))
+    fast = resize(img, 224).astype(np.float32)
+    reference = np.asarray(img.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert fast.shape == (224, 224, 3) and np.abs(fast - reference).mean() < 3.0

@@ -11,6 +11,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -22,6 +23,7 @@ FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 MAX_PIXELS = 178_956_970
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+cv2.setNumThreads(1)  # one decode worker = one core; the model's threads get the rest
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,19 @@ def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 
 def resize(img: Image.Image, size: int) -> np.ndarray:
-    """Squash to size x size, as the tutorial's Keras load_img(target_size=...) does."""
+    """Squash to size x size, as the tutorial's Keras load_img(target_size=...) does.
+
+    Bilinear in OpenCV: 0.16 ms for a Caltech image where PIL's antialiased bilinear took 0.85 ms (more
+    than decoding it). Plain bilinear aliases past a 2x reduction, so larger images are first box-reduced
+    by an integer factor (JPEGs already arrive within 2x through draft mode).
+    """
+    factor = min(img.width // size, img.height // size)
+    if factor >= 2:
+        img = img.reduce(factor)
+    pixels = np.asarray(img, dtype=np.uint8)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(img, dtype=np.uint8)
+        pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+    return pixels
 
 
 def decode_bytes(data: bytes, size: int) -> Decoded:
