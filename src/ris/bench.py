@@ -97,7 +97,7 @@ def tutorial_loop(files: list[str], model: str, weights: str | None, device: str
     import torch
 
     spec = models.get_spec(model)
-    net, _ = models.build(model, models.DEFAULT_POOLING if spec.pooled else "avg", weights)
+    net, _ = models.build(model, models.DEFAULT_POOLING, weights)
     net = net.to(device).eval()
     size = spec.input_size
     with torch.inference_mode():

@@ -89,9 +89,10 @@ class IndexReport:
 class Collection:
     """A directory of images' features, searchable by image. See the module docstring for the layout."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, weights: str | None = None):
         self.path = path
         self.manifest = manifest
+        self.weights = weights  # a weights file the model is loaded from (vgg16); checked against the manifest
         self.catalog = Catalog(path / "catalog.sqlite")
         self._lock_fd: int | None = None
         self._extractor = None
@@ -124,7 +125,7 @@ class Collection:
         if precision not in ("fp32", "int8"):
             raise RisError("a collection's precision is fp32 or int8")
         index.check_args(index_factory, nprobe, dims if 0 < dims < spec.dim else spec.dim)
-        _, digest = models.build(model, pooling if spec.pooled else "avg", weights)
+        _, digest = models.build(model, pooling, weights)
         root.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(
             model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
@@ -132,18 +133,14 @@ class Collection:
             index_factory=index_factory, nprobe=nprobe, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )  # fmt: skip
         manifest.write(root / "manifest.json")
-        coll = cls(root, manifest)
-        coll._weights = weights
-        return coll
+        return cls(root, manifest, weights)
 
     @classmethod
     def open(cls, path: str | os.PathLike, weights: str | None = None) -> Collection:
         root = Path(path)
         if not (root / "manifest.json").exists():
             raise RisError(f"no collection at {root} (create one with `ris index FOLDER --collection {root}`)")
-        coll = cls(root, Manifest.read(root / "manifest.json"))
-        coll._weights = weights
-        return coll
+        return cls(root, Manifest.read(root / "manifest.json"), weights)
 
     @classmethod
     def open_or_create(
@@ -230,7 +227,7 @@ class Collection:
             m = self.manifest
             precision = m.precision if dev == "cpu" else None
             ext, digest = runtime.load_extractor(
-                m.model, m.pooling if m.pooling != "fc2" else "avg", getattr(self, "_weights", None),
+                m.model, m.pooling, self.weights,
                 device=dev, precision=precision, threads=threads,
             )  # fmt: skip
             if digest != m.weights_sha256:

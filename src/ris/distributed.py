@@ -173,7 +173,7 @@ def actor_settings(coll: Collection, gpus: float, threads: int) -> dict[str, Any
     m = coll.manifest
     device = "cuda" if gpus else "cpu"
     return {
-        "model": m.model, "pooling": m.pooling if m.pooling != "fc2" else "avg", "weights": getattr(coll, "_weights", None),
+        "model": m.model, "pooling": m.pooling, "weights": coll.weights,
         "device": device, "precision": m.precision if device == "cpu" else None, "threads": threads,
         "weights_sha256": m.weights_sha256, "raw_dims": m.raw_dims,
     }  # fmt: skip

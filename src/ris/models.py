@@ -289,9 +289,12 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build(name: str, pooling: str = DEFAULT_POOLING, weights: str | None = None) -> tuple[FeatureNet, str]:
-    """The model in eval mode on the CPU, and the SHA-256 of the weights it was built from."""
+    """The model in eval mode on the CPU, and the SHA-256 of the weights it was built from.
+
+    pooling applies to convolutional trunks; a fixed-layer model (vgg16's fc2) ignores it.
+    """
     spec = get_spec(name)
-    if pooling not in POOLINGS:
+    if spec.pooled and pooling not in POOLINGS:
         raise RisError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     net, digest = spec.builder(name, pooling, weights)
     return net.eval(), digest

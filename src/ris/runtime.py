@@ -234,7 +234,7 @@ def load_extractor(
         raise RisError(f"precision {precision} needs a GPU; on the CPU use fp32 or int8")
     if runtime == "torch" and precision == "int8":
         raise RisError("int8 runs through ONNX Runtime on the CPU (--device cpu)")
-    net, digest = models.build(name, pooling if spec.pooled else "avg", weights)
+    net, digest = models.build(name, pooling, weights)
     pooling = pooling if spec.pooled else "fc2"
     if runtime == "torch":
         if device == "cpu":
