@@ -106,6 +106,16 @@ def decode_file(path: str, size: int) -> Decoded:
     return decode_bytes(read_file(path), size)
 
 
+def thumbnail(source: str | Image.Image, size: int) -> Image.Image:
+    """An RGB image shrunk to fit size x size (for grids, pages, maps); a grey tile when unreadable."""
+    try:
+        img = source.convert("RGB") if isinstance(source, Image.Image) else open_image(read_file(source), draft_size=size)
+    except DecodeError:
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    img.thumbnail((size, size))  # convert() made a copy: the caller's image is left alone
+    return img
+
+
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 

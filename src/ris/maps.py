@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .decode import thumbnail
 from .errors import RisError
 
 METHODS = ("tsne", "pca")
@@ -74,19 +75,6 @@ def _normalise(coords: np.ndarray) -> np.ndarray:
     return np.where(hi > lo, (coords - lo) / span, 0.5)
 
 
-def _thumbnail(path: str, size: int) -> Image.Image:
-    """The image shrunk to fit size x size; a grey tile when it cannot be read any more."""
-    from .decode import open_image, read_file
-    from .errors import DecodeError
-
-    try:
-        img = open_image(read_file(path), draft_size=size)
-    except DecodeError:
-        return Image.new("RGB", (size, size), (200, 200, 200))
-    img.thumbnail((size, size))
-    return img
-
-
 def _path_of(row: object) -> str:
     return str(row.path) if hasattr(row, "path") else os.fspath(row)  # type: ignore[arg-type]
 
@@ -105,7 +93,7 @@ def draw_map(rows: Sequence[object], coords: np.ndarray, out: str | os.PathLike,
     image = Image.new("RGB", (canvas, canvas), (255, 255, 255))
     room = canvas - thumb
     for row, (x, y) in zip(rows, _normalise(coords), strict=True):
-        tile = _thumbnail(_path_of(row), thumb)
+        tile = thumbnail(_path_of(row), thumb)
         left = int(round(x * room)) + (thumb - tile.width) // 2
         top = int(round((1.0 - y) * room)) + (thumb - tile.height) // 2  # y grows upwards, like a plot
         image.paste(tile, (left, top))

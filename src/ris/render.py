@@ -8,21 +8,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .decode import open_image, read_file
+from .decode import thumbnail
 from .search import SearchResult, thumbnail_figure
 
 THUMB = 160
 CAPTION = 34
 PAD = 8
-
-
-def _thumb(path: str, size: int = THUMB) -> Image.Image:
-    try:
-        img = open_image(read_file(path), draft_size=size)
-    except Exception:
-        img = Image.new("RGB", (size, size), (200, 200, 200))
-    img.thumbnail((size, size))
-    return img
 
 
 def _font() -> ImageFont.ImageFont:
@@ -49,7 +40,7 @@ def grid_png(results: Sequence[SearchResult], out: str | Path) -> Path:
         cells += [(m.path, f"#{m.rank}  {m.score:.3f}", _fit(m.label or Path(m.path).name)) for m in result.matches]
         for col, (path, line1, line2) in enumerate(cells):
             x = PAD + col * cell_w
-            thumb = _thumb(path)
+            thumb = thumbnail(path, THUMB)
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
             if col == 0:
                 draw.rectangle([x - 2, y - 2, x + THUMB + 1, y + THUMB + 1], outline=(30, 100, 220), width=2)

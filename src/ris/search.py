@@ -54,14 +54,9 @@ class SearchResult:
 
 def thumbnail_data_uri(source: str | Path | Image.Image, size: int = 160) -> str:
     """A JPEG thumbnail as a data: URI (self-contained pages, no file server needed)."""
-    from .decode import open_image, read_file
+    from .decode import thumbnail
 
-    try:
-        img = source if isinstance(source, Image.Image) else open_image(read_file(str(source)), draft_size=size)
-    except Exception:
-        img = Image.new("RGB", (size, size), (200, 200, 200))
-    img = img.convert("RGB").copy()
-    img.thumbnail((size, size))
+    img = thumbnail(source if isinstance(source, Image.Image) else str(source), size)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
