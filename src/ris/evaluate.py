@@ -60,6 +60,15 @@ def neighbour_average(queries: np.ndarray, base: np.ndarray, k: int, alpha: floa
     return out
 
 
+def _score_rankings(rel: np.ndarray, n_rel: np.ndarray, ks: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Precision@k and average precision per row of a ranked relevance matrix (rel[i, r]: rank r+1 relevant)."""
+    hits = np.cumsum(rel, axis=1)
+    ranks = np.arange(1, rel.shape[1] + 1, dtype=np.float64)
+    precision = {k: hits[:, min(k, rel.shape[1]) - 1] / k for k in ks}
+    ap = np.where(n_rel > 0, (rel * hits / ranks).sum(axis=1) / np.maximum(n_rel, 1), 0.0)
+    return precision, ap
+
+
 def leave_one_out(
     vectors: np.ndarray,
     labels: Sequence[str],
@@ -79,18 +88,15 @@ def leave_one_out(
     class_sizes = np.bincount(y)
     prec = {k: np.zeros(n, dtype=np.float32) for k in ks}
     ap = np.zeros(n, dtype=np.float64)
-    ranks = np.arange(1, n, dtype=np.float64)  # positions 1..n-1 (self excluded)
     for start in range(0, n, block):
         stop = min(n, start + block)
         sims = queries[start:stop] @ x.T
         sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
         order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
         rel = y[order] == y[start:stop, None]
-        hits = np.cumsum(rel, axis=1)
+        block_prec, ap[start:stop] = _score_rankings(rel, class_sizes[y[start:stop]] - 1, ks)
         for k in ks:
-            prec[k][start:stop] = hits[:, min(k, n - 1) - 1] / k
-        n_rel = class_sizes[y[start:stop]] - 1
-        ap[start:stop] = np.where(n_rel > 0, (rel * hits / ranks).sum(axis=1) / np.maximum(n_rel, 1), 0.0)
+            prec[k][start:stop] = block_prec[k]
         if progress:
             progress(stop - start)
     per_class: dict[str, dict[str, float]] = defaultdict(dict)
@@ -116,12 +122,9 @@ def queries_against(
     sims = query_vectors @ db_vectors.T
     order = np.argsort(-sims, axis=1, kind="stable")
     rel = yd[order] == yq[:, None]
-    hits = np.cumsum(rel, axis=1)
-    ranks = np.arange(1, len(db_vectors) + 1)
-    n_rel = rel.sum(axis=1)
-    ap = np.where(n_rel > 0, (rel * hits / ranks).sum(axis=1) / np.maximum(n_rel, 1), 0.0)
-    precision = {k: float((hits[:, min(k, len(db_vectors)) - 1] / k).mean()) for k in ks}
-    return EvalReport(len(query_vectors), len(set(query_labels)), precision, float(ap.mean()))
+    precision, ap = _score_rankings(rel, rel.sum(axis=1), ks)
+    return EvalReport(len(query_vectors), len(set(query_labels)), {k: float(v.mean()) for k, v in precision.items()},
+                      float(ap.mean()))  # fmt: skip
 
 
 def copy_detection(
