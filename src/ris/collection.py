@@ -317,7 +317,7 @@ class Collection:
             self.unlock()
 
     def _store_batch(self, batch, features: dict[str, np.ndarray]) -> None:
-        self.catalog.commit_batch([(i, sha) for i, sha, _ in batch.ok], features, batch.failed)
+        self.catalog.commit_batch(batch.ok, features, batch.failed)  # on extract's writer thread
 
     def _finish(self, refit_pca: bool = False) -> None:
         """Fit PCA when due, then bring index.faiss in line with the catalogue (atomic writes)."""
