@@ -4,7 +4,8 @@ On disk a collection is a directory:
     manifest.json   format version, model, pooling, precision, weights hash, dims, index factory
     catalog.sqlite  images (path, size, mtime, hash, label, status, error) and raw features
     pca.npz         the PCA fitted on the collection (absent while it is too small for one)
-    index.faiss     the FAISS index over reduced vectors, keyed by image id
+    index.faiss     the FAISS index over reduced vectors, keyed by image id (unless the manifest names a
+                    Milvus store: then the vectors, paths and labels are kept in Milvus, see milvus_store)
     lock            held (flock) by the one writer; it holds the writer's PID
 """
 
@@ -22,10 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__, index, models, sources
+from . import __version__, index, milvus_store, models, sources
 from .decode import decode_bytes, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
+from .milvus_store import MilvusStore
 from .reduce import DEFAULT_DIMS, Reducer
 from .search import Match, SearchResult
 from .store import Catalog
@@ -48,6 +50,8 @@ class Manifest:
     index_factory: str = index.AUTO  # a FAISS factory string, or "auto": exact when small, IVF when large
     index_built: str = ""  # the factory index.faiss was built with ("auto" resolved); "" = index_factory
     nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = index.default_nprobe
+    store: str = ""  # where the vectors live: "" = index.faiss; "milvus-lite:///abs/x.db" or "milvus://host:port"
+    store_collection: str = ""  # the Milvus collection holding them (a Milvus store only)
     format_version: int = FORMAT_VERSION
     created: str = ""
     ris_version: str = __version__
@@ -59,9 +63,7 @@ class Manifest:
         except (OSError, ValueError) as exc:
             raise RisError(f"{path.parent} is not a ris collection (unreadable manifest: {exc})") from None
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise RisError(
-                f"{path.parent} was written by a newer ris (format {data['format_version']}); upgrade ris to open it"
-            )
+            raise RisError(f"{path.parent} was written by a newer ris (format {data['format_version']}); upgrade ris to open it")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -97,9 +99,10 @@ class Collection:
         self._lock_fd: int | None = None
         self._extractor = None
         self._extractor_key: tuple | None = None
-        self._index = None
+        self._index = None  # a faiss.Index, or the MilvusStore when the manifest names one
         self._index_mtime: int | None = None
         self._reducer: Reducer | None = None
+        self._milvus: MilvusStore | None = None
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -114,8 +117,13 @@ class Collection:
         dims: int = DEFAULT_DIMS,
         index_factory: str = index.AUTO,
         nprobe: int = 0,
+        store: str = "",
     ) -> Collection:
-        """A new, empty collection. Loads the model once to record its weights' hash."""
+        """A new, empty collection. Loads the model once to record its weights' hash.
+
+        store: "" (or "faiss") keeps the vectors in index.faiss; "milvus://HOST:PORT" on a Milvus server,
+        "milvus-lite://PATH.db" in an embedded milvus-lite file (a relative PATH is made absolute).
+        """
         root = Path(path)
         if (root / "manifest.json").exists():
             raise RisError(f"{root} already holds a collection; open it instead")
@@ -124,16 +132,31 @@ class Collection:
         spec = models.get_spec(model)
         if precision not in ("fp32", "int8"):
             raise RisError("a collection's precision is fp32 or int8")
-        index.check_args(index_factory, nprobe, dims if 0 < dims < spec.dim else spec.dim)
+        store = milvus_store.normalize(store)
+        if store:
+            milvus_store.check_index(index_factory, nprobe)
+        else:
+            index.check_args(index_factory, nprobe, dims if 0 < dims < spec.dim else spec.dim)
         _, digest = models.build(model, pooling, weights)
-        root.mkdir(parents=True, exist_ok=True)
-        manifest = Manifest(
-            model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
-            input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
-            index_factory=index_factory, nprobe=nprobe, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        )  # fmt: skip
-        manifest.write(root / "manifest.json")
-        return cls(root, manifest, weights)
+        # a store that cannot be reached fails here, before a manifest naming it exists
+        connected = MilvusStore(store, milvus_store.collection_name(root)) if store else None
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            manifest = Manifest(
+                model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
+                input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
+                index_factory=index_factory, nprobe=nprobe, store=store,
+                store_collection=connected.name if connected else "",
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            )  # fmt: skip
+            manifest.write(root / "manifest.json")
+        except BaseException:
+            if connected is not None:
+                connected.close()
+            raise
+        coll = cls(root, manifest, weights)
+        coll._milvus = connected
+        return coll
 
     @classmethod
     def open(cls, path: str | os.PathLike, weights: str | None = None) -> Collection:
@@ -153,31 +176,36 @@ class Collection:
         dims: int | None = None,
         index_factory: str | None = None,
         nprobe: int | None = None,
+        store: str | None = None,
     ) -> Collection:
         """Open an existing collection (checking it matches what was asked) or create one.
 
         An index_factory or nprobe other than the manifest's is recorded there; the next
-        index/add/remove run rebuilds the index to match.
+        index/add/remove run rebuilds the index to match. The store is fixed at creation.
         """
         root = Path(path)
         if not (root / "manifest.json").exists():
             return cls.create(
                 root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
                 precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
-                index_factory or index.AUTO, nprobe or 0,
+                index_factory or index.AUTO, nprobe or 0, store or "",
             )  # fmt: skip
         coll = cls.open(root, weights)
         m = coll.manifest
+        if store is not None and milvus_store.normalize(store) != m.store:
+            raise RisError(f"collection {root} keeps its vectors in {m.store or 'faiss'}, not {store}; "
+                           "the store is chosen when a collection is created (use another --collection)")  # fmt: skip
         for asked, have, what in ((model, m.model, "model"), (pooling, m.pooling, "pooling"),
                                   (precision, m.precision, "precision")):  # fmt: skip
             if asked is not None and asked != have and not (what == "pooling" and have == "fc2"):
-                raise RisError(
-                    f"collection {root} was built with {what} {have}, not {asked}; use another --collection"
-                )
+                raise RisError(f"collection {root} was built with {what} {have}, not {asked}; use another --collection")
         changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe))
                    if v is not None and v != getattr(m, k)}  # fmt: skip
         if changes:
-            index.check_args(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe), m.dims)
+            if m.store:
+                milvus_store.check_index(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe))
+            else:
+                index.check_args(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe), m.dims)
             coll.manifest = Manifest(**{**asdict(m), **changes})
             coll.manifest.write(root / "manifest.json")
         return coll
@@ -185,6 +213,9 @@ class Collection:
     def close(self) -> None:
         self.unlock()
         self.catalog.close()
+        if self._milvus is not None:
+            self._milvus.close()
+            self._milvus = self._index = None
 
     def __enter__(self) -> Collection:
         return self
@@ -208,6 +239,11 @@ class Collection:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+        try:  # a writer connects to its vector store now: one out of reach fails the run before any change
+            self._vector_store()
+        except BaseException:
+            self.unlock()
+            raise
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -319,8 +355,27 @@ class Collection:
     def _store_batch(self, batch, features: dict[str, np.ndarray]) -> None:
         self.catalog.commit_batch(batch.ok, features, batch.failed)  # on extract's writer thread
 
+    def connect(self) -> None:
+        """Connect to the vector store now (a Milvus store; index.faiss needs nothing), so that a store out of
+        reach, or a milvus-lite file another process holds, fails at once rather than at the first search."""
+        self._vector_store()
+
+    def _vector_store(self) -> MilvusStore | None:
+        """The Milvus store holding the vectors, connected on first use; None when they are in index.faiss."""
+        if self.manifest.store and self._milvus is None:
+            self._milvus = MilvusStore(self.manifest.store, self.manifest.store_collection)
+        return self._milvus
+
+    def _drop_vectors(self) -> None:
+        """Forget the derived vectors (index.faiss, or the Milvus collection); _finish rebuilds them."""
+        store = self._vector_store()
+        if store is None:
+            (self.path / "index.faiss").unlink(missing_ok=True)
+        else:
+            store.drop()
+
     def _finish(self, refit_pca: bool = False) -> None:
-        """Fit PCA when due, then bring index.faiss in line with the catalogue (atomic writes)."""
+        """Fit PCA when due, then bring index.faiss (or the Milvus store) in line with the catalogue."""
         ids = self.catalog.ok_ids()
         m = self.manifest
         pca_path = self.path / "pca.npz"
@@ -330,8 +385,12 @@ class Collection:
             if fitted.fitted or refit_pca:
                 reducer = fitted
                 # old index first: a crash in between must not pair old vectors with a new PCA
-                (self.path / "index.faiss").unlink(missing_ok=True)
+                self._drop_vectors()
                 reducer.save(pca_path)
+        store = self._vector_store()
+        if store is not None:
+            self._finish_milvus(store, ids, reducer)
+            return
         idx_path = self.path / "index.faiss"
         # the index written before the manifest: after a crash in between, the manifest names the older
         # factory and the index is rebuilt, never used as the wrong kind
@@ -349,9 +408,30 @@ class Collection:
         self._index, self._reducer = idx, reducer
         self._index_mtime = idx_path.stat().st_mtime_ns
 
+    def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer) -> None:
+        """The Milvus counterpart of index.faiss's upkeep: recreated when its dims or index type are not
+        what is due, then reconciled (ids, vectors, paths and labels) with the catalogue."""
+        m = self.manifest
+        target = milvus_store.resolve_index(m.index_factory, m.store)
+        found = store.describe(fresh=True)
+        if found is not None and found != (reducer.dims, target):
+            store.drop()
+        if store.describe() is None:
+            store.create(reducer.dims, target)
+        store.reconcile(ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)), self.catalog.rows)
+        if m.dims != reducer.dims or m.index_built != target:
+            self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
+            self.manifest.write(self.path / "manifest.json")
+        self._index, self._reducer, self._index_mtime = store, reducer, self._pca_stamp()
+
+    def _pca_stamp(self) -> int:
+        """When pca.npz last changed (0: none yet): a Milvus-backed reader reloads its PCA when this moves."""
+        pca_path = self.path / "pca.npz"
+        return pca_path.stat().st_mtime_ns if pca_path.exists() else 0
+
     def rebuild_index(self) -> None:
-        """Rebuild index.faiss from the stored raw features with the stored PCA."""
-        self._write(lambda: (self.path / "index.faiss").unlink(missing_ok=True) or 0)
+        """Rebuild index.faiss (or the Milvus collection) from the stored raw features with the stored PCA."""
+        self._write(lambda: self._drop_vectors() or 0)
 
     def refit_pca(self) -> None:
         """Refit PCA on the stored raw features (no re-extraction) and rebuild the index."""
@@ -364,7 +444,24 @@ class Collection:
     # --- searching -----------------------------------------------------------------------------
 
     def _searchable(self):
-        """The latest saved index and PCA (reloaded when a writer replaced them; large indexes memory-mapped)."""
+        """The latest saved index and PCA (reloaded when a writer replaced them; large indexes memory-mapped).
+
+        With a Milvus store, the index is the MilvusStore (always current) and the PCA is reloaded when
+        pca.npz changes.
+        """
+        store = self._vector_store()
+        if store is not None:
+            stamp = self._pca_stamp()
+            if self._index is None or self._index_mtime != stamp:
+                found = store.describe(fresh=True)
+                if found is None:
+                    raise RisError(f"collection {self.path} has no searchable images yet")
+                reducer = Reducer.load(self.path / "pca.npz", self.manifest.raw_dims)
+                if found[0] != reducer.dims:
+                    raise RisError(f"collection {self.path}: Milvus and PCA disagree ({found[0]} vs {reducer.dims} "
+                                   "dims); run `ris reindex`")  # fmt: skip
+                self._index, self._reducer, self._index_mtime = store, reducer, stamp
+            return self._index, self._reducer
         idx_path = self.path / "index.faiss"
         if not idx_path.exists():
             raise RisError(f"collection {self.path} has no searchable images yet")
@@ -428,10 +525,14 @@ class Collection:
         from .evaluate import QE_ALPHA
 
         idx, reducer = self._searchable()
-        sims, ids = index.search(idx, vectors, n, nprobe or self.manifest.nprobe or None)
+        nprobe = nprobe or self.manifest.nprobe or None
+        if isinstance(idx, MilvusStore):
+            sims, ids, _ = idx.search(vectors, n, nprobe)
+        else:
+            sims, ids = index.search(idx, vectors, n, nprobe)
         known = np.array(sorted(self.catalog.rows(np.unique(ids[ids >= 0]))), dtype=np.int64)
         found = np.isin(ids, known)
-        neighbours = np.zeros((*ids.shape, idx.d), np.float32)
+        neighbours = np.zeros((*ids.shape, reducer.dims), np.float32)
         if len(known):
             neighbours[found] = reducer(self.catalog.features(ids[found], self.manifest.raw_dims))
         sims = np.where(found, sims, 0)
@@ -450,17 +551,9 @@ class Collection:
         idx, reducer = self._searchable()
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None
-        if qe and idx.ntotal:
-            vectors = self.expand(vectors, min(qe, idx.ntotal), nprobe)
-        want = min(idx.ntotal, k + 8)  # margin for rows deleted since
-        if not index.is_approximate(idx):
-            scores, ids = index.search(idx, vectors, want, nprobe)
-            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
-        else:  # candidates re-scored with exact vectors from the catalogue's raw features (index.rerank)
-            _, ids = index.search(idx, vectors, min(idx.ntotal, want * index.REFINE_FACTOR), nprobe)
-            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
-            ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
-            scores, ids = index.rerank(vectors, ids, lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims)), want)
+        if qe and (total := idx.ntotal):
+            vectors = self.expand(vectors, min(qe, total), nprobe)
+        scores, ids, rows = self._nearest(idx, reducer, vectors, k, nprobe)
         results = []
         for name, srow, irow in zip(names, scores, ids, strict=True):
             matches = []
@@ -470,6 +563,25 @@ class Collection:
                     matches.append(Match(len(matches) + 1, row.path, float(score), row.label, row.id))
             results.append(SearchResult(name, matches))
         return results
+
+    def _nearest(self, idx, reducer: Reducer, vectors: np.ndarray, k: int, nprobe: int | None):
+        """(scores, ids, rows by id) of at least the k nearest searchable images per vector; -1 where none.
+
+        FAISS answers ids and the catalogue their rows; Milvus answers both (its rows are current: the
+        writer deletes there what it drops from the catalogue).
+        """
+        if isinstance(idx, MilvusStore):
+            return idx.search(vectors, k, nprobe)
+        want = min(idx.ntotal, k + 8)  # margin for rows deleted since
+        if not index.is_approximate(idx):
+            scores, ids = index.search(idx, vectors, want, nprobe)
+            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+        else:  # candidates re-scored with exact vectors from the catalogue's raw features (index.rerank)
+            _, ids = index.search(idx, vectors, min(idx.ntotal, want * index.REFINE_FACTOR), nprobe)
+            rows = self.catalog.rows(np.unique(ids[ids >= 0]))
+            ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
+            scores, ids = index.rerank(vectors, ids, lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims)), want)
+        return scores, ids, rows
 
     def vectors(self) -> tuple[list, np.ndarray]:
         """Every searchable image's catalogue row and its reduced vector (what the index holds)."""
@@ -499,6 +611,8 @@ class Collection:
             "index": m.index_factory,
             "index_built": m.index_built or m.index_factory,
             "nprobe": m.nprobe,
+            "store": m.store or "faiss",
+            "store_collection": m.store_collection,
             "format_version": m.format_version,
             "created": m.created,
         }
@@ -512,5 +626,3 @@ def _query_name(query: Query) -> str:
 
 def is_collection(path: str | os.PathLike) -> bool:
     return (Path(path) / "manifest.json").exists()
-
-
