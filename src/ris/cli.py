@@ -91,13 +91,22 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
-    index_factory: Annotated[str | None, typer.Option("--index", help='FAISS factory string, or "auto" (default).')] = None,
+    index_factory: Annotated[
+        str | None, typer.Option("--index", help='FAISS factory string (Milvus store: FLAT, HNSW, …), or "auto".')
+    ] = None,
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists visited per search (0 = default).")] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store", metavar="URI", help="New collections: faiss (default), milvus://HOST:PORT or milvus-lite://PATH.db."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
-           batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe)  # fmt: skip
+           batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
+           store=store)  # fmt: skip
 
 
 @app.command()
@@ -118,7 +127,7 @@ def add(
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
            json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
-           nprobe: int | None = None) -> None:  # fmt: skip
+           nprobe: int | None = None, store: str | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -127,7 +136,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open(collection, weights)
     else:
         coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
-                                         index_factory=index_factory, nprobe=nprobe)  # fmt: skip
+                                         index_factory=index_factory, nprobe=nprobe, store=store)  # fmt: skip
     with coll, progress_bar(enabled=not json_out) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip

@@ -138,6 +138,7 @@ class CollectionService:
         try:
             self.coll: Collection = self.call(Collection.open, path, weights)
             self.extractor = self.call(self.coll.extractor, device, self.threads)
+            self.call(self.coll.connect)  # a Milvus store: reachable (and a milvus-lite file ours) before serving
         except BaseException:
             self._owner.shutdown(wait=False)
             raise
