@@ -1,9 +1,9 @@
 """Duplicate finding: exact copies (same content hash) and near-duplicates (resized, re-encoded, cropped).
 
 Exact copies come straight from the catalogue's sha256. Near-duplicates come from one batched
-self-search of the collection's vectors (FAISS range search in blocks, so memory stays bounded and
-no Python loop runs over pairs); every pair at or above the threshold joins a union-find, and each
-connected component becomes one group.
+self-search of the collection's vectors (`index.range_search` in blocks, so memory stays bounded and
+no Python loop runs over pairs; on a GPU when one is present, see ris.index: RIS_SEARCH_DEVICE);
+every pair at or above the threshold joins a union-find, and each connected component becomes one group.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
+from . import index
 from .errors import RisError
 from .store import ImageRow
 
@@ -56,15 +56,16 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def similar_pairs(
+    vectors: np.ndarray, threshold: float, block: int = BLOCK, device: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (i < j) of unit vectors whose inner product is >= threshold: (i, j, similarity)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    db = index.flat(x)
     radius = float(threshold) - 1e-6  # range_search keeps scores strictly above the radius
     found_i, found_j, found_s = [], [], []
     for start in range(0, len(x), block):
-        lims, sims, ids = index.range_search(x[start : start + block], radius)
+        lims, sims, ids = index.range_search(db, x[start : start + block], radius, device=device)
         queries = start + np.repeat(np.arange(len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64))
         keep = ids > queries  # each pair once, never an image with itself
         found_i.append(queries[keep])
@@ -75,7 +76,9 @@ def similar_pairs(vectors: np.ndarray, threshold: float, block: int = BLOCK) -> 
     return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
 
 
-def group_indices(n: int, hashes: list[str | None], vectors: np.ndarray, threshold: float) -> list[tuple[list[int], float]]:
+def group_indices(
+    n: int, hashes: list[str | None], vectors: np.ndarray, threshold: float, device: str | None = None
+) -> list[tuple[list[int], float]]:
     """Connected components (of size > 1) of 'same hash or similar enough', each with its lowest similarity."""
     uf = _UnionFind(n)
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -85,7 +88,7 @@ def group_indices(n: int, hashes: list[str | None], vectors: np.ndarray, thresho
     for members in by_hash.values():
         for other in members[1:]:
             uf.union(members[0], other)
-    ii, jj, ss = similar_pairs(vectors, threshold)
+    ii, jj, ss = similar_pairs(vectors, threshold, device=device)
     for a, b in zip(ii.tolist(), jj.tolist(), strict=True):
         uf.union(a, b)
     components: dict[int, list[int]] = defaultdict(list)
@@ -108,15 +111,15 @@ def group_indices(n: int, hashes: list[str | None], vectors: np.ndarray, thresho
     return groups
 
 
-def find_duplicates(coll, threshold: float = DEFAULT_THRESHOLD) -> list[DupeGroup]:
-    """Groups of exact and near-duplicate images in the collection, largest first."""
+def find_duplicates(coll, threshold: float = DEFAULT_THRESHOLD, device: str | None = None) -> list[DupeGroup]:
+    """Groups of exact and near-duplicate images in the collection, largest first (device: see index.search)."""
     if not 0.0 < threshold <= 1.0:
         raise RisError(f"--threshold must be in (0, 1], not {threshold}")
     rows, vectors = coll.vectors()
     if not rows:
         return []
     groups = []
-    for members, sim in group_indices(len(rows), [r.sha256 for r in rows], vectors, threshold):
+    for members, sim in group_indices(len(rows), [r.sha256 for r in rows], vectors, threshold, device):
         images = sorted((rows[i] for i in members), key=lambda r: r.path)
         exact = len({r.sha256 for r in images}) == 1 and images[0].sha256 is not None
         groups.append(DupeGroup("exact" if exact else "near", images, 1.0 if exact else round(sim, 4)))

@@ -1,7 +1,8 @@
 """Retrieval quality: leave-one-out precision@k and mAP over the full ranking, by label.
 
 Each labelled image queries all the others; a neighbour is relevant when it has the query's label.
-Similarities are computed in blocks (one matrix product each), never in a Python double loop.
+Rankings come from `index.search` over the vectors in query blocks (never a Python double loop), so
+they run on a GPU when one is present (see ris.index: RIS_SEARCH_DEVICE) and on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import index
 
 #: Caltech-101's clutter folder is not a category; it is left out of the figures.
 DEFAULT_EXCLUDE = ("BACKGROUND_Google",)
@@ -41,23 +44,34 @@ class EvalReport:
 
 
 def neighbour_average(queries: np.ndarray, base: np.ndarray, k: int, alpha: float = QE_ALPHA, skip_self: bool = False,
-                      block: int = 1024) -> np.ndarray:  # fmt: skip
+                      block: int = 1024, device: str | None = None) -> np.ndarray:  # fmt: skip
     """αQE (Radenović et al.): each query becomes the sim^α-weighted mean of itself and its top-k neighbours.
 
     Applied to the database itself (queries = base, skip_self=False keeps the vector's own weight 1),
-    this is database-side augmentation (DBA). Vectors are unit-norm in and out.
+    this is database-side augmentation (DBA). skip_self: query i is base[i], not its own neighbour.
+    Vectors are unit-norm in and out.
     """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    db = index.flat(base)
     out = np.empty_like(queries)
     for start in range(0, len(queries), block):
         q = queries[start : start + block]
-        sims = q @ base.T
+        sims, top = index.search(db, q, k + skip_self, device=device)
         if skip_self:
-            sims[np.arange(len(q)), np.arange(start, start + len(q))] = -np.inf
-        top = np.argpartition(-sims, k, axis=1)[:, :k]
-        w = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) ** alpha
+            sims, top = _drop(sims, top, np.arange(start, start + len(q)))
+        w = np.clip(sims, 0, None) ** alpha
         agg = q + np.einsum("nk,nkd->nd", w, base[top])
         out[start : start + block] = agg / np.linalg.norm(agg, axis=1, keepdims=True)
     return out
+
+
+def _drop(scores: np.ndarray, ids: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row without the query's own id (or without its last column, where the id is not in it)."""
+    gone = ids == own[:, None]
+    gone[:, -1] |= ~gone.any(axis=1)
+    shape = (len(ids), ids.shape[1] - 1)
+    return scores[~gone].reshape(shape), ids[~gone].reshape(shape)
 
 
 def _score_rankings(rel: np.ndarray, n_rel: np.ndarray, ks: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -76,23 +90,25 @@ def leave_one_out(
     block: int = 512,
     progress: Callable[[int], None] | None = None,
     qe: int = 0,
+    device: str | None = None,
 ) -> EvalReport:
     """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
 
     qe > 0 expands each query with its qe nearest other images first (αQE, as `search` does).
+    device: where the rankings are computed (`index.search`; default RIS_SEARCH_DEVICE, else auto).
     """
     names, y = np.unique(np.asarray(labels), return_inverse=True)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    queries = neighbour_average(x, x, qe, QE_ALPHA, skip_self=True) if qe else x
+    queries = neighbour_average(x, x, qe, QE_ALPHA, skip_self=True, device=device) if qe else x
     n = len(x)
+    db = index.flat(x)
     class_sizes = np.bincount(y)
     prec = {k: np.zeros(n, dtype=np.float32) for k in ks}
     ap = np.zeros(n, dtype=np.float64)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        sims = queries[start:stop] @ x.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, : n - 1]
+        _, ranked = index.search(db, queries[start:stop], n, device=device)  # every image, the query's own too
+        order = ranked[ranked != np.arange(start, stop)[:, None]].reshape(stop - start, n - 1)
         rel = y[order] == y[start:stop, None]
         block_prec, ap[start:stop] = _score_rankings(rel, class_sizes[y[start:stop]] - 1, ks)
         for k in ks:
@@ -114,17 +130,25 @@ def labelled(rows_labels: Sequence[str | None], exclude: Sequence[str] = DEFAULT
 
 def queries_against(
     query_vectors: np.ndarray, query_labels: Sequence[str], db_vectors: np.ndarray, db_labels: Sequence[str],
-    ks: Sequence[int] = (1, 5, 10),
-) -> EvalReport:
+    ks: Sequence[int] = (1, 5, 10), block: int = 512, device: str | None = None,
+) -> EvalReport:  # fmt: skip
     """Labelled queries (not in the collection) against the collection: precision@k and mAP."""
     _, y = np.unique(np.asarray(list(query_labels) + list(db_labels)), return_inverse=True)
     yq, yd = y[: len(query_vectors)], y[len(query_vectors) :]
-    sims = query_vectors @ db_vectors.T
-    order = np.argsort(-sims, axis=1, kind="stable")
-    rel = yd[order] == yq[:, None]
-    precision, ap = _score_rankings(rel, rel.sum(axis=1), ks)
-    return EvalReport(len(query_vectors), len(set(query_labels)), {k: float(v.mean()) for k, v in precision.items()},
-                      float(ap.mean()))  # fmt: skip
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    db = index.flat(db_vectors)
+    precision: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    ap = []
+    for start in range(0, len(queries), block):
+        _, order = index.search(db, queries[start : start + block], len(yd), device=device)
+        rel = yd[order] == yq[start : start + block, None]
+        block_prec, block_ap = _score_rankings(rel, rel.sum(axis=1), ks)
+        for k in ks:
+            precision[k].append(block_prec[k])
+        ap.append(block_ap)
+    return EvalReport(len(queries), len(set(query_labels)),
+                      {k: float(np.concatenate(v).mean()) for k, v in precision.items()},
+                      float(np.concatenate(ap).mean()))  # fmt: skip
 
 
 def copy_detection(
