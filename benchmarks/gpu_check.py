@@ -22,7 +22,7 @@ def features(items, ext, size: int) -> dict[int, np.ndarray]:
     got: dict[int, np.ndarray] = {}
 
     def keep(batch, feats):
-        for image_id, sha, _ in batch.ok:
+        for image_id, sha in batch.ok:
             got[image_id] = feats[sha]
 
     extract.run(items, ext, size, keep, batch_size=64, workers=4)

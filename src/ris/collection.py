@@ -35,6 +35,20 @@ from .store import Catalog
 FORMAT_VERSION = 1
 Query = str | os.PathLike | Image.Image | np.ndarray | bytes
 
+#: Writer-lock descriptors this process holds. A forked child (a decode worker) closes its copies at
+#: once: flock belongs to the open file, so a worker outliving a killed writer would otherwise keep
+#: the collection locked.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -239,6 +253,7 @@ class Collection:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+        _HELD_LOCKS.add(fd)
         try:  # a writer connects to its vector store now: one out of reach fails the run before any change
             self._vector_store()
         except BaseException:
@@ -247,6 +262,7 @@ class Collection:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            _HELD_LOCKS.discard(self._lock_fd)
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
 

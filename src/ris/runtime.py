@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -94,11 +94,32 @@ class TorchExtractor:
         with torch.inference_mode(), torch.autocast(self.device, dtype=dtype or torch.float32, enabled=bool(dtype)):
             return self.net(pixels).float()[:n]
 
-    def __call__(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+    def submit(self, pixels: np.ndarray | torch.Tensor) -> Callable[[], np.ndarray]:
+        """Start the forward pass; the returned call waits for the features.
+
+        On a GPU everything is queued asynchronously (copy in from pinned memory, forward, copy out to
+        pinned memory), so the caller can decode and submit the next batch while this one runs.
+        """
         tensor = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
-        if tensor.device.type != self.device:
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True) if self.device == "cuda" else tensor
-        return self.run_tensor(tensor).cpu().numpy()
+        if self.device != "cuda":
+            out = self.run_tensor(tensor).numpy()
+            return lambda: out
+        if tensor.device.type != "cuda":
+            tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to("cuda", non_blocking=True)
+        out = self.run_tensor(tensor)
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result() -> np.ndarray:
+            done.synchronize()
+            return host.numpy()
+
+        return result
+
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.submit(pixels)()
 
 
 class OnnxExtractor:

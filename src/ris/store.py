@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,27 +72,49 @@ class Catalog:
     """A typed wrapper over the collection's SQLite file."""
 
     def __init__(self, path: Path, readonly: bool = False):
-        self.path = path
+        self.path, self.readonly = path, readonly
+        self._local = threading.local()
+        self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._guard = threading.Lock()
         try:
-            if readonly:
-                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-            else:
-                self.db = sqlite3.connect(path, timeout=30)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
+            if not readonly:
                 with self.db:
                     self.db.executescript(SCHEMA)
-                    self.db.execute(
-                        "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                    )
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             version = int(self.meta("schema_version") or 0)
         except sqlite3.DatabaseError as exc:
             raise RisError(f"{path} is not a usable ris catalogue: {exc}") from None
         if version > SCHEMA_VERSION:
             raise RisError(f"{path} was written by a newer ris (schema {version}); upgrade ris to open it")
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use): the extraction's writer thread commits on its
+        own connection while the main thread reads on another, as WAL allows."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            with self._guard:  # connections of threads that have ended are closed here (no leak per run)
+                for thread, old in self._opened:
+                    if not thread.is_alive():
+                        old.close()
+                self._opened = [(t, c) for t, c in self._opened if t.is_alive()]
+                self._opened.append((threading.current_thread(), conn))
+        return conn
+
     def close(self) -> None:
-        self.db.close()
+        """Close every thread's connection (each is only ever used by its own thread)."""
+        with self._guard:
+            for _, conn in self._opened:
+                conn.close()
+            self._opened.clear()
+        self._local = threading.local()
 
     # --- meta --------------------------------------------------------------------------------
 
@@ -112,10 +135,7 @@ class Catalog:
         Rows at or below the `drop_under` roots (the folders a resync scanned) whose files were not
         found again are deleted; rows elsewhere are left alone.
         """
-        existing = {
-            path: (size, mtime)
-            for path, size, mtime in self.db.execute("SELECT path, size, mtime_ns FROM images")
-        }
+        existing = {path: (size, mtime) for path, size, mtime in self.db.execute("SELECT path, size, mtime_ns FROM images")}
         new, changed, unchanged = [], [], []
         for f in files:
             old = existing.get(f.path)
@@ -142,9 +162,7 @@ class Catalog:
                 self.db.execute("UPDATE images SET seen = 1")
             for chunk in _chunks([f.path for f in changed]):
                 self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", list(chunk))
-            self.db.executemany(
-                "INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, ?, ?, ?, 'pending')", rows
-            )
+            self.db.executemany("INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, ?, ?, ?, 'pending')", rows)
         return SyncReport(len(new), len(changed), len(unchanged), removed)
 
     def pending(self) -> list[tuple[int, str]]:
