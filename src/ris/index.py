@@ -41,6 +41,7 @@ import math
 import os
 import re
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -368,11 +369,10 @@ def range_search(
 def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None = None) -> str:
     """Where a search of n_queries runs: "faiss-cpu", "faiss-gpu", "torch:cuda" or "torch:cpu"."""
     asked = device or os.environ.get("RIS_SEARCH_DEVICE") or "auto"
-    exact = _torch_searchable(index)
     if asked in ("torch:cpu", "torch:cuda"):
         if asked == "torch:cuda" and not _cuda():
             raise RisError("search device torch:cuda asked for, but PyTorch sees no CUDA GPU")
-        return asked if exact else "faiss-cpu"
+        return asked if _torch_searchable(index) else "faiss-cpu"
     if asked not in SEARCH_DEVICES:
         raise RisError(f"unknown search device {asked!r}; choose one of {', '.join(SEARCH_DEVICES)}")
     if asked == "cpu":
@@ -386,7 +386,7 @@ def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None =
             raise RisError("search device cuda asked for, but PyTorch sees no CUDA GPU "
                            "(set RIS_SEARCH_DEVICE to cpu or auto)")  # fmt: skip
         return "faiss-cpu"
-    return "torch:cuda" if exact else "faiss-cpu"
+    return "torch:cuda" if _torch_searchable(index) else "faiss-cpu"
 
 
 def release(index: faiss.Index) -> None:
@@ -441,21 +441,19 @@ class _Resident:
 
 def _resident(index: faiss.Index, where: str, dtype: str | None) -> _Resident | None:
     """The index's copy on the device, uploaded on first use (None: it cannot go there; use the CPU)."""
-    key = (where, dtype, index.ntotal, _changes.get(index, 0))
     with _lock:
+        key = (where, dtype, index.ntotal, _changes.get(index, 0))
         res = _cache.get(index)
-        if res is not None and res.key == key:
-            return res if (res.index is not None or res.vectors is not None) else None
-        _cache.pop(index, None)  # the stale copy goes before the new one is made
-        res = _Resident(key)
-        if where == "faiss-gpu":
+        if res is None or res.key != key:
+            _cache.pop(index, None)  # the stale copy goes before the new one is made
+            res = _cache[index] = _Resident(key)
             try:
-                res.index = faiss.index_cpu_to_all_gpus(index)
-            except RuntimeError:  # a type FAISS's GPU code does not support: the CPU it is
-                pass
-        else:
-            res.vectors, res.ids = _upload(index, where.split(":")[1], dtype)
-        _cache[index] = res
+                if where == "faiss-gpu":
+                    res.index = faiss.index_cpu_to_all_gpus(index)
+                else:
+                    res.vectors, res.ids = _upload(index, where.split(":")[1], dtype)
+            except RuntimeError as exc:  # a type FAISS's GPU code lacks, or out of GPU memory: the CPU then
+                warnings.warn(f"search stays on the CPU: {str(exc).strip().splitlines()[0]}", stacklevel=3)
         return res if (res.index is not None or res.vectors is not None) else None
 
 
