@@ -230,10 +230,14 @@ class MilvusStore:
         self._described, self._loaded, self._wrote = None, False, True
 
     def _load(self) -> None:
-        """Searching and querying need the collection loaded (a new process or a restarted server has it released)."""
+        """Searching and querying need the collection loaded (a new process or a restarted server has it released).
+
+        Loaded already (by another ris, or by an operator with more in-memory replicas), it is left as it is.
+        """
         if not self._loaded:
             with _errors(self.uri):
-                self.client.load_collection(self.name)
+                if self.client.get_load_state(self.name)["state"].name != "Loaded":
+                    self.client.load_collection(self.name)
             self._loaded = True
 
     @property
