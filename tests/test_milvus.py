@@ -90,8 +90,15 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
 
         coll.refit_pca()
         assert store.ntotal == 50 and store.describe() == (16, "FLAT")
-    # a new process sees the same vectors, and finds an image of the second run first
     probe = sorted((subset_dir / SUBSET_CLASSES[-1]).glob("*.jpg"))[0]
+    # another index type is recorded now and built by the next write (here a removal of nothing)
+    with Collection.open_or_create(tmp_path / "c.ris", index_factory="HNSW", nprobe=32) as coll:
+        assert coll.remove([str(tmp_path / "nothing.jpg")]) == 0
+        store = coll._vector_store()
+        assert store.describe() == (16, "HNSW") and store.ntotal == 50 and coll.info()["index_built"] == "HNSW"
+        assert store.search_params(5, 32)["params"] == {"ef": 32}
+        assert coll.search(probe, k=1).matches[0].path == str(probe)
+    # a new process sees the same vectors, and finds an image of the second run first
     out = run_cli("search", str(probe), "-c", str(tmp_path / "c.ris"), "-k", "3", "--json").stdout
     assert json.loads(out)["matches"][0]["path"] == str(probe)
 
@@ -120,6 +127,8 @@ def test_the_store_is_fixed_at_creation(lite_collection: Path, subset_collection
         Collection.open_or_create(subset_collection, store="milvus-lite://x.db")
     with pytest.raises(RisError, match="not a FAISS factory"):
         Collection.create(tmp_path / "d.ris", store="milvus-lite://d.db", index_factory="IVF64,SQ8")
+    with pytest.raises(RisError, match="milvus-lite does not build it"):
+        Collection.create(tmp_path / "d.ris", store="milvus-lite://d.db", index_factory="DISKANN")
     for bad in (
         "milvus-lite://no-suffix",
         "milvus-lite://.db",

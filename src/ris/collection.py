@@ -148,7 +148,7 @@ class Collection:
             raise RisError("a collection's precision is fp32 or int8")
         store = milvus_store.normalize(store)
         if store:
-            milvus_store.check_index(index_factory, nprobe)
+            milvus_store.check_index(index_factory, nprobe, store)
         else:
             index.check_args(index_factory, nprobe, dims if 0 < dims < spec.dim else spec.dim)
         _, digest = models.build(model, pooling, weights)
@@ -217,7 +217,7 @@ class Collection:
                    if v is not None and v != getattr(m, k)}  # fmt: skip
         if changes:
             if m.store:
-                milvus_store.check_index(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe))
+                milvus_store.check_index(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe), m.store)
             else:
                 index.check_args(changes.get("index_factory", m.index_factory), changes.get("nprobe", m.nprobe), m.dims)
             coll.manifest = Manifest(**{**asdict(m), **changes})

@@ -9,8 +9,8 @@ proportional to the change. A writer connects before it changes the catalogue, s
 fails the run before anything moves; a run killed between the two writes is healed by the next one.
 
 Index: "auto" is FLAT (exact) on milvus-lite and HNSW (M 16, efConstruction 200) on a server; a collection
-may name FLAT, HNSW, IVF_FLAT or AUTOINDEX instead (`ris index --index HNSW`). The collection's nprobe is
-HNSW's ef or IVF's nprobe at search time.
+may name another of INDEX_TYPES instead (`ris index --index IVF_SQ8`; DISKANN on a server only: milvus-lite
+3.2 does not build it). The collection's nprobe is HNSW's ef, IVF's nprobe or DISKANN's search_list.
 
 pymilvus (and milvus-lite for files) are imported only when a Milvus store is used: `pip install -e ".[milvus]"`.
 milvus-lite runs inside the process that opens the file and allows one process at a time per file.
@@ -38,7 +38,8 @@ LITE = "milvus-lite://"
 SERVER = "milvus://"
 DEFAULT_PORT = 19530
 AUTO = "auto"
-INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")
+INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "DISKANN", "AUTOINDEX")
+SERVER_ONLY = ("DISKANN",)  # milvus-lite 3.2 searches it by brute force, logging a build failure per flush
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
 #: Search breadth when the collection sets no nprobe: HNSW's ef (at least k), IVF's nprobe.
 DEFAULT_EF, DEFAULT_NPROBE = 64, 16
@@ -93,11 +94,13 @@ def resolve_index(requested: str, uri: str) -> str:
     return requested.upper()
 
 
-def check_index(requested: str, nprobe: int) -> None:
+def check_index(requested: str, nprobe: int, uri: str) -> None:
     if nprobe < 0:
         raise RisError("nprobe must be 0 (the default) or more")
     if requested != AUTO and requested.upper() not in INDEX_TYPES:
         raise RisError(f"--index {requested}: a Milvus store takes auto, {', '.join(INDEX_TYPES)} (not a FAISS factory)")
+    if is_lite(uri) and requested.upper() in SERVER_ONLY:
+        raise RisError(f"--index {requested}: milvus-lite does not build it; use a Milvus server (milvus://HOST:PORT)")
 
 
 class _LiteFailure(logging.Filter):
@@ -301,6 +304,8 @@ class MilvusStore:
             return {"metric_type": "IP", "params": {"ef": max(k, nprobe or DEFAULT_EF)}}
         if kind.startswith("IVF"):
             return {"metric_type": "IP", "params": {"nprobe": nprobe or DEFAULT_NPROBE}}
+        if kind == "DISKANN":
+            return {"metric_type": "IP", "params": {"search_list": max(k, nprobe or DEFAULT_EF)}}
         return {"metric_type": "IP", "params": {}}
 
     def search(
