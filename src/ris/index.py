@@ -363,7 +363,8 @@ def range_search(
         if res is not None:
             lims, scores, rows = _torch_range(res.vectors, queries, float(radius), block)
             return lims, scores, (res.ids[rows] if res.ids is not None else rows)
-    return index.range_search(queries, float(radius))
+    params, _keep = search_parameters(index, None)
+    return index.range_search(queries, float(radius), params=params)
 
 
 def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None = None) -> str:
