@@ -142,6 +142,7 @@ def test_the_store_is_fixed_at_creation(lite_collection: Path, subset_collection
     assert not (tmp_path / "d.ris").exists() and not (tmp_path / "e.ris").exists()
     assert milvus_store.normalize("milvus://db.example:19531/") == "milvus://db.example:19531"
     assert milvus_store.normalize("milvus://db.example") == "milvus://db.example:19530"
+    assert milvus_store.normalize("milvus://[::1]") == "milvus://[::1]:19530"
 
 
 def test_serve_on_milvus_lite(subset_dir: Path, tmp_path: Path) -> None:
@@ -220,3 +221,9 @@ def test_milvus_server_serves_several_processes(milvus_server: str, subset_dir: 
         assert cli.returncode == 0, err
     assert [m["path"] for m in json.loads(out)["matches"]] == [m["path"] for m in served["matches"]]
     assert served["matches"][0]["path"] == str(query)
+
+
+def test_without_pymilvus_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if not installed
+    with pytest.raises(RisError, match=r'pip install -e "\.\[milvus\]"'):
+        milvus_store._pymilvus.__wrapped__()

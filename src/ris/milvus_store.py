@@ -73,7 +73,7 @@ def normalize(uri: str | None) -> str:
             raise RisError(f"--store {uri}: {exc}") from None
         if not host or parts.path.strip("/") or parts.query or parts.username:
             raise RisError(f"--store {uri}: give milvus://HOST:PORT (a token goes in ${TOKEN_ENV}, not the address)")
-        return f"{SERVER}{host}:{port}"
+        return f"{SERVER}[{host}]:{port}" if ":" in host else f"{SERVER}{host}:{port}"
     raise RisError(f"--store {uri}: expected milvus://HOST:PORT, milvus-lite://PATH.db, or faiss (the default)")
 
 
