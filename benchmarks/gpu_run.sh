@@ -1,44 +1,50 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the `device` tool): installs the carried wheels, makes
-# ~9,000 unique JPEGs from the carried Caltech subset (re-encoded at six qualities, so the
-# content-hash dedup cannot short-cut anything), profiles model and decoders, then benchmarks
-# end to end with the best model settings, checks GPU-vs-CPU features and samples GPU utilisation.
+# unique JPEGs from the carried Caltech subset (each re-encoded at $QUALITIES JPEG qualities, so the
+# content-hash dedup cannot short-cut anything), measures the decode stage alone, benchmarks end to
+# end (ris bench, tutorial loop on the same GPU in the same run), GPU search vs CPU, and GPU-vs-CPU
+# features. Every step has its own time limit; results go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
+QUALITIES=${QUALITIES:-"95 92 90 88 85 82 80 78 75 72 70 65"}
+WORKERS=${WORKERS:-14}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 - <<'PY'
+lscpu | grep -E "Model name|^CPU\(s\)" | tee -a $OUT/gpu.txt
+QUALITIES="$QUALITIES" timeout 90 python3 - <<'PY'
 import os, concurrent.futures as cf
 from PIL import Image
-src = ".gpu/caltech"; dst = "/tmp/imgs"
+src, dst = ".gpu/caltech", "/tmp/imgs"
+qualities = [int(q) for q in os.environ["QUALITIES"].split()]
 jobs = [(os.path.join(r, f), os.path.basename(r), f) for r, _, fs in os.walk(src) for f in fs]
 def make(job):
     path, cls, name = job
     img = Image.open(path).convert("RGB")
     os.makedirs(f"{dst}/{cls}", exist_ok=True)
-    for q in (95, 90, 85, 80, 75, 70):
+    for q in qualities:
         img.save(f"{dst}/{cls}/q{q}_{name}", "JPEG", quality=q)
 with cf.ProcessPoolExecutor(16) as ex:
     list(ex.map(make, jobs, chunksize=32))
-import torch, sys
-sys.path.insert(0, "src")
+import torch
 from ris.models import VGG16
 torch.manual_seed(0)
 torch.save(VGG16().state_dict(), "/tmp/vgg16-random.pth")  # speed only: random weights
 print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))
 PY
-[ "${PROFILE:-0}" = 1 ] && timeout 200 python3 benchmarks/gpu_profile.py /tmp/imgs $OUT/profile.json 2>>$OUT/log.txt
-for model in efficientnet-lite0 vgg16; do
-  prec=bf16; cl=1  # the profile's best (fp16 within 2%): bf16 needs no loss scaling worries
-  W=""; [ $model = vgg16 ] && W="--weights /tmp/vgg16-random.pth"
-  for dec in cpu device; do
-    echo "== $model $prec cl=$cl decode=$dec $(date +%s.%N)" | tee -a $OUT/log.txt $OUT/marks.txt
-    RIS_DECODE=$dec timeout 120 python3 -m ris bench /tmp/imgs --model $model $W --device cuda --batch-size 256 \
-      --workers 14 --baseline-limit 300 --json > $OUT/bench_${model}_${dec}.json 2>>$OUT/log.txt
-    echo "   end $(date +%s.%N)" >> $OUT/marks.txt
-    python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}.json')); print({k: r[k] for k in ('images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s')})"
-  done
-done
-rm -f $OUT/marks.txt
-RIS_DECODE=device timeout 90 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check.json 2>>$OUT/log.txt | tail -8
-grep -v Warning $OUT/log.txt | tail -5
+echo "== decode stage alone"
+timeout 40 python3 benchmarks/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
+bench() {  # model decode-mode extra-args...
+  local model=$1 dec=$2; shift 2
+  echo "== $model decode=$dec $(date +%T)"
+  RIS_DECODE=$dec timeout 100 python3 -m ris bench /tmp/imgs --model $model "$@" --device cuda --batch-size 256 \
+    --workers $WORKERS --baseline-limit 300 --json > $OUT/bench_${model}_${dec}.json 2>>$OUT/log.txt
+  python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}.json')); print({k: r[k] for k in ('images','images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s','peak_rss_mb')})"
+}
+bench efficientnet-lite0 cpu
+bench vgg16 cpu --weights /tmp/vgg16-random.pth
+echo "== search $(date +%T)"
+timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
+bench efficientnet-lite0 device
+echo "== features GPU vs CPU $(date +%T)"
+RIS_DECODE=device timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check.json 2>>$OUT/log.txt | tail -4
+grep -v Warning $OUT/log.txt | tail -8

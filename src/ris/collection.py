@@ -29,6 +29,7 @@ from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
 from .milvus_store import MilvusStore
 from .reduce import DEFAULT_DIMS, Reducer
+from .runtime import cpu_runtime
 from .search import Match, SearchResult
 from .store import Catalog
 
@@ -66,6 +67,7 @@ class Manifest:
     nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = index.default_nprobe
     store: str = ""  # where the vectors live: "" = index.faiss; "milvus-lite:///abs/x.db" or "milvus://host:port"
     store_collection: str = ""  # the Milvus collection holding them (a Milvus store only)
+    cpu_runtime: str = "onnx"  # "openvino" or "onnx": queries on a CPU use the images' runtime
     format_version: int = FORMAT_VERSION
     created: str = ""
     ris_version: str = __version__
@@ -160,7 +162,7 @@ class Collection:
                 model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
                 input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
                 index_factory=index_factory, nprobe=nprobe, store=store,
-                store_collection=connected.name if connected else "",
+                store_collection=connected.name if connected else "", cpu_runtime=cpu_runtime(),
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )  # fmt: skip
             manifest.write(root / "manifest.json")
@@ -279,8 +281,8 @@ class Collection:
             m = self.manifest
             precision = m.precision if dev == "cpu" else None
             ext, digest = runtime.load_extractor(
-                m.model, m.pooling, self.weights,
-                device=dev, precision=precision, threads=threads,
+                m.model, m.pooling, self.weights, device=dev, precision=precision, threads=threads,
+                runtime=m.cpu_runtime if dev == "cpu" else None,
             )  # fmt: skip
             if digest != m.weights_sha256:
                 raise RisError(
@@ -618,6 +620,7 @@ class Collection:
             "skipped": counts["skipped"],
             "skipped_files": self.catalog.skipped_files(),
             "model": m.model,
+            "cpu_runtime": m.cpu_runtime,
             "pooling": m.pooling,
             "precision": m.precision,
             "weights_sha256": m.weights_sha256,

@@ -133,7 +133,7 @@ class ModelActor:
 
         self.extractor, digest = runtime.load_extractor(
             settings["model"], settings["pooling"], settings["weights"], device=settings["device"],
-            precision=settings["precision"], threads=settings["threads"],
+            precision=settings["precision"], threads=settings["threads"], runtime=settings["runtime"],
         )  # fmt: skip
         if digest != settings["weights_sha256"]:
             raise RisError(f"the weights on this node differ from the collection's (sha256 {digest[:12]}…)")
@@ -175,6 +175,7 @@ def actor_settings(coll: Collection, gpus: float, threads: int) -> dict[str, Any
     return {
         "model": m.model, "pooling": m.pooling, "weights": coll.weights,
         "device": device, "precision": m.precision if device == "cpu" else None, "threads": threads,
+        "runtime": m.cpu_runtime if device == "cpu" else None,
         "weights_sha256": m.weights_sha256, "raw_dims": m.raw_dims,
     }  # fmt: skip
 

@@ -1,14 +1,17 @@
-"""Run a FeatureNet fast where it runs: ONNX Runtime on CPUs, PyTorch on GPUs.
+"""Run a FeatureNet fast where it runs: OpenVINO (or ONNX Runtime) on CPUs, PyTorch on GPUs.
 
-On a CPU, ONNX Runtime is 5-8x faster than eager PyTorch for these networks; the graph is exported
-once per (model, pooling, weights, precision) and cached. `int8` is static QDQ quantization,
-calibrated on real photos (the bundled sample set), per-channel weights.
+On a CPU the graph is exported to ONNX once per (model, pooling, weights, precision) and cached.
+`int8` is static QDQ quantization (ONNX Runtime's tools), calibrated on real photos (the bundled
+sample set), per-channel weights. OpenVINO runs that same file about 1.9x faster than ONNX Runtime
+(Lite0 int8, 2 cores, benchmarks/model_only.py), so it is the CPU default when installed;
+RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,6 +147,62 @@ class OnnxExtractor:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(pixels)})[0]
 
 
+class OpenVinoExtractor:
+    """OpenVINO on the CPU, on the same ONNX file, compiled once with a dynamic batch axis.
+
+    One compiled model for every batch size: a static-shape compilation was 2% faster but computes
+    differently (cosine down to 0.984 against the dynamic one), and an image must get the same
+    features whether it was indexed in a batch of 32 or searched alone. Compiled models are cached on
+    disk (a new process compiles in ~0.3 s instead of ~1 s). Calls are serialised: one infer request.
+    """
+
+    device = "cpu"
+
+    def __init__(self, path: Path, name: str, input_size: int, dim: int, threads: int, precision: str):
+        import openvino as ov
+
+        core = ov.Core()
+        cache = models.cache_dir() / "openvino"
+        cache.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(cache)})
+        config = {
+            "INFERENCE_NUM_THREADS": max(1, threads),
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,  # the decode workers share these cores
+            # fp32 stays fp32 (OpenVINO would otherwise use bf16 where the CPU has it)
+            **({"INFERENCE_PRECISION_HINT": "f32"} if precision == "fp32" else {}),
+        }
+        model = core.read_model(str(path))
+        model.reshape({model.inputs[0].get_any_name(): [-1, input_size, input_size, 3]})
+        self.request = core.compile_model(model, "CPU", config).create_infer_request()
+        self.lock = threading.Lock()
+        self.name, self.input_size, self.dim = name, input_size, dim
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        with self.lock:  # the request reuses its output buffer: copy before the next call
+            return self.request.infer({0: np.ascontiguousarray(pixels)})[0].copy()
+
+
+def has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_runtime() -> str:
+    """The CPU runtime for new collections: OpenVINO when installed, else ONNX Runtime.
+
+    RIS_CPU_RUNTIME=onnx|openvino chooses. A collection records its runtime and keeps it, so its
+    queries get features from the same kernels as its images.
+    """
+    wanted = os.environ.get("RIS_CPU_RUNTIME")
+    if wanted and wanted not in ("openvino", "onnx"):
+        raise RisError(f"RIS_CPU_RUNTIME={wanted!r}: choose openvino or onnx")
+    return wanted or ("openvino" if has_openvino() else "onnx")
+
+
 def _atomic_target(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -241,20 +300,22 @@ def load_extractor(
 ) -> tuple[Extractor, str]:
     """The fastest runner for this machine, and the weights' SHA-256 (recorded in the manifest).
 
-    runtime: 'onnx' (CPU default) or 'torch' (GPU default; also the eager baseline on CPU).
+    runtime: 'openvino' or 'onnx' (CPU; see cpu_runtime) or 'torch' (GPU default; also the eager baseline on CPU).
     """
     spec = models.get_spec(name)
     device = resolve_device(device)
     precision = precision or default_precision(device)
     if precision not in PRECISIONS:
         raise RisError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    runtime = runtime or ("torch" if device == "cuda" else "onnx")
-    if runtime == "onnx" and device != "cpu":
-        raise RisError("the ONNX runtime runs on the CPU here; use --device cpu or the torch runtime")
-    if runtime == "onnx" and precision not in ("fp32", "int8"):
+    runtime = runtime or ("torch" if device == "cuda" else cpu_runtime())
+    if runtime == "openvino" and not has_openvino():
+        runtime = "onnx"  # same ONNX file, features within ~0.997 cosine
+    if runtime in ("onnx", "openvino") and device != "cpu":
+        raise RisError(f"the {runtime} runtime runs on the CPU here; use --device cpu or the torch runtime")
+    if runtime in ("onnx", "openvino") and precision not in ("fp32", "int8"):
         raise RisError(f"precision {precision} needs a GPU; on the CPU use fp32 or int8")
     if runtime == "torch" and precision == "int8":
-        raise RisError("int8 runs through ONNX Runtime on the CPU (--device cpu)")
+        raise RisError("int8 runs through OpenVINO / ONNX Runtime on the CPU (--device cpu)")
     net, digest = models.build(name, pooling, weights)
     pooling = pooling if spec.pooled else "fc2"
     if runtime == "torch":
@@ -269,4 +330,7 @@ def load_extractor(
         path = onnx_model_path(name, pooling, digest, "int8")
         if not path.exists():
             quantize_int8(fp32, path, spec.input_size)
-    return OnnxExtractor(path, name, spec.input_size, spec.dim, threads or cpu_threads()), digest
+    threads = threads or cpu_threads()
+    if runtime == "openvino":
+        return OpenVinoExtractor(path, name, spec.input_size, spec.dim, threads, precision), digest
+    return OnnxExtractor(path, name, spec.input_size, spec.dim, threads), digest
