@@ -28,7 +28,7 @@ from .decode import decode_bytes, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
 from .milvus_store import MilvusStore
-from .reduce import DEFAULT_DIMS, Reducer
+from .reduce import DEFAULT_DIMS, Reducer, fit_sample
 from .runtime import cpu_runtime
 from .search import Match, SearchResult
 from .store import Catalog
@@ -398,8 +398,12 @@ class Collection:
         m = self.manifest
         pca_path = self.path / "pca.npz"
         reducer = Reducer.load(pca_path, m.raw_dims)
+        raw = None  # every image's raw features, when the fit read them all: the index reuses them
         if (not reducer.fitted or refit_pca) and len(ids):
-            fitted = Reducer.fit(self.catalog.features(ids, m.raw_dims), m.pca_dims)
+            sample = fit_sample(ids)
+            fit_raw = self.catalog.features(sample, m.raw_dims)
+            raw = fit_raw if len(sample) == len(ids) else None
+            fitted = Reducer.fit(fit_raw, m.pca_dims)
             if fitted.fitted or refit_pca:
                 reducer = fitted
                 # old index first: a crash in between must not pair old vectors with a new PCA
@@ -407,7 +411,7 @@ class Collection:
                 reducer.save(pca_path)
         store = self._vector_store()
         if store is not None:
-            self._finish_milvus(store, ids, reducer)
+            self._finish_milvus(store, ids, reducer, raw)
             return
         idx_path = self.path / "index.faiss"
         # the index written before the manifest: after a crash in between, the manifest names the older
@@ -418,7 +422,7 @@ class Collection:
         if idx is None or idx.d != reducer.dims or index.is_approximate(idx) != (target != index.EXACT_FACTORY):
             idx = index.create(reducer.dims, target)
         fresh = not idx_path.exists() or idx.ntotal == 0
-        if any(index.reconcile(idx, ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)))) or fresh:
+        if any(index.reconcile(idx, ids, self._vectors_for(reducer, ids, raw))) or fresh:
             index.save(idx, idx_path)  # unchanged: not rewritten (a 10M-vector IVF,SQ6 is 1.9 GiB)
         if m.dims != reducer.dims or m.index_built != target:
             self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
@@ -426,7 +430,14 @@ class Collection:
         self._index, self._reducer = idx, reducer
         self._index_mtime = idx_path.stat().st_mtime_ns
 
-    def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer) -> None:
+    def _vectors_for(self, reducer: Reducer, ids: np.ndarray, raw: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
+        """Reduced vectors for a chunk of ids: from `raw` (rows in `ids`' sorted order) when the PCA fit
+        already read them, else from the catalogue."""
+        if raw is None:
+            return lambda chunk: reducer(self.catalog.features(chunk, self.manifest.raw_dims))
+        return lambda chunk: reducer(raw[np.searchsorted(ids, chunk)])
+
+    def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer, raw: np.ndarray | None = None) -> None:
         """The Milvus counterpart of index.faiss's upkeep: recreated when its dims or index type are not
         what is due, then reconciled (ids, vectors, paths and labels) with the catalogue."""
         m = self.manifest
@@ -436,7 +447,7 @@ class Collection:
             store.drop()
         if store.describe() is None:
             store.create(reducer.dims, target)
-        store.reconcile(ids, lambda chunk: reducer(self.catalog.features(chunk, m.raw_dims)), self.catalog.rows)
+        store.reconcile(ids, self._vectors_for(reducer, ids, raw), self.catalog.rows)
         if m.dims != reducer.dims or m.index_built != target:
             self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
             self.manifest.write(self.path / "manifest.json")

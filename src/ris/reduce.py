@@ -33,6 +33,13 @@ EXACT_MAX_DIMS = 2048
 FIT_MAX_IMAGES = 200_000
 
 
+def fit_sample(ids: np.ndarray, limit: int = FIT_MAX_IMAGES) -> np.ndarray:
+    """The ids the PCA is fitted on: all of them, or `limit` spread evenly (memory stays bounded)."""
+    if len(ids) <= limit:
+        return ids
+    return ids[np.linspace(0, len(ids) - 1, limit).astype(np.int64)]
+
+
 def pca(x: np.ndarray, dims: int, oversample: int = 16, power_iters: int = 4, seed: int = 0):
     """Top `dims` principal axes of x: returns (mean, components (dims, d), explained variance ratio).
 
