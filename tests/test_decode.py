@@ -101,3 +101,16 @@ def test_resize_stays_close_to_an_antialiased_resize(side: int) -> None:
     fast = resize(img, 224).astype(np.float32)
     reference = np.asarray(img.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
     assert fast.shape == (224, 224, 3) and np.abs(fast - reference).mean() < 3.0
+
+
+@pytest.mark.parametrize("side", [250, 700, 2100])
+def test_resize_on_a_tensor_matches_the_cpu_resize(side: int) -> None:
+    """GPU-decoded images go through resize_tensor (run here on CPU tensors): same pixels within rounding."""
+    import torch
+
+    from ris.decode import resize, resize_tensor
+
+    img = _photo().resize((side, side * 3 // 4 + 7))
+    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    diff = np.abs(resize(img, 224).astype(int) - resize_tensor(chw, 224).numpy().astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.3

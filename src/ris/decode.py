@@ -150,8 +150,21 @@ def decode_jpegs_on_device(datas: list[bytes], size: int, device: str):
     if not images:
         return None, []
     out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=device)
-    for n, img in enumerate(images):  # CHW uint8 -> squash-resize like the CPU path
-        resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
-                                                  antialias=True, align_corners=False)  # fmt: skip
-        out[n] = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    for n, img in enumerate(images):
+        out[n] = resize_tensor(img, size)
     return out, positions
+
+
+def resize_tensor(img, size: int):
+    """`resize` for a CHW uint8 torch tensor (on any device): the same integer box reduction past 2x,
+    then bilinear with half-pixel centres as OpenCV's INTER_LINEAR, so GPU-decoded images feed the
+    model what CPU-decoded ones do. Returns HWC uint8."""
+    import torch.nn.functional as F
+
+    x = img[None].float()
+    factor = min(img.shape[2] // size, img.shape[1] // size)
+    if factor >= 2:  # PIL's reduce(): box means, partial blocks at the edges averaged over what they hold
+        x = F.avg_pool2d(x, factor, ceil_mode=True, count_include_pad=False)
+    if x.shape[2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].round_().clamp_(0, 255).to(img.dtype).permute(1, 2, 0)

@@ -156,12 +156,14 @@ def decoded_batches(
     times: StageTimes,
     prefetch: int = 3,
     job: Callable = _decode_job,
+    register: Callable[[np.ndarray], Callable[[], None]] | None = None,
 ) -> Iterator[Batch]:
     """Decoded batches in input order; decoding runs `prefetch` batches ahead in `workers` processes.
 
     Workers write pixels into shared slots and send back only ids, hashes and errors: pickling ~150 kB
     per image through a pipe capped a 14-process pool at ~3,800 img/s on a GPU host. Slots are reused in
     a ring: a yielded batch's pixels stay valid until the consumer asks for the third batch after it.
+    `register` (a GPU extractor's register_host_memory) page-locks the slots for asynchronous copies.
     """
     jobs = [(image_id, path, size) for image_id, path in items]
     chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
@@ -175,6 +177,7 @@ def decoded_batches(
         shared = mmap.mmap(-1, nslots * batch_size * size * size * 3)  # MAP_SHARED | MAP_ANONYMOUS
         slots = np.frombuffer(shared, np.uint8).reshape(nslots, batch_size, size, size, 3)
         _SLOTS[id(slots)] = slots  # inherited by the workers (and by any the pool re-forks)
+    release = register(slots) if register is not None and slots is not None else lambda: None
     # fork: workers start in milliseconds, inherit the slots and need no `if __name__ == "__main__"`
     # guard in user scripts; they only run PIL/numpy, never the parent's model threads.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -195,6 +198,7 @@ def decoded_batches(
                 times.wait += time.perf_counter() - start
                 yield _assemble(results, None if slots is None else slots[slot], times)
     finally:
+        release()
         if slots is not None:
             del _SLOTS[id(slots)]
 
@@ -298,7 +302,8 @@ def run(
             progress(len(batch.ok) + len(batch.failed))
 
     try:
-        batches = decoded_batches(items, input_size, batch_size, workers, times, job=job)
+        register = getattr(extractor, "register_host_memory", None)
+        batches = decoded_batches(items, input_size, batch_size, workers, times, job=job, register=register)
         for batch in batches:
             have = known([sha for _, sha in batch.ok]) | extracted
             shas, pixels = _new_work(batch, have)

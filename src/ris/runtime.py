@@ -97,6 +97,25 @@ class TorchExtractor:
         with torch.inference_mode(), torch.autocast(self.device, dtype=dtype or torch.float32, enabled=bool(dtype)):
             return self.net(pixels).float()[:n]
 
+    def register_host_memory(self, buffer: np.ndarray) -> Callable[[], None]:
+        """Page-lock a buffer the decode workers fill (CUDA only): batches in it then copy to the GPU
+        asynchronously, without a staging copy on the main thread. Returns the undo (which first waits
+        for the GPU: a copy may still be reading the buffer)."""
+        if self.device != "cuda":
+            return lambda: None
+        cudart = torch.cuda.cudart()
+        try:
+            if int(cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, 0)) != 0:
+                return lambda: None
+        except (AttributeError, RuntimeError, TypeError):  # no binding: the staging copy it is
+            return lambda: None
+
+        def release() -> None:
+            torch.cuda.synchronize()
+            cudart.cudaHostUnregister(buffer.ctypes.data)
+
+        return release
+
     def submit(self, pixels: np.ndarray | torch.Tensor) -> Callable[[], np.ndarray]:
         """Start the forward pass; the returned call waits for the features.
 
