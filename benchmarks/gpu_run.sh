@@ -42,9 +42,13 @@ bench() {  # model decode-mode extra-args...
 }
 bench efficientnet-lite0 cpu
 bench vgg16 cpu --weights /tmp/vgg16-random.pth
-echo "== search $(date +%T)"
-timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
+if [ "${SEARCH:-1}" = 1 ]; then
+  echo "== search $(date +%T)"
+  timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
+fi
 bench efficientnet-lite0 device
-echo "== features GPU vs CPU $(date +%T)"
-RIS_DECODE=device timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check.json 2>>$OUT/log.txt | tail -4
+for dec in cpu device; do
+  echo "== features GPU (decode=$dec) vs CPU $(date +%T)"
+  RIS_DECODE=$dec timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check_$dec.json 2>>$OUT/log.txt | tail -5
+done
 grep -v Warning $OUT/log.txt | tail -8
