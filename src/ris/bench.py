@@ -188,6 +188,7 @@ def run_bench(
         "ratio": round(ours / base_rate, 1),
         "stages_s": {"read+decode (worker-seconds)": round(t.decode, 2), "model": round(t.model, 2),
                      "write": round(t.write, 2), "model waiting for decode": round(t.wait, 2),
+                     "model waiting for the writer": round(t.backlog, 2),
                      "scan+pca+index (rest)": round(wall - t.wall, 2)},  # fmt: skip
         "model_load_s": round(load_s, 2),
         "batch_size": batch_size,

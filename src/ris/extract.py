@@ -32,7 +32,8 @@ class StageTimes:
     decode: float = 0.0
     model: float = 0.0
     write: float = 0.0
-    wait: float = 0.0
+    wait: float = 0.0  # the model waiting for decoded batches
+    backlog: float = 0.0  # the model waiting for the writer (its queue full)
     images: int = 0
     extracted: int = 0
     skipped: int = 0
@@ -206,10 +207,12 @@ def decoded_batches(
 class _Writer:
     """Commits batches on a thread of its own, in order, so the model never waits for SQLite.
 
-    At most `depth` batches wait; the first error stops the writer and is raised in the caller's thread.
+    Batches that queued up while a commit ran are committed together in one transaction (fewer,
+    larger commits when the writer falls behind). At most `depth` batches wait; the first error stops
+    the writer and is raised in the caller's thread.
     """
 
-    def __init__(self, on_batch: Callable[[Batch, dict[str, np.ndarray]], None], times: StageTimes, depth: int = 2):
+    def __init__(self, on_batch: Callable[[Batch, dict[str, np.ndarray]], None], times: StageTimes, depth: int = 4):
         self.on_batch, self.times = on_batch, times
         self.queue: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
@@ -217,18 +220,26 @@ class _Writer:
         self.thread.start()
 
     def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
+        done = False
+        while not done:
+            items = [self.queue.get()]
+            while items[-1] is not None and not self.queue.empty():
+                items.append(self.queue.get())
+            done = items[-1] is None
+            items = [item for item in items if item is not None]
+            if items and self.error is None:
                 try:
                     start = time.perf_counter()
-                    self.on_batch(*item)
+                    self.on_batch(*_merge(items))
                     self.times.write += time.perf_counter() - start
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = exc
 
     def put(self, batch: Batch, features: dict[str, np.ndarray]) -> None:
         self._raise()
+        start = time.perf_counter()
         self.queue.put((batch, features))
+        self.times.backlog += time.perf_counter() - start
 
     def close(self, failed: bool = False) -> None:
         """Commit what is queued and stop; a writer error is raised unless the caller is failing already."""
@@ -240,6 +251,17 @@ class _Writer:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _merge(items: list[tuple[Batch, dict[str, np.ndarray]]]) -> tuple[Batch, dict[str, np.ndarray]]:
+    if len(items) == 1:
+        return items[0]
+    batch, features = Batch(), {}
+    for part, feats in items:
+        batch.ok += part.ok
+        batch.failed += part.failed
+        features.update(feats)
+    return batch, features
 
 
 def _submit(extractor: Callable, pixels: Any) -> Callable[[], np.ndarray]:
