@@ -33,21 +33,22 @@ print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))
 PY
 echo "== decode stage alone"
 timeout 40 python3 benchmarks/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
-bench() {  # model decode-mode extra-args...
-  local model=$1 dec=$2; shift 2
-  echo "== $model decode=$dec $(date +%T)"
+bench() {  # model decode-mode tag extra-args...
+  local model=$1 dec=$2 tag=$3; shift 3
+  echo "== $model decode=$dec $tag $(date +%T)"
   RIS_DECODE=$dec timeout 100 python3 -m ris bench /tmp/imgs --model $model "$@" --device cuda --batch-size 256 \
-    --workers $WORKERS --baseline-limit 300 --json > $OUT/bench_${model}_${dec}.json 2>>$OUT/log.txt
-  python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}.json')); print({k: r[k] for k in ('images','images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s','peak_rss_mb')})"
+    --workers $WORKERS --baseline-limit 300 --json > $OUT/bench_${model}_${dec}${tag}.json 2>>$OUT/log.txt
+  python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}${tag}.json')); print({k: r[k] for k in ('images','images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s','peak_rss_mb')})"
 }
-bench efficientnet-lite0 cpu
-bench vgg16 cpu --weights /tmp/vgg16-random.pth
+bench efficientnet-lite0 cpu ""
+[ "${EAGER:-0}" = 1 ] && RIS_CUDA_GRAPHS=0 bench efficientnet-lite0 cpu _eager
+bench vgg16 cpu "" --weights /tmp/vgg16-random.pth
 if [ "${SEARCH:-1}" = 1 ]; then
   echo "== search $(date +%T)"
   timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
 fi
-bench efficientnet-lite0 device
-for dec in cpu device; do
+[ "${DEVICE_DECODE:-1}" = 1 ] && bench efficientnet-lite0 device ""
+for dec in cpu $([ "${DEVICE_DECODE:-1}" = 1 ] && echo device); do
   echo "== features GPU (decode=$dec) vs CPU $(date +%T)"
   RIS_DECODE=$dec timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check_$dec.json 2>>$OUT/log.txt | tail -5
 done

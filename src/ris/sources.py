@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +21,19 @@ class SourceFile:
     label: str | None
 
 
-def _label_for(path: Path) -> str | None:
-    parent = path.parent.name
-    return parent or None
+def _source(path: str) -> SourceFile | None:
+    """The file at this normalised absolute path, or None when it is not a regular file.
+
+    One stat a file, plain strings: a million-file scan is bound by this loop (pathlib and repeated
+    stats took 1.0 s for 18,000 files on a GPU host, ahead of a 3 s extraction).
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return SourceFile(path, st.st_size, st.st_mtime_ns, os.path.basename(os.path.dirname(path)) or None)
 
 
-def _stat_file(path: Path) -> SourceFile:
-    st = path.stat()
-    return SourceFile(str(path), st.st_size, st.st_mtime_ns, _label_for(path))
-
-
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: str) -> Iterator[str]:
     """Every regular, non-hidden file below root, in a stable order (sorted per folder).
 
     Symlinked folders are followed (photo libraries are often assembled from links), each real
@@ -46,7 +49,7 @@ def _walk(root: Path) -> Iterator[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield Path(dirpath) / name
+                yield os.path.join(dirpath, name)
 
 
 def read_list_file(list_file: str | os.PathLike) -> list[str]:
@@ -66,17 +69,21 @@ def scan(paths: Iterable[str | os.PathLike]) -> list[SourceFile]:
     """
     found: dict[str, SourceFile] = {}
     for raw in paths:
-        root = Path(raw).expanduser().absolute()
-        if not root.exists():
-            raise RisError(f"no such file or folder: {raw}")
-        candidates = [root] if root.is_file() else _walk(root)
-        for path in candidates:
-            path = Path(os.path.normpath(path))
+        root = os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(raw))))
+        try:
+            is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+        except OSError:
+            raise RisError(f"no such file or folder: {raw}") from None
+        for path in _walk(root) if is_dir else [root]:
+            path = os.path.normpath(path)
+            if path in found:
+                continue
             try:
-                if path.is_file():
-                    found.setdefault(str(path), _stat_file(path))
+                source = _source(path)
             except OSError:
                 continue  # vanished or unreadable while walking: not ours to index
+            if source is not None:
+                found[path] = source
     if not found:
         raise RisError("no files found in: " + ", ".join(str(p) for p in paths))
     return sorted(found.values(), key=lambda f: f.path)
