@@ -84,7 +84,7 @@ def index(
     from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: Annotated[str | None, typer.Option(help="gem (default) or avg; conv models only.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="gem (default), rmac or avg; conv models only.")] = None,
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
@@ -101,12 +101,15 @@ def index(
             "--store", metavar="URI", help="New collections: faiss (default), milvus://HOST:PORT or milvus-lite://PATH.db."
         ),
     ] = None,
+    dba: Annotated[
+        int | None, typer.Option("--dba", help="Database-side augmentation: neighbours averaged into indexed vectors (0: off).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
            batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
-           store=store)  # fmt: skip
+           store=store, dba=dba)  # fmt: skip
 
 
 @app.command()
@@ -127,7 +130,7 @@ def add(
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
            json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
-           nprobe: int | None = None, store: str | None = None) -> None:  # fmt: skip
+           nprobe: int | None = None, store: str | None = None, dba: int | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -136,7 +139,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open(collection, weights)
     else:
         coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
-                                         index_factory=index_factory, nprobe=nprobe, store=store)  # fmt: skip
+                                         index_factory=index_factory, nprobe=nprobe, store=store, dba=dba)  # fmt: skip
     with coll, progress_bar(enabled=not json_out) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip
@@ -261,9 +264,19 @@ def evaluate(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Labels left out (default BACKGROUND_Google).")] = None,
     copies: Annotated[int, typer.Option("--copies", help="Copy detection: transform N indexed images, find them.")] = 0,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
+    dba: Annotated[
+        int | None, typer.Option("--dba", help="Rank as if indexed with --dba N (default: the collection's; not --copies).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection."""
+    """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
+
+    A collection with --dba is evaluated as it serves: an augmented database, plain queries; in
+    leave-one-out no database vector holds the query itself (ris.dba.without_query).
+    """
+    import numpy as np
+
+    from . import dba as dba_mod
     from . import evaluate as ev
     from .collection import Collection
     from .sources import scan
@@ -272,6 +285,9 @@ def evaluate(
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
     if copies:
         with Collection.open(collection) as coll:
+            if dba is not None and dba != coll.manifest.dba:
+                raise RisError(f"copy detection searches the collection as indexed (--dba {coll.manifest.dba}); "
+                               f"to measure --dba {dba}, run `ris index … --dba {dba}` on it first")  # fmt: skip
             report = ev.copy_detection(coll, copies, k=k, qe=qe)
         if json_out:
             sys.stdout.write(json.dumps({"copies": copies, "transforms": report}) + "\n")
@@ -285,14 +301,20 @@ def evaluate(
         if len(keep) < 2:
             raise RisError("evaluation needs at least two labelled images (labels are folder names)")
         labels = [rows[i].label for i in keep]
+        n_dba = coll.manifest.dba if dba is None else dba
+        if n_dba < 0:
+            raise RisError("--dba is a number of neighbours (0 = off)")
         if queries:
             files = [f for f in scan([queries]) if f.label and f.label not in excluded]
             qvecs = coll.embed([f.path for f in files])
-            report = ev.queries_against(qvecs, [f.label for f in files], vecs[keep], labels, ks)
+            db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
+            report = ev.queries_against(qvecs, [f.label for f in files], db[keep], labels, ks)
         else:
+            others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
             with progress_bar(enabled=not json_out) as bar:
                 n_qe = coll.manifest.query_expansion if qe is None else qe
-                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe)
+                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe,
+                                          dba=n_dba, others=others)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return

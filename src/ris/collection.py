@@ -4,6 +4,7 @@ On disk a collection is a directory:
     manifest.json   format version, model, pooling, precision, weights hash, dims, index factory
     catalog.sqlite  images (path, size, mtime, hash, label, status, error) and raw features
     pca.npz         the PCA fitted on the collection (absent while it is too small for one)
+    dba.npz         with --dba N: each image's N nearest others, from which the index's vectors are derived
     index.faiss     the FAISS index over reduced vectors, keyed by image id (unless the manifest names a
                     Milvus store: then the vectors, paths and labels are kept in Milvus, see milvus_store)
     lock            held (flock) by the one writer; it holds the writer's PID
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__, index, milvus_store, models, sources
+from . import __version__, dba, index, milvus_store, models, sources
 from .decode import decode_bytes, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
@@ -62,6 +63,7 @@ class Manifest:
     dims: int
     pca_dims: int
     query_expansion: int = 0  # αQE: queries averaged with their top-n neighbours before the final search
+    dba: int = 0  # αDBA: the index holds each image's vector averaged with its n nearest images (ris.dba)
     index_factory: str = index.AUTO  # a FAISS factory string, or "auto": exact when small, IVF when large
     index_built: str = ""  # the factory index.faiss was built with ("auto" resolved); "" = index_factory
     nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = index.default_nprobe
@@ -119,6 +121,8 @@ class Collection:
         self._index_mtime: int | None = None
         self._reducer: Reducer | None = None
         self._milvus: MilvusStore | None = None
+        self._graph: dba.Graph | None = None  # the DBA graph re-scoring reads (dba.npz), and its mtime
+        self._graph_mtime: int | None = None
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -134,8 +138,11 @@ class Collection:
         index_factory: str = index.AUTO,
         nprobe: int = 0,
         store: str = "",
+        dba: int = 0,
     ) -> Collection:
         """A new, empty collection. Loads the model once to record its weights' hash.
+
+        dba: database-side augmentation, each indexed vector averaged with its `dba` nearest images (ris.dba).
 
         store: "" (or "faiss") keeps the vectors in index.faiss; "milvus://HOST:PORT" on a Milvus server,
         "milvus-lite://PATH.db" in an embedded milvus-lite file (a relative PATH is made absolute).
@@ -148,6 +155,7 @@ class Collection:
         spec = models.get_spec(model)
         if precision not in ("fp32", "int8"):
             raise RisError("a collection's precision is fp32 or int8")
+        _check_dba(dba)
         store = milvus_store.normalize(store)
         if store:
             milvus_store.check_index(index_factory, nprobe, store)
@@ -161,7 +169,7 @@ class Collection:
             manifest = Manifest(
                 model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
                 input_size=spec.input_size, raw_dims=spec.dim, dims=spec.dim, pca_dims=dims,
-                index_factory=index_factory, nprobe=nprobe, store=store,
+                index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
                 store_collection=connected.name if connected else "", cpu_runtime=cpu_runtime(),
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )  # fmt: skip
@@ -193,10 +201,11 @@ class Collection:
         index_factory: str | None = None,
         nprobe: int | None = None,
         store: str | None = None,
+        dba: int | None = None,
     ) -> Collection:
         """Open an existing collection (checking it matches what was asked) or create one.
 
-        An index_factory or nprobe other than the manifest's is recorded there; the next
+        An index_factory, nprobe or dba other than the manifest's is recorded there; the next
         index/add/remove run rebuilds the index to match. The store is fixed at creation.
         """
         root = Path(path)
@@ -204,7 +213,7 @@ class Collection:
             return cls.create(
                 root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
                 precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
-                index_factory or index.AUTO, nprobe or 0, store or "",
+                index_factory or index.AUTO, nprobe or 0, store or "", dba or 0,
             )  # fmt: skip
         coll = cls.open(root, weights)
         m = coll.manifest
@@ -215,7 +224,8 @@ class Collection:
                                   (precision, m.precision, "precision")):  # fmt: skip
             if asked is not None and asked != have and not (what == "pooling" and have == "fc2"):
                 raise RisError(f"collection {root} was built with {what} {have}, not {asked}; use another --collection")
-        changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe))
+        _check_dba(dba or 0)
+        changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe), ("dba", dba))
                    if v is not None and v != getattr(m, k)}  # fmt: skip
         if changes:
             if m.store:
@@ -409,9 +419,11 @@ class Collection:
                 # old index first: a crash in between must not pair old vectors with a new PCA
                 self._drop_vectors()
                 reducer.save(pca_path)
+        vectors_for, changed, graph = self._augmented(reducer, ids, raw)
         store = self._vector_store()
         if store is not None:
-            self._finish_milvus(store, ids, reducer, raw)
+            self._finish_milvus(store, ids, reducer, vectors_for, changed)
+            self._keep_graph(graph)
             return
         idx_path = self.path / "index.faiss"
         # the index written before the manifest: after a crash in between, the manifest names the older
@@ -422,13 +434,56 @@ class Collection:
         if idx is None or idx.d != reducer.dims or index.is_approximate(idx) != (target != index.EXACT_FACTORY):
             idx = index.create(reducer.dims, target)
         fresh = not idx_path.exists() or idx.ntotal == 0
-        if any(index.reconcile(idx, ids, self._vectors_for(reducer, ids, raw))) or fresh:
+        # vectors that changed (DBA: a new neighbour) leave first and come back with their new value
+        replaced = any(index.reconcile(idx, np.setdiff1d(ids, changed), vectors_for)) if len(changed) else False
+        if any(index.reconcile(idx, ids, vectors_for)) or replaced or fresh:
             index.save(idx, idx_path)  # unchanged: not rewritten (a 10M-vector IVF,SQ6 is 1.9 GiB)
+        self._keep_graph(graph)  # after the index: a crash in between redoes the same replacements
         if m.dims != reducer.dims or m.index_built != target:
             self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
             self.manifest.write(self.path / "manifest.json")
         self._index, self._reducer = idx, reducer
         self._index_mtime = idx_path.stat().st_mtime_ns
+
+    def _augmented(self, reducer: Reducer, ids: np.ndarray, raw: np.ndarray | None):
+        """(vectors_for, ids whose stored vector must be replaced, DBA graph to keep or None).
+
+        Without DBA: the reduced vectors, nothing to replace (unless the index still holds augmented ones).
+        With --dba N: the neighbour graph brought up to date (ris.dba.update: every reduced vector is
+        read, n x dims float32), and vectors derived from it.
+        """
+        plain = self._vectors_for(reducer, ids, raw)
+        graph_path = self.path / "dba.npz"
+        old = dba.Graph.load(graph_path)
+        if not self.manifest.dba:
+            was = old.ids if old is not None else np.empty(0, np.int64)
+            return plain, np.intersect1d(was, ids), None
+        x = np.concatenate([plain(ids[i : i + 65536]) for i in range(0, len(ids), 65536)]) if len(ids) else \
+            np.zeros((0, reducer.dims), np.float32)
+        graph, changed = dba.update(old, ids, x, self.manifest.dba, dba.fingerprint(reducer))
+        return (lambda chunk: graph.vectors(chunk, lambda need: x[np.searchsorted(ids, need)])), changed, graph
+
+    def _keep_graph(self, graph: dba.Graph | None) -> None:
+        """Write the DBA graph the index now reflects (or drop it: DBA is off)."""
+        path = self.path / "dba.npz"
+        if graph is None:
+            path.unlink(missing_ok=True)
+        else:
+            graph.save(path)
+        self._graph, self._graph_mtime = graph, path.stat().st_mtime_ns if graph is not None else None
+
+    def _served(self, reducer: Reducer) -> Callable[[np.ndarray], np.ndarray]:
+        """What the index holds for a chunk of ids, rebuilt from the catalogue (re-scoring approximate
+        indexes' candidates): reduced vectors, or with DBA their augmented form (graph from dba.npz)."""
+        plain = lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims))  # noqa: E731
+        if not self.manifest.dba:
+            return plain
+        path = self.path / "dba.npz"
+        mtime = path.stat().st_mtime_ns if path.exists() else None
+        if self._graph is None or self._graph_mtime != mtime:
+            self._graph, self._graph_mtime = dba.Graph.load(path), mtime
+        graph = self._graph
+        return plain if graph is None else (lambda c: graph.vectors(c, plain))
 
     def _vectors_for(self, reducer: Reducer, ids: np.ndarray, raw: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
         """Reduced vectors for a chunk of ids: from `raw` (rows in `ids`' sorted order) when the PCA fit
@@ -437,9 +492,11 @@ class Collection:
             return lambda chunk: reducer(self.catalog.features(chunk, self.manifest.raw_dims))
         return lambda chunk: reducer(raw[np.searchsorted(ids, chunk)])
 
-    def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer, raw: np.ndarray | None = None) -> None:
+    def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer,
+                       vectors_for: Callable[[np.ndarray], np.ndarray], changed: np.ndarray) -> None:  # fmt: skip
         """The Milvus counterpart of index.faiss's upkeep: recreated when its dims or index type are not
-        what is due, then reconciled (ids, vectors, paths and labels) with the catalogue."""
+        what is due, then reconciled (ids, vectors, paths and labels) with the catalogue; `changed` ids
+        (DBA) are deleted and inserted again with their new vectors."""
         m = self.manifest
         target = milvus_store.resolve_index(m.index_factory, m.store)
         found = store.describe(fresh=True)
@@ -447,7 +504,9 @@ class Collection:
             store.drop()
         if store.describe() is None:
             store.create(reducer.dims, target)
-        store.reconcile(ids, self._vectors_for(reducer, ids, raw), self.catalog.rows)
+        if len(changed):
+            store.reconcile(np.setdiff1d(ids, changed), vectors_for, self.catalog.rows)
+        store.reconcile(ids, vectors_for, self.catalog.rows)
         if m.dims != reducer.dims or m.index_built != target:
             self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})
             self.manifest.write(self.path / "manifest.json")
@@ -609,11 +668,12 @@ class Collection:
             _, ids = index.search(idx, vectors, min(idx.ntotal, want * index.REFINE_FACTOR), nprobe)
             rows = self.catalog.rows(np.unique(ids[ids >= 0]))
             ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
-            scores, ids = index.rerank(vectors, ids, lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims)), want)
+            scores, ids = index.rerank(vectors, ids, self._served(reducer), want)
         return scores, ids, rows
 
     def vectors(self) -> tuple[list, np.ndarray]:
-        """Every searchable image's catalogue row and its reduced vector (what the index holds)."""
+        """Every searchable image's catalogue row and its reduced vector (what the index holds, unless the
+        collection has DBA: then the index holds these averaged with their neighbours, see ris.dba)."""
         _, reducer = self._searchable()
         rows = self.catalog.all_rows()
         raw = self.catalog.features([r.id for r in rows], self.manifest.raw_dims)
@@ -641,11 +701,17 @@ class Collection:
             "index": m.index_factory,
             "index_built": m.index_built or m.index_factory,
             "nprobe": m.nprobe,
+            "dba": m.dba,
             "store": m.store or "faiss",
             "store_collection": m.store_collection,
             "format_version": m.format_version,
             "created": m.created,
         }
+
+
+def _check_dba(n: int) -> None:
+    if not 0 <= n <= dba.MAX_NEIGHBOURS:
+        raise RisError(f"--dba is a number of neighbours from 0 (off) to {dba.MAX_NEIGHBOURS}")
 
 
 def _query_name(query: Query) -> str:

@@ -91,23 +91,42 @@ def leave_one_out(
     progress: Callable[[int], None] | None = None,
     qe: int = 0,
     device: str | None = None,
+    dba: int = 0,
+    others: np.ndarray | None = None,
 ) -> EvalReport:
     """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
 
     qe > 0 expands each query with its qe nearest other images first (αQE, as `search` does).
+    dba > 0 ranks against a database augmented as a collection with `--dba` holds it (ris.dba), each
+    database vector rebuilt without the query among its neighbours (what it would be had the query
+    never been indexed); queries stay plain. others: the collection's unlabelled vectors, which take
+    part as DBA neighbours but are not ranked.
     device: where the rankings are computed (`index.search`; default RIS_SEARCH_DEVICE, else auto).
     """
+    from . import dba as dba_mod
+
     names, y = np.unique(np.asarray(labels), return_inverse=True)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = neighbour_average(x, x, qe, QE_ALPHA, skip_self=True, device=device) if qe else x
     n = len(x)
-    db = index.flat(x)
+    patch = None
+    if dba:
+        context = x if others is None or not len(others) else np.concatenate([x, np.asarray(others, np.float32)])
+        db_vectors, patch = dba_mod.without_query(context, dba, n, device=device)
+        db = index.flat(db_vectors[:n])
+    else:
+        db = index.flat(x)
     class_sizes = np.bincount(y)
     prec = {k: np.zeros(n, dtype=np.float32) for k in ks}
     ap = np.zeros(n, dtype=np.float64)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        _, ranked = index.search(db, queries[start:stop], n, device=device)  # every image, the query's own too
+        scores, ranked = index.search(db, queries[start:stop], n, device=device)  # every image, the query's own too
+        if patch is not None:  # pairs whose database vector held the query: re-scored, re-ranked
+            dense = np.empty_like(scores)
+            np.put_along_axis(dense, ranked, scores, axis=1)
+            patch(dense, start, stop)
+            ranked = np.argsort(-dense, axis=1, kind="stable")
         order = ranked[ranked != np.arange(start, stop)[:, None]].reshape(stop - start, n - 1)
         rel = y[order] == y[start:stop, None]
         block_prec, ap[start:stop] = _score_rankings(rel, class_sizes[y[start:stop]] - 1, ks)

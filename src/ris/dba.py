@@ -1,0 +1,204 @@
+"""Database-side augmentation (αDBA, Radenović et al. 2018): each indexed vector is replaced by the
+sim^α-weighted mean of itself and its N nearest indexed images; queries are left as they are.
+
+The neighbour graph (every image's N nearest others, by the un-augmented reduced vectors) is derived
+data kept beside the index (`dba.npz`), so a write updates only the images it touches:
+
+- a new image gets its N nearest among all images;
+- an existing image takes a new image into its list when it is nearer than its N-th neighbour;
+- an image that lost a neighbour (removed) gets its list recomputed against all images.
+
+That keeps the graph exactly what a from-scratch computation gives (exact search, ties aside). The cost
+is a product of the changed images against all n images (n x dims float32 held in memory): the first
+build is n^2 (9,145 Lite0 images: see benchmarks/RESULTS.md), a later add of m images m x n.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import index
+
+#: Neighbour weight exponent (sim^α; the vector's own weight is 1). Chosen on Caltech-101 (RESULTS.md).
+DBA_ALPHA = 3.0
+#: More neighbours than this blur classes together (and cost n x N memory in the graph).
+MAX_NEIGHBOURS = 100
+
+
+def neighbours(x: np.ndarray, n: int, rows: np.ndarray | None = None, block: int = 4096,
+               device: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(sims, positions) of the n nearest other rows of x for each of x[rows] (default: all), nearest first.
+
+    Fewer than n others: the missing columns are position -1, similarity 0.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, dtype=np.int64)
+    sims = np.zeros((len(rows), n), np.float32)
+    pos = np.full((len(rows), n), -1, np.int64)
+    want = min(n + 1, len(x))
+    if len(rows) == 0 or want < 2:
+        return sims, pos
+    db = index.flat(x)
+    for start in range(0, len(rows), block):
+        own = rows[start : start + block]
+        s, p = index.search(db, x[own], want, device=device)
+        gone = p == own[:, None]
+        gone[:, -1] |= ~gone.any(axis=1)  # self not found (ties with duplicates): drop the last instead
+        keep = want - 1
+        sims[start : start + len(own), :keep] = s[~gone].reshape(len(own), keep)
+        pos[start : start + len(own), :keep] = p[~gone].reshape(len(own), keep)
+    return sims, pos
+
+
+def weights(sims: np.ndarray, alpha: float = DBA_ALPHA) -> np.ndarray:
+    return np.clip(sims, 0, None) ** alpha
+
+
+def augment(x: np.ndarray, sims: np.ndarray, pos: np.ndarray, rows: np.ndarray | None = None,
+            alpha: float = DBA_ALPHA) -> np.ndarray:  # fmt: skip
+    """Unit vectors x[rows] + sum of w * x[neighbour] (positions -1 are skipped)."""
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, dtype=np.int64)
+    w = np.where(pos >= 0, weights(sims, alpha), 0).astype(np.float32)
+    agg = x[rows] + np.einsum("nk,nkd->nd", w, x[np.maximum(pos, 0)])
+    return agg / np.maximum(np.linalg.norm(agg, axis=1, keepdims=True), 1e-12)
+
+
+# --- the stored graph ------------------------------------------------------------------------
+
+
+@dataclass
+class Graph:
+    """Each image's n nearest other images (by image id), for one PCA."""
+
+    ids: np.ndarray  # sorted image ids
+    nbrs: np.ndarray  # (len(ids), n) image ids, -1 = none
+    sims: np.ndarray  # (len(ids), n) float32, nearest first
+    pca: str  # fingerprint of the reducer the similarities were computed with
+
+    @property
+    def n(self) -> int:
+        return self.nbrs.shape[1]
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Graph | None:
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]))
+
+    def vectors(self, chunk: np.ndarray, reduced_for, alpha: float = DBA_ALPHA) -> np.ndarray:
+        """The augmented vectors of these image ids; reduced_for(ids) gives un-augmented reduced vectors."""
+        chunk = np.asarray(chunk, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.ids, chunk), max(len(self.ids) - 1, 0))
+        if not len(self.ids):
+            return reduced_for(chunk)
+        known = self.ids[at] == chunk  # an id the graph does not know keeps its plain vector
+        nb = np.where(known[:, None], self.nbrs[at], -1)
+        s = np.where(known[:, None], self.sims[at], 0)
+        need = np.unique(np.concatenate([chunk, nb[nb >= 0]]))
+        x = reduced_for(need)
+        pos = np.where(nb >= 0, np.searchsorted(need, nb), -1)
+        return augment(x, s, pos, np.searchsorted(need, chunk), alpha)
+
+
+def fingerprint(reducer) -> str:
+    """Identifies the PCA (or its absence) the graph's similarities belong to."""
+    digest = hashlib.sha256(str(reducer.raw_dims).encode())
+    if reducer.components is not None:
+        digest.update(reducer.mean.tobytes())
+        digest.update(reducer.components.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def update(graph: Graph | None, ids: np.ndarray, x: np.ndarray, n: int, pca: str,
+           device: str | None = None) -> tuple[Graph, np.ndarray]:  # fmt: skip
+    """The graph for images `ids` (sorted) with reduced vectors x (rows in ids' order), and the ids whose
+    augmented vector changed since `graph` (all of them when there is no usable graph)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if graph is None or graph.n != n or graph.pca != pca:
+        sims, pos = neighbours(x, n, device=device)
+        return Graph(ids, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1), sims, pca), ids
+    old = np.isin(graph.ids, ids)
+    kept_ids = graph.ids[old]
+    nbrs, sims = graph.nbrs[old].copy(), graph.sims[old].copy()
+    lost = (np.isin(nbrs, ids, invert=True) & (nbrs >= 0)).any(axis=1)
+    new_ids = np.setdiff1d(ids, kept_ids, assume_unique=True)
+    out_nbrs = np.full((len(ids), n), -1, np.int64)
+    out_sims = np.zeros((len(ids), n), np.float32)
+    at_kept = np.searchsorted(ids, kept_ids)
+    out_nbrs[at_kept], out_sims[at_kept] = nbrs, sims
+    changed = [new_ids, kept_ids[lost]]
+    if len(new_ids):  # existing images take in new ones nearer than their n-th neighbour
+        cand = ~lost
+        new_pos = np.searchsorted(ids, new_ids)
+        s_new, p_new = _nearest_among(x[new_pos], x[at_kept[cand]], min(n, len(new_ids)), device)
+        merged_ids = np.concatenate([nbrs[cand], new_ids[p_new]], axis=1)
+        merged_sims = np.concatenate([np.where(nbrs[cand] >= 0, sims[cand], -np.inf), s_new], axis=1)
+        order = np.argsort(-merged_sims, axis=1, kind="stable")[:, :n]
+        top_ids = np.take_along_axis(merged_ids, order, axis=1)
+        top_sims = np.take_along_axis(merged_sims, order, axis=1)
+        top_ids = np.where(np.isfinite(top_sims), top_ids, -1)
+        moved = (top_ids != nbrs[cand]).any(axis=1)
+        rows = at_kept[cand]
+        out_nbrs[rows], out_sims[rows] = top_ids, np.where(np.isfinite(top_sims), top_sims, 0)
+        changed.append(kept_ids[cand][moved])
+    redo = np.searchsorted(ids, np.concatenate(changed[:2]))
+    if len(redo):
+        s, p = neighbours(x, n, redo, device=device)
+        out_nbrs[redo] = np.where(p >= 0, ids[np.maximum(p, 0)], -1)
+        out_sims[redo] = s
+    return Graph(ids, out_nbrs, out_sims, pca), np.unique(np.concatenate(changed))
+
+
+def _nearest_among(base: np.ndarray, queries: np.ndarray, k: int, device: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, positions in base) of each query's k nearest base rows."""
+    if len(queries) == 0 or k == 0:
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+    return index.search(index.flat(np.ascontiguousarray(base, np.float32)), np.ascontiguousarray(queries, np.float32),
+                        k, device=device)  # fmt: skip
+
+
+# --- fair leave-one-out ----------------------------------------------------------------------
+
+
+def without_query(x: np.ndarray, n: int, labelled: int, alpha: float = DBA_ALPHA, device: str | None = None):
+    """For leave-one-out over x[:labelled] against an augmented database of x (all rows take part as
+    neighbours): the database vectors, and a function fixing a block's scores so that no database vector
+    contains the query itself.
+
+    A database vector j whose n neighbours include query i is, for that query, rebuilt from its n+1
+    nearest minus i: what the collection would have held had i never been indexed. Only those (i, j)
+    pairs differ (at most n per database vector), so they are patched after the block's product:
+    with U_j the sum over j's n+1 nearest, x_i.(U_j - w x_i) / |U_j - w x_i|.
+    """
+    sims, pos = neighbours(x, n + 1, device=device)
+    db = augment(x, sims[:, :n], pos[:, :n], alpha=alpha)
+    w_all = np.where(pos >= 0, weights(sims, alpha), 0).astype(np.float32)
+    u = x + np.einsum("nk,nkd->nd", w_all, x[np.maximum(pos, 0)])
+    uu = np.einsum("nd,nd->n", u, u)
+    # the pairs: query i = pos[j, t] (t < n, i labelled), database vector j; dropping i leaves U_j - w_{j,t} x_i
+    j_idx, t_idx = np.nonzero((pos[:labelled, :n] >= 0) & (pos[:labelled, :n] < labelled))
+    i_idx = pos[j_idx, t_idx]
+    w_t = w_all[j_idx, t_idx]
+    xi_u = np.einsum("pd,pd->p", x[i_idx], u[j_idx])
+    fixed = (xi_u - w_t) / np.sqrt(np.maximum(uu[j_idx] - 2 * w_t * xi_u + w_t**2, 1e-12))
+    order = np.argsort(i_idx, kind="stable")
+    i_idx, j_idx, fixed = i_idx[order], j_idx[order], fixed[order]
+    bounds = np.searchsorted(i_idx, np.arange(labelled + 1))
+
+    def patch(scores: np.ndarray, start: int, stop: int) -> None:
+        """scores[r, j] (dense, rows = queries start..stop-1) corrected in place."""
+        a, b = bounds[start], bounds[stop]
+        scores[i_idx[a:b] - start, j_idx[a:b]] = fixed[a:b]
+
+    return db, patch

@@ -1,0 +1,147 @@
+"""Database-side augmentation (--dba) and R-MAC pooling on the real model and real Caltech-101 images.
+
+A DBA collection records its neighbour count, holds exactly the augmented vectors a from-scratch
+computation gives (after adds and removes too, in index.faiss, IVF and Milvus), still finds each image
+from its own file, and `ris eval` ranks against it fairly (no database vector holds the query).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ris import dba, evaluate, index
+from ris.collection import Collection
+from tests.conftest import SUBSET_CLASSES, copy_classes, run_cli
+
+N = 5
+
+
+def fresh_dba(coll: Collection) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, augmented vectors) computed from scratch from the collection's plain vectors."""
+    rows, vectors = coll.vectors()
+    return np.array([r.id for r in rows]), dba.augment(vectors, *dba.neighbours(vectors, N))
+
+
+def held(coll: Collection, ids: np.ndarray) -> np.ndarray:
+    idx, _ = coll._searchable()
+    return np.vstack([idx.reconstruct(int(i)) for i in ids])
+
+
+@pytest.fixture(scope="module")
+def dba_collection(subset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dba") / "dba.ris"
+    run_cli("index", str(subset_dir), "-c", str(path), "--dba", str(N), "--json")
+    return path
+
+
+def test_dba_is_recorded_and_the_index_holds_augmented_vectors(dba_collection: Path) -> None:
+    info = json.loads(run_cli("info", "-c", str(dba_collection), "--json").stdout)
+    assert info["dba"] == N
+    assert json.loads((dba_collection / "manifest.json").read_text())["dba"] == N
+    with Collection.open(dba_collection) as coll:
+        ids, want = fresh_dba(coll)
+        _, plain = coll.vectors()
+        got = held(coll, ids)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - plain).max() > 0.05  # the index does not hold the plain vectors
+
+
+def test_dba_finds_each_image_from_its_own_file(dba_collection: Path, subset_dir: Path) -> None:
+    files = sorted(subset_dir.glob("*/*.jpg"))
+    with Collection.open(dba_collection) as coll:
+        results = coll.search_many([str(f) for f in files], k=1)
+    assert [r.matches[0].path for r in results] == [str(f.absolute()) for f in files]
+
+
+def test_leave_one_out_with_dba_never_lets_the_query_help_itself(dba_collection: Path) -> None:
+    """The patched ranking equals a brute force one: for each query, the database augmented without it."""
+    with Collection.open(dba_collection) as coll:
+        rows, x = coll.vectors()
+    labels = [r.label for r in rows]
+    report = evaluate.leave_one_out(x, labels, ks=(1, 5), dba=N)
+    names, y = np.unique(labels, return_inverse=True)
+    p5, aps = [], []
+    for i in range(len(x)):
+        rest = np.delete(np.arange(len(x)), i)
+        db = dba.augment(x[rest], *dba.neighbours(x[rest], N))
+        order = rest[np.argsort(-(db @ x[i]), kind="stable")]
+        rel = y[order] == y[i]
+        prec, ap = evaluate._score_rankings(rel[None], np.array([rel.sum()]), (5,))
+        p5.append(prec[5][0])
+        aps.append(ap[0])
+    assert report.precision[5] == pytest.approx(np.mean(p5), abs=1e-6)
+    assert report.map == pytest.approx(np.mean(aps), abs=1e-6)
+    plain = evaluate.leave_one_out(x, labels, ks=(1, 5))
+    assert report.map >= plain.map - 0.02  # DBA does not break class retrieval on the subset
+    # `ris eval` reports the same figures for the collection as served
+    out = json.loads(run_cli("eval", "-c", str(dba_collection), "--json").stdout)
+    assert out["map"] == pytest.approx(report.map, abs=1e-4)
+    off = json.loads(run_cli("eval", "-c", str(dba_collection), "--dba", "0", "--json").stdout)
+    assert off["map"] == pytest.approx(plain.map, abs=1e-4)
+
+
+def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None:
+    """Incremental upkeep (ris.dba.update) gives the from-scratch vectors, in an exact and an IVF index."""
+    images = copy_classes(tmp_path / "img", SUBSET_CLASSES, 6)
+    later = SUBSET_CLASSES[3:]
+    shutil.move(str(images / later[0]), tmp_path / later[0])  # a class added afterwards
+    for factory in (index.EXACT_FACTORY, "IVF2,Flat"):
+        path = tmp_path / f"{factory.replace(',', '_')}.ris"
+        with Collection.create(path, dba=N, index_factory=factory) as coll:
+            coll.index([images])
+            coll.add([tmp_path / later[0]])
+            ids, want = fresh_dba(coll)
+            if factory == index.EXACT_FACTORY:
+                np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
+            gone = [r.id for r in coll.catalog.all_rows() if r.label == later[1]]
+            coll.remove_ids(gone)
+            ids, want = fresh_dba(coll)
+            assert not np.isin(gone, ids).any()
+            if factory == index.EXACT_FACTORY:
+                np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
+            graph = dba.Graph.load(path / "dba.npz")
+            np.testing.assert_array_equal(graph.ids, ids)
+            # searching (IVF: candidates re-scored with the augmented vectors) scores what a fresh DBA gives
+            result = coll.search_vectors(want[:3], 3, ["q"] * 3)
+            for row, r in zip(want[:3], result, strict=True):
+                top = int(np.argmax(want @ row))
+                assert r.matches[0].id == ids[top] and r.matches[0].score == pytest.approx(1.0, abs=1e-4)
+        # switched off: the index goes back to the plain vectors, the graph file goes
+        with Collection.open_or_create(path, dba=0) as coll:
+            coll.remove_ids([])
+            rows, plain = coll.vectors()
+            assert not (path / "dba.npz").exists()
+            if factory == index.EXACT_FACTORY:
+                np.testing.assert_allclose(held(coll, np.array([r.id for r in rows])), plain, atol=1e-5)
+
+
+def test_milvus_store_holds_the_augmented_vectors(dba_collection: Path, subset_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pymilvus", reason='needs pip install -e ".[milvus]"')
+    pytest.importorskip("milvus_lite", reason='needs pip install -e ".[milvus]"')
+    queries = [str(sorted((subset_dir / cls).glob("*.jpg"))[3]) for cls in SUBSET_CLASSES]
+    with Collection.create(tmp_path / "m.ris", store=f"milvus-lite://{tmp_path / 'v.db'}", dba=N) as milvus_coll:
+        milvus_coll.index([subset_dir])
+        got = milvus_coll.search_many(queries, k=5)
+    with Collection.open(dba_collection) as faiss_coll:
+        want = faiss_coll.search_many(queries, k=5)
+    for g, w in zip(got, want, strict=True):
+        assert [m.path for m in g.matches] == [m.path for m in w.matches]
+        np.testing.assert_allclose([m.score for m in g.matches], [m.score for m in w.matches], atol=1e-4)
+
+
+def test_copy_detection_refuses_another_dba(dba_collection: Path) -> None:
+    proc = run_cli("eval", "-c", str(dba_collection), "--copies", "5", "--dba", "3", check=False)
+    assert proc.returncode == 1 and "ris index" in proc.stderr
+
+
+def test_rmac_regions_cover_the_map() -> None:
+    from ris.models import rmac_regions
+
+    regions = rmac_regions(7, 7)
+    assert regions[0] == (0, 0, 7) and len(regions) == 14
+    assert all(0 <= t and 0 <= left and t + s <= 7 and left + s <= 7 for t, left, s in regions)
