@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ris import decode, models, runtime
+from ris import decode, models, torch_runtime
 
 
 def model_only(name: str, precision: str, channels_last: bool, batch: int = 256, iters: int = 20) -> float:
     net, _ = models.build(name, weights=os.environ.get("VGG_WEIGHTS") if name == "vgg16" else None)
-    ext = runtime.TorchExtractor(net, name, 224, 0, "cuda", precision, channels_last=channels_last)
+    ext = torch_runtime.TorchExtractor(net, name, 224, 0, "cuda", precision, channels_last=channels_last)
     size = models.get_spec(name).input_size
     x = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
     for _ in range(3):

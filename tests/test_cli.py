@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,14 @@ def test_index_factory_and_nprobe_options(subset_dir: Path, tmp_path: Path) -> N
     assert line["matches"][0]["path"] == query
     bad = run_cli("index", str(subset_dir), "-c", str(tmp_path / "bad.ris"), "--index", "NoSuchIndex", check=False)
     _assert_one_line_error(bad, "index")
+
+
+@pytest.mark.skipif(bool(glob.glob("/dev/nvidia[0-9]*")), reason="a GPU machine may import PyTorch to use it")
+def test_a_cpu_search_does_not_import_pytorch(subset_collection: Path, subset_dir: Path) -> None:
+    """The CPU path runs the cached export: no network built, no PyTorch imported (1.4 s of a CLI search)."""
+    query = str(sorted(subset_dir.rglob("*.jpg"))[0])
+    script = ("import sys; from ris.collection import Collection; "
+              f"m = Collection.open({str(subset_collection)!r}).search({query!r}, k=1).matches; "
+              "print(m[0].path, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [query, "False"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ris import models, runtime
+from ris import models, runtime, torch_runtime
 from ris.decode import decode_file
 from ris.errors import RisError
 
@@ -177,8 +177,8 @@ def test_device_selection_degrades_to_cpu() -> None:
 def test_torch_extractor_autocast_matches_fp32(pixels) -> None:
     """The GPU path's dtype handling, exercised on the CPU: bf16 autocast stays close to fp32."""
     net, _ = models.build("efficientnet-lite0")
-    fp32 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "fp32")(pixels)
-    bf16 = runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "bf16")(pixels)
+    fp32 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "fp32")(pixels)
+    bf16 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 1280, "cpu", "bf16")(pixels)
     assert bf16.dtype == np.float32 and _cos(bf16, fp32).min() > 0.98
 
 

@@ -9,17 +9,17 @@ RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from . import models
 from .errors import RisError
@@ -42,11 +42,21 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cuda_available() -> bool:
+    """Whether PyTorch sees a CUDA GPU. On Linux without an NVIDIA device node the answer is known
+    without importing PyTorch (1.4 s of a CLI search on a CPU machine)."""
+    if sys.platform.startswith("linux") and "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     """'auto' picks CUDA when PyTorch sees a GPU; asking for CUDA without one is a clear error."""
     if device not in DEVICES:
         raise RisError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    has_cuda = torch.cuda.is_available()
+    has_cuda = cuda_available() if device != "cpu" else False
     if device == "cuda" and not has_cuda:
         raise RisError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if device == "auto":
@@ -57,133 +67,6 @@ def resolve_device(device: str) -> str:
 def default_precision(device: str) -> str:
     """fp32 on CPUs (int8 is a collection's choice); bf16 autocast on GPUs, RIS_GPU_PRECISION overrides."""
     return os.environ.get("RIS_GPU_PRECISION", "bf16") if device == "cuda" else "fp32"
-
-
-@dataclass
-class TorchExtractor:
-    """Eager PyTorch: channels-last, inference mode, autocast to bf16/fp16 on GPUs."""
-
-    net: torch.nn.Module
-    name: str
-    input_size: int
-    dim: int
-    device: str = "cpu"
-    precision: str = "fp32"
-    #: On a GPU, JPEGs can be decoded there (nvJPEG, RIS_DECODE=device); measured on an H200 with 16 cores,
-    #: CPU worker processes fed the model faster (1,576 vs 851 img/s end to end), so they are the default.
-    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "cpu") == "device")
-    channels_last: bool = field(default_factory=lambda: os.environ.get("RIS_CHANNELS_LAST", "1") == "1")
-
-    #: On a GPU the forward pass is captured once per batch shape as a CUDA graph and replayed: eager
-    #: launching of Lite0's ~200 modules took ~15 ms of CPU a batch (more than the GPU's 13 ms for 256
-    #: images) and held the GIL the writer thread needs. RIS_CUDA_GRAPHS=0 runs eagerly.
-    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("RIS_CUDA_GRAPHS", "1") == "1")
-
-    def __post_init__(self) -> None:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.net.channels_last = self.channels_last
-        self.net = self.net.to(self.device, memory_format=fmt).eval()
-        self._largest = 0
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        if self.device == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
-
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device, dtype=dtype or torch.float32, enabled=bool(dtype), cache_enabled=False),
-        ):
-            return self.net(pixels).float()
-
-    def _graph(self, like: torch.Tensor, size: int):
-        """The forward pass captured for batches of `size` (after warm-up runs on a side stream, as
-        PyTorch's CUDA-graph recipe asks), or None where capture fails (eager from then on)."""
-        if size not in self._graphs:
-            try:
-                static_in = like.new_zeros((size, *like.shape[1:]))
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._forward(static_in)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = self._forward(static_in)
-                self._graphs[size] = (graph, static_in, static_out)
-            except RuntimeError as exc:
-                warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", stacklevel=2)
-                self.cuda_graphs = False
-                return None
-        return self._graphs[size]
-
-    def run_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC tensor already on the device -> float32 features on the device.
-
-        On a GPU a short batch is padded to the largest batch seen: cuDNN's autotuner (benchmark
-        mode) would otherwise tune every new shape again, which cost seconds per run (and each shape
-        would need a graph of its own).
-        """
-        n = len(pixels)
-        if self.device != "cuda":
-            return self._forward(pixels)
-        self._largest = max(self._largest, n)
-        captured = self._graph(pixels, self._largest) if self.cuda_graphs else None
-        if captured is not None:
-            graph, static_in, static_out = captured
-            static_in[:n].copy_(pixels)  # rows past n keep stale images: their outputs are dropped
-            graph.replay()
-            return static_out[:n].clone()  # the next replay overwrites static_out
-        if n < self._largest:
-            pixels = torch.cat([pixels, pixels.new_zeros((self._largest - n, *pixels.shape[1:]))])
-        return self._forward(pixels)[:n]
-
-    def register_host_memory(self, buffer: np.ndarray) -> Callable[[], None]:
-        """Page-lock a buffer the decode workers fill (CUDA only): batches in it then copy to the GPU
-        asynchronously, without a staging copy on the main thread. Returns the undo (which first waits
-        for the GPU: a copy may still be reading the buffer)."""
-        if self.device != "cuda":
-            return lambda: None
-        cudart = torch.cuda.cudart()
-        try:
-            if int(cudart.cudaHostRegister(buffer.ctypes.data, buffer.nbytes, 0)) != 0:
-                return lambda: None
-        except (AttributeError, RuntimeError, TypeError):  # no binding: the staging copy it is
-            return lambda: None
-
-        def release() -> None:
-            torch.cuda.synchronize()
-            cudart.cudaHostUnregister(buffer.ctypes.data)
-
-        return release
-
-    def submit(self, pixels: np.ndarray | torch.Tensor) -> Callable[[], np.ndarray]:
-        """Start the forward pass; the returned call waits for the features.
-
-        On a GPU everything is queued asynchronously (copy in from pinned memory, forward, copy out to
-        pinned memory), so the caller can decode and submit the next batch while this one runs.
-        """
-        tensor = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
-        if self.device != "cuda":
-            out = self.run_tensor(tensor).numpy()
-            return lambda: out
-        if tensor.device.type != "cuda":
-            tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to("cuda", non_blocking=True)
-        out = self.run_tensor(tensor)
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-
-        def result() -> np.ndarray:
-            done.synchronize()
-            return host.numpy()
-
-        return result
-
-    def __call__(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
-        return self.submit(pixels)()
 
 
 class OnnxExtractor:
@@ -270,8 +153,10 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def export_onnx(net: torch.nn.Module, input_size: int, path: Path) -> None:
+def export_onnx(net, input_size: int, path: Path) -> None:
     """Trace the FeatureNet to ONNX with a dynamic batch axis; written atomically."""
+    import torch
+
     tmp = _atomic_target(path)
     warnings.filterwarnings("ignore", module="torch.onnx")
     warnings.filterwarnings("ignore", message="Constant folding")
@@ -377,14 +262,21 @@ def load_extractor(
         raise RisError(f"precision {precision} needs a GPU; on the CPU use fp32 or int8")
     if runtime == "torch" and precision == "int8":
         raise RisError("int8 runs through OpenVINO / ONNX Runtime on the CPU (--device cpu)")
-    net, digest = models.build(name, pooling, weights)
     pooling = pooling if spec.pooled else "fc2"
     if runtime == "torch":
+        import torch
+
+        from .torch_runtime import TorchExtractor
+
+        net, digest = models.build(name, pooling, weights)
         if device == "cpu":
             torch.set_num_threads(threads or cpu_threads())
         return TorchExtractor(net, name, spec.input_size, spec.dim, device, precision), digest
+    # a cached export needs only the weights' digest: no network built, no PyTorch imported
+    digest = models.weights_digest(name, weights)
     fp32 = onnx_model_path(name, pooling, digest, "fp32")
     if not fp32.exists():
+        net, digest = models.build(name, pooling, weights)
         export_onnx(net, spec.input_size, fp32)
     path = fp32
     if precision == "int8":
