@@ -140,7 +140,7 @@ def test_copy_detection_refuses_another_dba(dba_collection: Path) -> None:
 
 
 def test_rmac_regions_cover_the_map() -> None:
-    from ris.models import rmac_regions
+    from ris.networks import rmac_regions
 
     regions = rmac_regions(7, 7)
     assert regions[0] == (0, 0, 7) and len(regions) == 14

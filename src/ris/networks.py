@@ -92,9 +92,10 @@ def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
     """R-MAC with GeM regions: the sum of the L2-normalised GeM vectors of the map's regions (the map
     is one region among them), so a crop of an image shares regions with the image itself."""
     h, w = int(fmap.shape[2]), int(fmap.shape[3])
+    cubed = fmap.clamp(min=1e-6).pow(GEM_P)  # once for the whole map; each region only averages it
     out = 0
     for top, left, side in rmac_regions(h, w):
-        v = _gem(fmap[:, :, top : top + side, left : left + side])
+        v = cubed[:, :, top : top + side, left : left + side].mean(dim=(2, 3)).pow(1.0 / GEM_P)
         out = out + v / v.norm(dim=1, keepdim=True).clamp(min=1e-6)
     return out
 
