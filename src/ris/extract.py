@@ -172,16 +172,17 @@ def decoded_batches(
         for chunk in chunks:
             yield _assemble([job(j) for j in chunk], None, times)
         return
+    # fork: workers start in milliseconds, inherit the slots and need no `if __name__ == "__main__"`
+    # guard in user scripts; they only run PIL/numpy, never the parent's model threads.
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else "spawn")
     nslots = prefetch + 2
     slots = None
-    if job is _decode_job:
+    if job is _decode_job and fork:  # spawned workers would not inherit the mapping: pixels are pickled
         shared = mmap.mmap(-1, nslots * batch_size * size * size * 3)  # MAP_SHARED | MAP_ANONYMOUS
         slots = np.frombuffer(shared, np.uint8).reshape(nslots, batch_size, size, size, 3)
         _SLOTS[id(slots)] = slots  # inherited by the workers (and by any the pool re-forks)
     release = register(slots) if register is not None and slots is not None else lambda: None
-    # fork: workers start in milliseconds, inherit the slots and need no `if __name__ == "__main__"`
-    # guard in user scripts; they only run PIL/numpy, never the parent's model threads.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     try:
         with ctx.Pool(workers) as pool:
             pending: deque = deque()

@@ -1,0 +1,67 @@
+"""The extraction pipeline's plumbing: decode workers' shared-memory slots and the writer thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ris import extract
+from ris.decode import decode_file
+
+from .conftest import caltech_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """27 real Caltech images and one broken file among them (so one batch has a hole)."""
+    paths = [str(p) for p in caltech_files("ant", 14) + caltech_files("camera", 13)]
+    broken = tmp_path_factory.mktemp("bad") / "broken.jpg"
+    broken.write_bytes(Path(paths[0]).read_bytes()[:300])
+    return paths[:9] + [str(broken)] + paths[9:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_carry_each_files_own_pixels_through_the_slot_ring(files: list[str], workers: int) -> None:
+    """7 batches through a ring of 5 slots: every id gets its own file's pixels, the broken one a reason;
+    a batch's pixels are still intact two batches later (the ring's promise to the GPU's async copies)."""
+    times = extract.StageTimes()
+    held: list[extract.Batch] = []
+    got: dict[int, np.ndarray] = {}
+    failed: dict[int, str] = {}
+
+    def check(batch: extract.Batch) -> None:
+        for (image_id, _), pixels in zip(batch.ok, batch.pixels if batch.pixels is not None else [], strict=True):
+            got[image_id] = pixels.copy()
+
+    for batch in extract.decoded_batches(list(enumerate(files)), 96, 4, workers, times, prefetch=3):
+        assert len(batch.ok) == (0 if batch.pixels is None else len(batch.pixels))
+        failed.update(batch.failed)
+        held.append(batch)
+        if len(held) == 3:  # checked while the consumer holds the second batch after it
+            check(held.pop(0))
+    for batch in held:
+        check(batch)
+    assert sorted(failed) == [9] and ("truncated" in failed[9] or "corrupt" in failed[9])
+    assert sorted(got) == [i for i in range(len(files)) if i != 9]
+    for image_id, pixels in got.items():
+        assert np.array_equal(pixels, decode_file(files[image_id], 96).pixels), files[image_id]
+    assert times.decode > 0
+
+
+def test_a_writer_error_reaches_the_caller_after_what_was_queued(files: list[str]) -> None:
+    """The writer thread commits in order; its first error is raised in the extracting thread."""
+    committed: list[int] = []
+
+    def on_batch(batch: extract.Batch, features: dict[str, np.ndarray]) -> None:
+        if len(committed) >= 8:
+            raise OSError("disk full")
+        committed.extend(image_id for image_id, _ in batch.ok)
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(len(pixels), -1)[:, :8].astype(np.float32)
+
+    with pytest.raises(OSError, match="disk full"):
+        extract.run(list(enumerate(files)), model, 64, on_batch, batch_size=4, workers=1)
+    assert committed and committed == sorted(committed)
