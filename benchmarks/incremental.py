@@ -27,9 +27,15 @@ from pathlib import Path
 CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
 
 
+#: Every STRIDE-th Caltech file in path order (4: n images spread over all classes; --stride 1 for all).
+STRIDE = 4
+
+
 def caltech(n: int, skip: int = 0) -> list[Path]:
-    """n images spread over all classes (every 4th file in path order), after the first `skip`."""
-    files = sorted(CALTECH.glob("*/*.jpg"))[::4]
+    """n images spread over all classes (every STRIDE-th file in path order), after the first `skip`."""
+    files = sorted(CALTECH.glob("*/*.jpg"))[::STRIDE]
+    if skip + n > len(files):
+        raise SystemExit(f"only {len(files)} Caltech images at stride {STRIDE}; lower --images/--add/--queries")
     return files[skip : skip + n]
 
 
@@ -110,14 +116,17 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    global STRIDE
     from ris.bench import machine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--add", type=int, default=20)
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--stride", type=int, default=STRIDE, help="take every n-th Caltech file (1: all 9,144)")
     ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
     args = ap.parse_args()
+    STRIDE = args.stride
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ris-incremental-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
