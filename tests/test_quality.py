@@ -140,9 +140,28 @@ def test_milvus_store_holds_the_augmented_vectors(dba_collection: Path, subset_d
         np.testing.assert_allclose([m.score for m in g.matches], [m.score for m in w.matches], atol=1e-4)
 
 
+def test_copy_detection_with_verification(subset_collection: Path) -> None:
+    out = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "4", "--verify", "--json").stdout)
+    assert out["transforms"]["all"]["recall@1"] >= 0.9
+
+
 def test_copy_detection_refuses_another_dba(dba_collection: Path) -> None:
     proc = run_cli("eval", "-c", str(dba_collection), "--copies", "5", "--dba", "3", check=False)
     assert proc.returncode == 1 and "ris index" in proc.stderr
+
+
+@pytest.mark.parametrize("transform", ["rotate10", "gray", "flip", "border", "crop"])
+def test_verification_puts_a_copy_s_original_first(subset_dir: Path, transform: str) -> None:
+    from ris.decode import open_image, read_file
+    from ris.demo import TRANSFORMS
+    from ris.verify import Verifier
+
+    files = [str(f) for f in sorted((subset_dir / "airplanes").glob("*.jpg"))]
+    copy = TRANSFORMS[transform](open_image(read_file(files[0])))
+    v = Verifier()
+    assert v.first(copy, [files[1], files[2], files[0]]) == 2  # confirmed: moves up
+    assert v.first(copy, [files[0], files[1], files[2]]) == 0  # already first
+    assert v.first(copy, [files[1], files[2], files[3]]) == 0  # no candidate confirmed: order kept
 
 
 def test_rmac_regions_cover_the_map() -> None:

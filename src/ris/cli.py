@@ -267,6 +267,7 @@ def evaluate(
     dba: Annotated[
         int | None, typer.Option("--dba", help="Rank as if indexed with --dba N (default: the collection's; not --copies).")
     ] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="--copies: geometric verification of the top 5 (ris.verify).")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
@@ -288,7 +289,7 @@ def evaluate(
             if dba is not None and dba != coll.manifest.dba:
                 raise RisError(f"copy detection searches the collection as indexed (--dba {coll.manifest.dba}); "
                                f"to measure --dba {dba}, run `ris index … --dba {dba}` on it first")  # fmt: skip
-            report = ev.copy_detection(coll, copies, k=k, qe=qe)
+            report = ev.copy_detection(coll, copies, k=k, qe=qe, verify=verify)
         if json_out:
             sys.stdout.write(json.dumps({"copies": copies, "transforms": report}) + "\n")
             return

@@ -171,15 +171,19 @@ def queries_against(
 
 
 def copy_detection(
-    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None
+    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None, verify: bool = False
 ) -> dict[str, dict[str, float]]:
     """Recall@1/@k of finding an indexed image from a transformed copy of it, per transform.
 
     `n` indexed images are drawn at random; each gets every transform of `ris.demo.TRANSFORMS`
     (crop, flip, JPEG re-encoding, rescaling, rotation, brightness, border, greyscale, caption).
+    verify: the top results are re-ordered by geometric verification (ris.verify) first.
     """
     from .decode import open_image, read_file
     from .demo import TRANSFORMS
+    from .verify import TOP, Verifier
+
+    verifier = Verifier() if verify else None
 
     rows = coll.catalog.all_rows()
     rng = np.random.default_rng(seed)
@@ -190,9 +194,13 @@ def copy_detection(
         hits1 = hitsk = 0
         for start in range(0, len(picked), batch):
             copies = [transform(img) for img in originals[start : start + batch]]
-            results = coll.search_vectors(coll.embed(copies), k, [name] * len(copies), qe=qe)
-            for row, result in zip(picked[start : start + batch], results, strict=True):
+            results = coll.search_vectors(coll.embed(copies), max(k, TOP) if verify else k, [name] * len(copies), qe=qe)
+            for row, result, copy in zip(picked[start : start + batch], results, copies, strict=True):
                 ids = [m.id for m in result.matches]
+                if verifier is not None and ids:
+                    first = verifier.first(copy, [m.path for m in result.matches])
+                    ids = [ids[first]] + ids[:first] + ids[first + 1 :]
+                ids = ids[:k]
                 hits1 += bool(ids) and ids[0] == row.id
                 hitsk += row.id in ids
         report[name] = {"recall@1": hits1 / len(picked), f"recall@{k}": hitsk / len(picked)}
