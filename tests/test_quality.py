@@ -170,3 +170,21 @@ def test_rmac_regions_cover_the_map() -> None:
     regions = rmac_regions(7, 7)
     assert regions[0] == (0, 0, 7) and len(regions) == 14
     assert all(0 <= t and 0 <= left and t + s <= 7 and left + s <= 7 for t, left, s in regions)
+
+
+def test_search_with_verification_keeps_the_top_set_and_puts_the_original_first(
+    subset_collection: Path, subset_dir: Path, tmp_path: Path
+) -> None:
+    """`ris search --verify`: same top 5 as without, re-ranked 1..5, a rotated copy's original first."""
+    from ris.decode import open_image, read_file
+    from ris.demo import TRANSFORMS
+
+    original = str(sorted((subset_dir / "airplanes").glob("*.jpg"))[0])
+    copy = tmp_path / "copy.jpg"
+    TRANSFORMS["rotate10"](open_image(read_file(original))).save(copy, "JPEG", quality=90)
+    runs = {flag: json.loads(run_cli("search", str(copy), "-c", str(subset_collection), "--json", *flag).stdout)
+            for flag in ((), ("--verify",))}  # fmt: skip
+    plain, verified = runs[()]["matches"], runs[("--verify",)]["matches"]
+    assert {m["path"] for m in verified} == {m["path"] for m in plain} and len(verified) == 5
+    assert [m["rank"] for m in verified] == [1, 2, 3, 4, 5]
+    assert verified[0]["path"] == original

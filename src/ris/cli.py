@@ -183,6 +183,7 @@ def search(
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists visited (default: the collection's).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Geometric check of the top 5: a copy's original first.")] = False,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -191,7 +192,7 @@ def search(
     from .render import grid_png, results_html
 
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(queries, k=k, device=device, qe=qe, nprobe=nprobe)
+        results = coll.search_many(queries, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
     if json_out:
         for r in results:
             sys.stdout.write(json.dumps(r.as_json()) + "\n")

@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, dba, index, milvus_store, models, sources
-from .decode import decode_bytes, read_file, resize
+from .decode import open_image, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
 from .milvus_store import MilvusStore
@@ -563,19 +563,21 @@ class Collection:
                                "dims); run `ris reindex --refit-pca`")  # fmt: skip
         return self._index, self._reducer
 
-    def query_pixels(self, query: Query) -> np.ndarray:
-        """Decode one query (path, bytes, PIL image or HxWx3 array) into model input."""
-        size = self.manifest.input_size
+    def query_image(self, query: Query, draft_size: int | None = None) -> Image.Image:
+        """One query (path, bytes, PIL image or HxWx3 array) as an upright RGB image."""
         try:
             if isinstance(query, Image.Image):
-                return resize(query.convert("RGB"), size)
+                return query.convert("RGB")
             if isinstance(query, np.ndarray):
-                return resize(Image.fromarray(np.asarray(query, dtype=np.uint8)).convert("RGB"), size)
-            if isinstance(query, bytes):
-                return decode_bytes(query, size).pixels
-            return decode_bytes(read_file(str(query)), size).pixels
+                return Image.fromarray(np.asarray(query, dtype=np.uint8)).convert("RGB")
+            return open_image(query if isinstance(query, bytes) else read_file(str(query)), draft_size)
         except DecodeError as exc:
             raise RisError(f"cannot use query {query if isinstance(query, (str, os.PathLike)) else '<image>'}: {exc}") from None
+
+    def query_pixels(self, query: Query) -> np.ndarray:
+        """Decode one query into model input (JPEGs decoded at reduced scale, as indexed images are)."""
+        size = self.manifest.input_size
+        return resize(self.query_image(query, draft_size=size), size)
 
     def reduce(self, raw: np.ndarray) -> np.ndarray:
         """Raw model output -> the unit vectors the index compares (with the latest saved PCA)."""
@@ -590,19 +592,38 @@ class Collection:
         return self.reduce(raw)
 
     def search(
-        self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None
+        self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None,
+        verify: bool = False,
     ) -> SearchResult:
         """The k most similar indexed images to one query (path, bytes, PIL image or HxWx3 array)."""
-        return self.search_many([query], k, device, qe, nprobe)[0]
+        return self.search_many([query], k, device, qe, nprobe, verify)[0]
 
     def search_many(
-        self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None
+        self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None,
+        nprobe: int | None = None, verify: bool = False,
     ) -> list[SearchResult]:
-        """The k most similar indexed images for each query, in one batched model call and search."""
+        """The k most similar indexed images for each query, in one batched model call and search.
+
+        verify: geometric verification (ris.verify) of the top 5 moves the image a query was copied
+        from to the first place when local features confirm it (copy recall@1 0.971 -> 0.982 on
+        Caltech-101; ~20-45 ms a query). The set of the top 5 does not change.
+        """  # fmt: skip
         if k < 1:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
-        return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe, nprobe)
+        if not verify:
+            return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe, nprobe)
+        from .verify import TOP, Verifier
+
+        self._verifier = getattr(self, "_verifier", None) or Verifier()  # keeps candidates' keypoints
+        results = self.search_vectors(vectors, max(k, TOP), [_query_name(q) for q in queries], qe, nprobe)
+        for query, result in zip(queries, results, strict=True):
+            if len(result.matches) > 1:
+                first = self._verifier.first(self.query_image(query), [m.path for m in result.matches])
+                order = [result.matches[first]] + result.matches[:first] + result.matches[first + 1 :]
+                result.matches = [replace(m, rank=rank) for rank, m in enumerate(order[:k], start=1)]
+            result.matches = result.matches[:k]
+        return results
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity).

@@ -181,10 +181,6 @@ def copy_detection(
     """
     from .decode import open_image, read_file
     from .demo import TRANSFORMS
-    from .verify import TOP, Verifier
-
-    verifier = Verifier() if verify else None
-
     rows = coll.catalog.all_rows()
     rng = np.random.default_rng(seed)
     picked = [rows[i] for i in rng.choice(len(rows), size=min(n, len(rows)), replace=False)]
@@ -194,13 +190,9 @@ def copy_detection(
         hits1 = hitsk = 0
         for start in range(0, len(picked), batch):
             copies = [transform(img) for img in originals[start : start + batch]]
-            results = coll.search_vectors(coll.embed(copies), max(k, TOP) if verify else k, [name] * len(copies), qe=qe)
-            for row, result, copy in zip(picked[start : start + batch], results, copies, strict=True):
+            results = coll.search_many(copies, k, qe=qe, verify=verify)  # what `ris search` answers
+            for row, result in zip(picked[start : start + batch], results, strict=True):
                 ids = [m.id for m in result.matches]
-                if verifier is not None and ids:
-                    first = verifier.first(copy, [m.path for m in result.matches])
-                    ids = [ids[first]] + ids[:first] + ids[first + 1 :]
-                ids = ids[:k]
                 hits1 += bool(ids) and ids[0] == row.id
                 hitsk += row.id in ids
         report[name] = {"recall@1": hits1 / len(picked), f"recall@{k}": hitsk / len(picked)}
