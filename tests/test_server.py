@@ -89,6 +89,22 @@ def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collect
     assert [{key: m[key] for key in ("rank", "path", "score", "label")} for m in api["matches"]] == expected["matches"]
 
 
+def test_search_with_verification_answers_as_the_library(client: httpx.Client, collection_path: Path, tmp_path: Path) -> None:
+    """verify=true: the library's verified answer for a rotated copy (top 5 kept, a confirmed original first)."""
+    from ris.decode import open_image, read_file
+    from ris.demo import TRANSFORMS
+
+    original = caltech_images()[3]
+    copy = tmp_path / "rotated.jpg"
+    TRANSFORMS["rotate10"](open_image(read_file(str(original)))).save(copy, "JPEG", quality=90)
+    api = client.post("/api/search", files=upload(copy), data={"k": "5", "verify": "true"})
+    assert api.status_code == 200, api.text
+    with Collection.open(collection_path) as coll:
+        lib = coll.search(str(copy), k=5, verify=True).as_json()["matches"]
+    got = [(m["rank"], m["path"]) for m in api.json()["matches"]]
+    assert got == [(m["rank"], m["path"]) for m in lib] and got[0][1] == str(original)
+
+
 def test_more_like_this_by_id(client: httpx.Client) -> None:
     first = client.post("/api/search", files=upload(caltech_images()[0]), data={"k": "3"}).json()
     other = first["matches"][1]

@@ -611,12 +611,19 @@ class Collection:
         if k < 1:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
+        names = [_query_name(q) for q in queries]
         if not verify:
-            return self.search_vectors(vectors, k, [_query_name(q) for q in queries], qe, nprobe)
-        from .verify import TOP, Verifier
+            return self.search_vectors(vectors, k, names, qe, nprobe)
+        from .verify import TOP
 
-        self._verifier = getattr(self, "_verifier", None) or Verifier()  # keeps candidates' keypoints
-        results = self.search_vectors(vectors, max(k, TOP), [_query_name(q) for q in queries], qe, nprobe)
+        return self.verify_order(self.search_vectors(vectors, max(k, TOP), names, qe, nprobe), queries, k)
+
+    def verify_order(self, results: list[SearchResult], queries: Sequence[Query], k: int) -> list[SearchResult]:
+        """Geometric verification (ris.verify) of each result's top candidates against its query image: a
+        confirmed one moves first, ranks are renumbered, k kept. Candidates' keypoints are cached."""
+        from .verify import Verifier
+
+        self._verifier = getattr(self, "_verifier", None) or Verifier()
         for query, result in zip(queries, results, strict=True):
             if len(result.matches) > 1:
                 first = self._verifier.first(self.query_image(query), [m.path for m in result.matches])

@@ -156,14 +156,21 @@ class CollectionService:
 
     # --- searching ---
 
-    def search(self, pixels: np.ndarray, k: int, name: str) -> SearchResult:
-        """Model in the calling thread, PCA and index lookup on the owner thread."""
-        raw = self.extractor(pixels[None])
-        return self.call(self._lookup, raw, k, name)
+    def search(self, pixels: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
+        """Model in the calling thread, PCA and index lookup on the owner thread.
 
-    def _lookup(self, raw: np.ndarray, k: int, name: str) -> SearchResult:
+        verify_with: the query file's bytes, for geometric verification of the top results (ris.verify)."""
+        raw = self.extractor(pixels[None])
+        return self.call(self._lookup, raw, k, name, verify_with)
+
+    def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
+        from .verify import TOP
+
         # reduce() reloads PCA and index if another process rewrote them
-        return self.coll.search_vectors(self.coll.reduce(raw), k, [name])[0]
+        if verify_with is None:
+            return self.coll.search_vectors(self.coll.reduce(raw), k, [name])[0]
+        results = self.coll.search_vectors(self.coll.reduce(raw), max(k, TOP), [name])
+        return self.coll.verify_order(results, [verify_with], k)[0]
 
     # --- reading ---
 
@@ -409,10 +416,14 @@ def create_app(
         }  # fmt: skip
 
     @app.post("/api/search", response_model=SearchOut, tags=["search"], responses=UPLOAD_ERRORS)
-    def search_upload(file: Annotated[UploadFile, File(description="The query image")], k: KForm = 5) -> dict[str, Any]:
+    def search_upload(
+        file: Annotated[UploadFile, File(description="The query image")], k: KForm = 5,
+        verify: Annotated[bool, Form(description="Geometric check of the top 5: a copy's original first")] = False,
+    ) -> dict[str, Any]:
         """The k indexed images most similar to the uploaded one (the fields of `ris search --json`, plus links)."""
-        pixels = query_pixels(read_upload(file, max_upload_bytes), service.input_size)
-        return _search_out(service.search(pixels, k, file.filename or "<upload>"))
+        data = read_upload(file, max_upload_bytes)
+        pixels = query_pixels(data, service.input_size)
+        return _search_out(service.search(pixels, k, file.filename or "<upload>", data if verify else None))
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"], responses=NOT_FOUND)
     def search_by_id(
