@@ -120,6 +120,7 @@ class Collection:
         self._index = None  # a faiss.Index, or the MilvusStore when the manifest names one
         self._index_mtime: int | None = None
         self._reducer: Reducer | None = None
+        self._verifier = None  # ris.verify.Verifier, made on the first verified search (keeps keypoints)
         self._milvus: MilvusStore | None = None
         self._graph: dba.Graph | None = None  # the DBA graph re-scoring reads (dba.npz), and its mtime
         self._graph_mtime: int | None = None
@@ -623,7 +624,7 @@ class Collection:
         confirmed one moves first, ranks are renumbered, k kept. Candidates' keypoints are cached."""
         from .verify import Verifier
 
-        self._verifier = getattr(self, "_verifier", None) or Verifier()
+        self._verifier = self._verifier or Verifier()
         for query, result in zip(queries, results, strict=True):
             if len(result.matches) > 1:
                 first = self._verifier.first(self.query_image(query), [m.path for m in result.matches])
