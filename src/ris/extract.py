@@ -54,7 +54,6 @@ class Batch:
     ok: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     pixels: Any = None
-    decode_seconds: float = 0.0
 
 
 #: Shared memory the decode workers write pixels into, per running pipeline: (slots, batch_size, size,

@@ -27,10 +27,10 @@ from .models import (
     POOLINGS,
     RMAC_LEVELS,
     VGG16_CFG,
-    file_sha256,
     is_hdf5,
     lite_weights_path,
     resolve_vgg16_weights,
+    weights_digest,
 )  # fmt: skip
 
 
@@ -100,7 +100,6 @@ def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
     return out
 
 
-
 # --- EfficientNet-Lite ---------------------------------------------------------------------------
 
 
@@ -112,7 +111,7 @@ def _build_lite(name: str, pooling: str, weights: str | None) -> tuple[nn.Module
         net = EfficientNet.from_pretrained(name, weights_path=path)
     trunk = PooledConv(net.extract_features, pooling)
     trunk.net = net  # register as a submodule so .to()/.eval() reach it
-    return FeatureNet(trunk, mean=[127.0] * 3, std=[128.0] * 3), file_sha256(path)
+    return FeatureNet(trunk, mean=[127.0] * 3, std=[128.0] * 3), weights_digest(name, str(path))
 
 
 # --- VGG16 ---------------------------------------------------------------------------------------
@@ -199,7 +198,7 @@ def load_vgg16(weights: str | None) -> tuple[VGG16, bool, str]:
     except Exception as exc:  # pickle, h5py and shape errors alike mean "not usable weights"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise RisError(f"{path} is not a VGG16 weights file (torchvision .pth or Keras .h5): {reason}") from None
-    return net, keras, file_sha256(path)
+    return net, keras, weights_digest("vgg16", str(path))
 
 
 def _build_vgg16(name: str, pooling: str, weights: str | None) -> tuple[nn.Module, str]:

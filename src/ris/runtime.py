@@ -2,9 +2,9 @@
 
 On a CPU the graph is exported to ONNX once per (model, pooling, weights, precision) and cached.
 `int8` is static QDQ quantization (ONNX Runtime's tools), calibrated on real photos (the bundled
-sample set), per-channel weights. OpenVINO runs that same file about 1.9x faster than ONNX Runtime
-(Lite0 int8, 2 cores, benchmarks/model_only.py), so it is the CPU default when installed;
-RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
+sample set), per-channel weights. OpenVINO runs that same file about 1.3x faster than ONNX Runtime
+end to end (Lite0 int8, 2 cores, `ris bench`: 335 vs 251 img/s, benchmarks/RESULTS.md), so it is the
+CPU default when installed; RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
 """
 
 from __future__ import annotations

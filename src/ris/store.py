@@ -68,8 +68,7 @@ ROWS_PER_STATEMENT = 300
 
 def _rows(n: int, width: int) -> str:
     """'(?, ?), (?, ?)' for a multi-row VALUES of n rows."""
-    row = "(" + ", ".join("?" * width) + ")"
-    return ", ".join([row] * n)
+    return ", ".join([f"({_marks(width)})"] * n)
 
 
 def _flat(rows: Sequence[tuple]) -> list:
