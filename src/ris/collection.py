@@ -613,13 +613,9 @@ class Collection:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
         names = [_query_name(q) for q in queries]
-        if not verify:
-            return self.search_vectors(vectors, k, names, qe, nprobe)
-        from .verify import TOP
+        return self.search_vectors(vectors, k, names, qe, nprobe, verify_with=queries if verify else None)
 
-        return self.verify_order(self.search_vectors(vectors, max(k, TOP), names, qe, nprobe), queries, k)
-
-    def verify_order(self, results: list[SearchResult], queries: Sequence[Query], k: int) -> list[SearchResult]:
+    def _verify_order(self, results: list[SearchResult], queries: Sequence[Query], k: int) -> None:
         """Geometric verification (ris.verify) of each result's top candidates against its query image: a
         confirmed one moves first, ranks are renumbered, k kept. Candidates' keypoints are cached."""
         from .verify import Verifier
@@ -631,7 +627,6 @@ class Collection:
                 order = [result.matches[first]] + result.matches[:first] + result.matches[first + 1 :]
                 result.matches = [replace(m, rank=rank) for rank, m in enumerate(order[:k], start=1)]
             result.matches = result.matches[:k]
-        return results
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity).
@@ -658,13 +653,21 @@ class Collection:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None, nprobe: int | None = None
+        self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None, nprobe: int | None = None,
+        verify_with: Sequence[Query] | None = None,
     ) -> list[SearchResult]:
         """The k nearest indexed images per vector; qe (default: the collection's) expands queries first.
 
         nprobe (default: the manifest's, else the index's default) trades speed for recall in IVF/HNSW.
         Approximate indexes' candidates are re-scored exactly (scores are then true cosine similarities).
-        """
+        verify_with: the query images (one per vector) whose geometric verification reorders the top 5.
+        """  # fmt: skip
+        if verify_with is not None:
+            from .verify import TOP
+
+            results = self.search_vectors(vectors, max(k, TOP), names, qe, nprobe)
+            self._verify_order(results, verify_with, k)
+            return results
         idx, reducer = self._searchable()
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None

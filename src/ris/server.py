@@ -164,13 +164,9 @@ class CollectionService:
         return self.call(self._lookup, raw, k, name, verify_with)
 
     def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
-        from .verify import TOP
-
         # reduce() reloads PCA and index if another process rewrote them
-        if verify_with is None:
-            return self.coll.search_vectors(self.coll.reduce(raw), k, [name])[0]
-        results = self.coll.search_vectors(self.coll.reduce(raw), max(k, TOP), [name])
-        return self.coll.verify_order(results, [verify_with], k)[0]
+        queries = None if verify_with is None else [verify_with]
+        return self.coll.search_vectors(self.coll.reduce(raw), k, [name], verify_with=queries)[0]
 
     # --- reading ---
 
