@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--originals", type=int, default=500)
     parser.add_argument("--copies-per-kind", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and collection here")
+    parser.add_argument("--pooling", default=None, help="the collection's pooling (default: the model's default)")
     args = parser.parse_args(argv)
 
     from ris.collection import Collection
@@ -149,14 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ris-dupes-"))
     origin = make_dataset(work / "images", args.originals, args.copies_per_kind)
     start = time.perf_counter()
-    with Collection.open_or_create(work / "c.ris") as coll:
+    with Collection.open_or_create(work / "c.ris", pooling=args.pooling) as coll:
         report = coll.index([work / "images"])
         index_s = time.perf_counter() - start
         info = coll.info()
         print(f"# ris dupes precision/recall — {machine()['cpu']}, {os.cpu_count()} cores")
         print(f"# {args.originals} originals + {len(origin) - args.originals} copies "
               f"({', '.join(COPY_KINDS)}), {report.images} images, dims {info['dims']} "
-              f"(PCA {'on' if info['pca'] else 'off'}), indexed in {index_s:.1f} s")  # fmt: skip
+              f"(PCA {'on' if info['pca'] else 'off'}), pooling {coll.manifest.pooling}, indexed in {index_s:.1f} s")  # fmt: skip
         kinds = "".join(f" {k:>8}" for k in COPY_KINDS)
         print(f"{'threshold':>9} {'precision':>9} {'copy-prec':>9} {'recall':>6}{kinds} "
               f"{'pairs':>5} {'true':>4} {'groups':>6} {'seconds':>7}")  # fmt: skip

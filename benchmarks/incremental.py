@@ -74,6 +74,25 @@ def incremental(work: Path, n: int, extra: int) -> list[dict]:
     ]  # fmt: skip
 
 
+def in_process(work: Path) -> dict:
+    """The same index + 1% add through the API in one process (model loaded first, as in `ris serve` or
+    a notebook): the ratio without the per-process constant."""
+    from ris.collection import Collection
+
+    path = work / "api.ris"
+    with Collection.create(path) as coll:
+        coll.extractor("cpu")
+        t = time.perf_counter()
+        coll.index([str(work / "base")], device="cpu")
+        full_s = time.perf_counter() - t
+        t = time.perf_counter()
+        coll.add([str(work / "more")], device="cpu")
+        add_s = time.perf_counter() - t
+    shutil.rmtree(path, ignore_errors=True)
+    return {"run": "API: Collection.index, then .add (one process)", "index_s": full_s, "add_s": add_s,
+            "ratio": add_s / full_s}  # fmt: skip
+
+
 def batching(coll_path: Path, n_queries: int, n_base: int, extra: int) -> list[dict]:
     from ris import index
     from ris.collection import Collection
@@ -134,6 +153,7 @@ def main() -> None:
         full, added, fixed = inc
         ratio = added["wall_s"] / full["wall_s"]
         var = (added["wall_s"] - fixed["wall_s"]) / (full["wall_s"] - fixed["wall_s"])
+        api = in_process(work)
         batch = batching(work / "c.ris", args.queries, args.images, args.add)
     finally:
         if not args.keep:
@@ -144,6 +164,7 @@ def main() -> None:
     print(markdown(inc))
     print(f"\nadd/index wall: {ratio:.3f} ({args.add / args.images:.3f} of the images); "
           f"without the fixed cost: {var:.3f}\n")
+    print(markdown([api]) + "\n")
     print(markdown(batch))
 
 
