@@ -26,12 +26,15 @@ CONFIGS = {  # name: model, pooling, precision, DBA neighbours
     "lite0-gem-fp32": ("efficientnet-lite0", "gem", "fp32", 0),
     "lite0-gem-int8": ("efficientnet-lite0", "gem", "int8", 0),
     "lite0-rmac-int8": ("efficientnet-lite0", "rmac", "int8", 0),
+    "lite0-grid-int8": ("efficientnet-lite0", "grid", "int8", 0),
     "lite0-gem-int8-dba5": ("efficientnet-lite0", "gem", "int8", 5),
     "lite0-gem-int8-dba10": ("efficientnet-lite0", "gem", "int8", 10),
     "lite0-rmac-int8-dba10": ("efficientnet-lite0", "rmac", "int8", 10),
     "lite2-gem-fp32": ("efficientnet-lite2", "gem", "fp32", 0),
     "lite2-gem-int8": ("efficientnet-lite2", "gem", "int8", 0),
     "lite2-rmac-int8": ("efficientnet-lite2", "rmac", "int8", 0),
+    "lite0-grid-int8-dba10": ("efficientnet-lite0", "grid", "int8", 10),
+    "lite2-grid-int8": ("efficientnet-lite2", "grid", "int8", 0),
     "lite2-rmac-int8-dba10": ("efficientnet-lite2", "rmac", "int8", 10),
 }
 

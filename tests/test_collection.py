@@ -179,7 +179,7 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
 def test_pca_is_fitted_once_large_enough_and_refit_on_demand(subset_dir: Path, tmp_path: Path) -> None:
     with Collection.open_or_create(tmp_path / "c.ris", dims=16) as coll:  # 32 images fit a 16-d PCA
         coll.index([subset_dir / "cup", subset_dir / "panda"])
-        assert not coll.info()["pca"] and coll.info()["dims"] == 1280  # 20 images: raw features
+        assert not coll.info()["pca"] and coll.info()["dims"] == coll.manifest.raw_dims == 5120  # 20 images: raw
         coll.add([subset_dir / "airplanes", subset_dir / "sunflower"])
         info = coll.info()
         assert info["pca"] and info["dims"] == 16 and info["images"] == 4 * PER_CLASS
@@ -193,9 +193,10 @@ def test_features_keep_order_and_repeats(subset_collection: Path) -> None:
     """Neighbour lookups ask for the same image several times (query expansion, re-scoring)."""
     with Collection.open(subset_collection) as coll:
         ids = [int(i) for i in coll.catalog.ok_ids()[:3]]
-        once = coll.catalog.features(ids, 1280)
-        repeated = coll.catalog.features([ids[2], ids[0], ids[2], ids[1], ids[0]], 1280)
+        dims = coll.manifest.raw_dims
+        once = coll.catalog.features(ids, dims)
+        repeated = coll.catalog.features([ids[2], ids[0], ids[2], ids[1], ids[0]], dims)
         assert np.array_equal(repeated, once[[2, 0, 2, 1, 0]])
-        assert not coll.catalog.features([10**9], 1280).any()  # unknown id: zeros, never garbage
+        assert not coll.catalog.features([10**9], dims).any()  # unknown id: zeros, never garbage
         expanded = coll.expand(coll.vectors()[1][:8], 5)
         assert np.isfinite(expanded).all() and np.allclose(np.linalg.norm(expanded, axis=1), 1, atol=1e-4)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ris.collection import Collection
-from ris.dupes import DEFAULT_THRESHOLD, find_duplicates, group_indices, similar_pairs
+from ris.dupes import RAW_THRESHOLD, default_threshold, find_duplicates, group_indices, similar_pairs
 
 from .conftest import CALTECH, run_cli
 
@@ -45,7 +45,8 @@ def test_copies_are_found_with_high_precision_and_recall(dupes_set: tuple[Path, 
     bench = _bench()
     assert len(origin) == N_ORIGINALS + 4 * COPIES_PER_KIND
     with Collection.open(path) as coll:
-        groups = find_duplicates(coll, DEFAULT_THRESHOLD)
+        assert default_threshold(coll) == RAW_THRESHOLD  # 80 images: raw features, no PCA yet
+        groups = find_duplicates(coll)
     precision, recall, _, ntrue = bench.pair_scores(groups, origin)
     assert ntrue == 4 * COPIES_PER_KIND
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
@@ -54,7 +55,7 @@ def test_copies_are_found_with_high_precision_and_recall(dupes_set: tuple[Path, 
     assert {r.path for g in exact for r in g.images} == exact_copies | {origin[p] for p in exact_copies}
     assert all(len(g.images) == 2 and g.similarity == 1.0 for g in exact)
     for g in groups:
-        assert DEFAULT_THRESHOLD - 1e-3 <= g.similarity <= 1.0
+        assert RAW_THRESHOLD - 1e-3 <= g.similarity <= 1.0
         assert [r.path for r in g.images] == sorted(r.path for r in g.images)
 
 

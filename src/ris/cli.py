@@ -84,7 +84,7 @@ def index(
     from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: Annotated[str | None, typer.Option(help="rmac (default, R-MAC of GeM regions), gem or avg.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="grid (default: 2x2 GeM cells), rmac, gem or avg.")] = None,
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
@@ -392,7 +392,8 @@ def map_(
 @app.command()
 def dupes(
     collection: CollectionOpt = Path("collection.ris"),
-    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images are near-duplicates.")] = 0.88,
+    threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
+                                                    "(default 0.88; 0.85 before the collection has its PCA).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     csv_out: Annotated[bool, typer.Option("--csv")] = False,
 ) -> None:

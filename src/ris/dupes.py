@@ -22,9 +22,14 @@ from .errors import RisError
 from .store import ImageRow
 
 #: Cosine similarity at or above which two images count as near-duplicates. Chosen by measurement
-#: (benchmarks/dupes_precision.py, 500 Caltech-101 originals + 160 copies): at 0.88 pairs are ~94%
-#: right and ~89% of resized/JPEG-q30/80%-cropped copies are found; 0.85 finds more, 0.90 errs less.
+#: (benchmarks/dupes_precision.py, 500 Caltech-101 originals + 160 copies, grid pooling, PCA 256): at 0.88
+#: recall 0.981 of resized/JPEG-q30/80%-cropped/exact copies, 85% of the pairs with a copy in them right
+#: (73% of all pairs: Caltech holds near-identical photos of its own); 0.85 finds more, 0.92 errs less.
 DEFAULT_THRESHOLD = 0.88
+#: The same on raw features (a collection too small for its PCA yet): unreduced cosines run lower, for
+#: copies and unrelated images alike (60 originals + 20 copies, grid pooling: copies >= 0.835, closest
+#: unrelated pair 0.54; at 0.85 precision 1.0, recall 0.95 where 0.88 found 0.65).
+RAW_THRESHOLD = 0.85
 BLOCK = 4096  # queries per range search: bounds the result buffers on large collections
 PAIRWISE_LIMIT = 2000  # groups up to this size report their exact minimum pairwise similarity
 
@@ -111,8 +116,16 @@ def group_indices(
     return groups
 
 
-def find_duplicates(coll, threshold: float = DEFAULT_THRESHOLD, device: str | None = None) -> list[DupeGroup]:
-    """Groups of exact and near-duplicate images in the collection, largest first (device: see index.search)."""
+def default_threshold(coll) -> float:
+    """The near-duplicate threshold for this collection's vectors: PCA-reduced or raw."""
+    return DEFAULT_THRESHOLD if coll.info()["pca"] else RAW_THRESHOLD
+
+
+def find_duplicates(coll, threshold: float | None = None, device: str | None = None) -> list[DupeGroup]:
+    """Groups of exact and near-duplicate images in the collection, largest first (device: see index.search).
+
+    threshold: default_threshold(coll) when not given."""
+    threshold = default_threshold(coll) if threshold is None else threshold
     if not 0.0 < threshold <= 1.0:
         raise RisError(f"--threshold must be in (0, 1], not {threshold}")
     rows, vectors = coll.vectors()
@@ -161,7 +174,7 @@ def to_text(groups: list[DupeGroup], n_images: int) -> str:
     return "\n".join(lines)
 
 
-def dupes_command(collection: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD,
+def dupes_command(collection: str | os.PathLike, threshold: float | None = None,
                   as_json: bool = False, as_csv: bool = False) -> None:  # fmt: skip
     """`ris dupes`: print the groups as a listing, one JSON object, or CSV rows."""
     import sys

@@ -55,7 +55,7 @@ class FeatureNet(nn.Module):
 
 
 class PooledConv(nn.Module):
-    """A convolutional trunk's last feature map pooled to one vector (average or GeM)."""
+    """A convolutional trunk's last feature map pooled to one vector (average, GeM, R-MAC or a 2x2 grid)."""
 
     def __init__(self, trunk: Callable[[torch.Tensor], torch.Tensor], pooling: str):
         super().__init__()
@@ -70,6 +70,8 @@ class PooledConv(nn.Module):
             return _gem(fmap)
         if self.pooling == "rmac":
             return regional_gem(fmap)
+        if self.pooling == "grid":
+            return grid_gem(fmap)
         return fmap.mean(dim=(2, 3))
 
 
@@ -98,6 +100,14 @@ def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
         v = cubed[:, :, top : top + side, left : left + side].mean(dim=(2, 3)).pow(1.0 / GEM_P)
         out = out + v / v.norm(dim=1, keepdim=True).clamp(min=1e-6)
     return out
+
+
+def grid_gem(fmap: torch.Tensor) -> torch.Tensor:
+    """GeM vectors of the map's 2x2 grid of cells (overlapping on the middle row and column of an odd
+    map), concatenated top-left, top-right, bottom-left, bottom-right: the layout kept, 4x the size."""
+    h, w = int(fmap.shape[2]), int(fmap.shape[3])
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    return torch.cat([_gem(fmap[:, :, t : t + ch, left : left + cw]) for t in (0, h - ch) for left in (0, w - cw)], dim=1)
 
 
 # --- EfficientNet-Lite ---------------------------------------------------------------------------

@@ -29,12 +29,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 #: cheaper than randomized subspace iteration's ~10*n*d*k there (Lite0's 1280-d on 9,145 images: 0.3 s
 #: exact vs 1.4 s randomized with QR on the tall side).
 EXACT_MAX_DIMS = 2048
-#: The PCA is fitted on at most this many images (evenly spaced): enough for 256 axes, bounded memory.
+#: The PCA is fitted on at most this many images (evenly spaced): enough for 256 axes, bounded memory...
 FIT_MAX_IMAGES = 200_000
+#: ...and at most this many bytes of raw features (the grid pooling's 5,120-d: 52k images).
+FIT_MAX_BYTES = 1 << 30
 
 
-def fit_sample(ids: np.ndarray, limit: int = FIT_MAX_IMAGES) -> np.ndarray:
-    """The ids the PCA is fitted on: all of them, or `limit` spread evenly (memory stays bounded)."""
+def fit_sample(ids: np.ndarray, raw_dims: int, limit: int = FIT_MAX_IMAGES) -> np.ndarray:
+    """The ids the PCA is fitted on: all of them, or as many as the limits allow, spread evenly."""
+    limit = min(limit, FIT_MAX_BYTES // (4 * raw_dims))
     if len(ids) <= limit:
         return ids
     return ids[np.linspace(0, len(ids) - 1, limit).astype(np.int64)]

@@ -263,6 +263,7 @@ def load_extractor(
     if runtime == "torch" and precision == "int8":
         raise RisError("int8 runs through OpenVINO / ONNX Runtime on the CPU (--device cpu)")
     pooling = pooling if spec.pooled else "fc2"
+    dim = models.feature_dims(name, pooling)
     if runtime == "torch":
         import torch
 
@@ -271,7 +272,7 @@ def load_extractor(
         net, digest = models.build(name, pooling, weights)
         if device == "cpu":
             torch.set_num_threads(threads or cpu_threads())
-        return TorchExtractor(net, name, spec.input_size, spec.dim, device, precision), digest
+        return TorchExtractor(net, name, spec.input_size, dim, device, precision), digest
     # a cached export needs only the weights' digest: no network built, no PyTorch imported
     digest = models.weights_digest(name, weights)
     fp32 = onnx_model_path(name, pooling, digest, "fp32")
@@ -285,5 +286,5 @@ def load_extractor(
             quantize_int8(fp32, path, spec.input_size)
     threads = threads or cpu_threads()
     if runtime == "openvino":
-        return OpenVinoExtractor(path, name, spec.input_size, spec.dim, threads, precision), digest
-    return OnnxExtractor(path, name, spec.input_size, spec.dim, threads), digest
+        return OpenVinoExtractor(path, name, spec.input_size, dim, threads, precision), digest
+    return OnnxExtractor(path, name, spec.input_size, dim, threads), digest
