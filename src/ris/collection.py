@@ -29,7 +29,7 @@ from .decode import open_image, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
 from .milvus_store import MilvusStore
-from .reduce import DEFAULT_DIMS, Reducer, fit_sample
+from .reduce import DEFAULT_DIMS, Reducer, block_rows, fit_sample
 from .runtime import cpu_runtime
 from .search import Match, SearchResult
 from .store import Catalog
@@ -477,7 +477,7 @@ class Collection:
     def _served(self, reducer: Reducer) -> Callable[[np.ndarray], np.ndarray]:
         """What the index holds for a chunk of ids, rebuilt from the catalogue (re-scoring approximate
         indexes' candidates): reduced vectors, or with DBA their augmented form (graph from dba.npz)."""
-        plain = lambda c: reducer(self.catalog.features(c, self.manifest.raw_dims))  # noqa: E731
+        plain = lambda c: self._read_reduced(reducer, c)  # noqa: E731
         if not self.manifest.dba:
             return plain
         path = self.path / "dba.npz"
@@ -491,8 +491,21 @@ class Collection:
         """Reduced vectors for a chunk of ids: from `raw` (rows in `ids`' sorted order) when the PCA fit
         already read them, else from the catalogue."""
         if raw is None:
-            return lambda chunk: reducer(self.catalog.features(chunk, self.manifest.raw_dims))
-        return lambda chunk: reducer(raw[np.searchsorted(ids, chunk)])
+            return lambda chunk: self._read_reduced(reducer, chunk)
+        return lambda chunk: self._reduced_blocks(reducer, chunk, lambda block: raw[np.searchsorted(ids, block)])
+
+    def _read_reduced(self, reducer: Reducer, ids: np.ndarray) -> np.ndarray:
+        return self._reduced_blocks(reducer, ids, lambda block: self.catalog.features(block, self.manifest.raw_dims))
+
+    @staticmethod
+    def _reduced_blocks(reducer: Reducer, ids: np.ndarray, raw_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Reduced vectors of these ids, their raw features fetched a block at a time (the grid's are 5,120-d)."""
+        out = np.empty((len(ids), reducer.dims), np.float32)
+        step = block_rows(reducer.raw_dims)
+        for start in range(0, len(ids), step):
+            block = ids[start : start + step]
+            out[start : start + len(block)] = reducer(raw_of(block))
+        return out
 
     def _finish_milvus(self, store: MilvusStore, ids: np.ndarray, reducer: Reducer,
                        vectors_for: Callable[[np.ndarray], np.ndarray], changed: np.ndarray) -> None:  # fmt: skip

@@ -31,8 +31,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 EXACT_MAX_DIMS = 2048
 #: The PCA is fitted on at most this many images (evenly spaced): enough for 256 axes, bounded memory...
 FIT_MAX_IMAGES = 200_000
-#: ...and at most this many bytes of raw features (the grid pooling's 5,120-d: 52k images).
-FIT_MAX_BYTES = 1 << 30
+#: ...and at most this many bytes of raw features (1,280-d: 105k images; the grid's 5,120-d: 26k). The fit
+#: holds them twice (as read, and L2-normalised).
+FIT_MAX_BYTES = 512 << 20
+#: Raw bytes reduced at a time (1,638 rows of 5,120-d): the intermediate copies stay small whatever the
+#: chunk asked for.
+REDUCE_BLOCK_BYTES = 32 << 20
+
+
+def block_rows(raw_dims: int) -> int:
+    return max(64, REDUCE_BLOCK_BYTES // (4 * raw_dims))
 
 
 def fit_sample(ids: np.ndarray, raw_dims: int, limit: int = FIT_MAX_IMAGES) -> np.ndarray:
@@ -43,6 +51,11 @@ def fit_sample(ids: np.ndarray, raw_dims: int, limit: int = FIT_MAX_IMAGES) -> n
     return ids[np.linspace(0, len(ids) - 1, limit).astype(np.int64)]
 
 
+def _sum_of_squares(x: np.ndarray) -> float:
+    """Row sums in float32, their total in float64: no float64 copy of x."""
+    return float(np.einsum("ij,ij->i", x, x).sum(dtype=np.float64))
+
+
 def pca(x: np.ndarray, dims: int, oversample: int = 16, power_iters: int = 4, seed: int = 0):
     """Top `dims` principal axes of x: returns (mean, components (dims, d), explained variance ratio).
 
@@ -51,17 +64,19 @@ def pca(x: np.ndarray, dims: int, oversample: int = 16, power_iters: int = 4, se
     on the small d side, then Rayleigh-Ritz to order the axes.
     """
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    xc = x - mean
-    total = float(np.einsum("ij,ij->", xc, xc, dtype=np.float64))
     if x.shape[1] <= EXACT_MAX_DIMS:
+        xc = x - mean
+        total = _sum_of_squares(xc)
         basis = None
         evals, vecs = np.linalg.eigh((xc.T @ xc).astype(np.float64))
-    else:
+    else:  # centred products without a centred copy of x: (x - m) @ b = x @ b - m @ b
+        total = _sum_of_squares(x) - len(x) * float(mean.astype(np.float64) @ mean)
         rng = np.random.default_rng(seed)
         basis = rng.standard_normal((x.shape[1], dims + oversample), dtype=np.float32)
         for _ in range(power_iters + 1):
-            basis = np.linalg.qr(xc.T @ (xc @ basis))[0]
-        y = xc @ basis
+            y = x @ basis - mean @ basis
+            basis = np.linalg.qr(x.T @ y - np.outer(mean, y.sum(axis=0)))[0]
+        y = x @ basis - mean @ basis
         evals, vecs = np.linalg.eigh((y.T @ y).astype(np.float64))
     order = np.argsort(evals)[::-1][:dims]
     axes = vecs[:, order].astype(np.float32)
@@ -97,10 +112,14 @@ class Reducer:
         return self.ratio
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
-        x = l2_normalize(raw)
-        if self.components is not None:
-            x = l2_normalize((x - self.mean) @ self.components.T)
-        return x
+        if self.components is None:
+            return l2_normalize(raw)
+        out = np.empty((len(raw), self.dims), np.float32)
+        step = block_rows(self.raw_dims)
+        for start in range(0, len(raw), step):
+            x = l2_normalize(raw[start : start + step])
+            out[start : start + step] = l2_normalize((x - self.mean) @ self.components.T)
+        return out
 
     def save(self, path: Path) -> None:
         if self.components is None:

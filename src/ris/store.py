@@ -248,7 +248,10 @@ class Catalog:
             )
             for image_id, blob in self.db.execute(q, list(chunk)):
                 out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
-        return out[inverse.reshape(-1)]
+        inverse = inverse.reshape(-1)
+        if len(inverse) == len(unique) and (inverse == np.arange(len(unique))).all():
+            return out  # sorted, no repeats (the usual case): no second copy
+        return out[inverse]
 
     def rows(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = [int(i) for i in ids]

@@ -1,0 +1,44 @@
+"""PCA: the randomized path (wide features, e.g. the grid pooling's 5,120-d) against an exact one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ris import reduce
+
+
+def _structured(n: int, d: int, rank: int, seed: int = 0) -> np.ndarray:
+    """Low-rank signal with decaying variances, an offset mean and a little noise (not i.i.d. noise)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0]
+    coeffs = rng.standard_normal((n, rank)) * np.linspace(10, 1, rank)
+    return (coeffs @ basis.T + 3.0 + 0.01 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_randomized_pca_finds_the_exact_axes_without_a_centred_copy() -> None:
+    x = _structured(1500, reduce.EXACT_MAX_DIMS + 952, rank=40)
+    mean, comps, ratio = reduce.pca(x, 16)
+    xc = x.astype(np.float64) - x.mean(axis=0)
+    evals, vecs = np.linalg.eigh(xc.T @ xc)
+    exact = vecs[:, np.argsort(evals)[::-1][:16]].T
+    cosines = np.abs(np.sum(comps * exact, axis=1))  # each axis, up to its sign
+    assert cosines.min() > 0.999
+    assert np.allclose(mean, x.mean(axis=0), atol=1e-4)
+    assert np.allclose(ratio, np.sort(evals)[::-1][:16] / evals.sum(), rtol=1e-3)
+
+
+def test_reducer_gives_the_same_vectors_in_blocks(monkeypatch) -> None:
+    x = _structured(700, 300, rank=20, seed=1)
+    r = reduce.Reducer.fit(x, 32)
+    whole = r(x)
+    monkeypatch.setattr(reduce, "REDUCE_BLOCK_BYTES", 64 * 4 * 300)  # 64 rows a block
+    assert np.allclose(r(x), whole, atol=1e-6)
+    assert np.allclose(np.linalg.norm(whole, axis=1), 1.0, atol=1e-5)
+
+
+def test_fit_sample_is_bounded_by_bytes() -> None:
+    ids = np.arange(1_000_000)
+    wide = reduce.fit_sample(ids, 5120)
+    assert len(wide) * 5120 * 4 <= reduce.FIT_MAX_BYTES and wide[0] == 0 and wide[-1] == ids[-1]
+    assert abs(len(reduce.fit_sample(ids, 1280)) - 4 * len(wide)) <= 4  # a quarter of the width, 4x the images
+    assert len(reduce.fit_sample(ids[:1000], 5120)) == 1000
