@@ -96,7 +96,8 @@ def confusions(v: np.ndarray, labels: np.ndarray, top: int = 8) -> None:
 
 
 def copy_rows(paths: list[str], feats: dict[str, np.ndarray], run, n: int, configs: list[tuple[str, int]]) -> None:
-    """Recall@1 of transformed copies of n random images among all (same draw as `ris eval --copies`)."""
+    """Recall@1 of transformed copies of n random images among the 8,677 (one draw for every descriptor;
+    not `ris eval --copies`' draw, which picks among all indexed images, BACKGROUND_Google included)."""
     pick = np.random.default_rng(0).choice(len(paths), size=n, replace=False)
     originals = [open_image(read_file(paths[i])) for i in pick]
     reducers = {c: reduced(feats[c[0]], c[1]) for c in configs}
