@@ -27,6 +27,7 @@ CONFIGS = {  # name: model, pooling, precision, DBA neighbours
     "lite0-gem-int8": ("efficientnet-lite0", "gem", "int8", 0),
     "lite0-rmac-int8": ("efficientnet-lite0", "rmac", "int8", 0),
     "lite0-grid-int8": ("efficientnet-lite0", "grid", "int8", 0),
+    "lite0-grid3-int8": ("efficientnet-lite0", "grid3", "int8", 0),
     "lite0-gem-int8-dba5": ("efficientnet-lite0", "gem", "int8", 5),
     "lite0-gem-int8-dba10": ("efficientnet-lite0", "gem", "int8", 10),
     "lite0-rmac-int8-dba10": ("efficientnet-lite0", "rmac", "int8", 10),

@@ -218,3 +218,17 @@ def test_grid_pooling_keeps_the_layout_and_indexes_end_to_end(subset_dir: Path, 
         files = sorted(str(p) for p in subset_dir.glob("*/*.jpg"))[::7]
         results = coll.search_many(files, k=1, device="cpu")
         assert [r.matches[0].path for r in results] == files
+
+
+def test_grid3_cells_tile_a_7x7_map() -> None:
+    """`--pooling grid3`: 3x3 cells of side 3 at rows/columns 0, 2 and 4 of Lite0's 7x7 map, 9 x 1280 raw."""
+    import torch
+
+    from ris import models
+    from ris.networks import _gem, grid_gem
+
+    fmap = torch.rand(2, 8, 7, 7)
+    want = torch.cat([_gem(fmap[:, :, t : t + 3, c : c + 3]) for t in (0, 2, 4) for c in (0, 2, 4)], dim=1)
+    assert torch.equal(grid_gem(fmap, 3), want)
+    assert models.feature_dims("efficientnet-lite0", "grid3") == 9 * 1280
+    assert models.feature_dims("vgg16", "grid3") == 4096  # fc2 is not pooled

@@ -84,7 +84,7 @@ def index(
     from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: Annotated[str | None, typer.Option(help="grid (default: 2x2 GeM cells), rmac, gem or avg.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="grid (default: 2x2 GeM cells), grid3 (3x3), rmac, gem or avg.")] = None,
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",

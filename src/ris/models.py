@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .errors import RisError
 
-POOLINGS = ("avg", "gem", "rmac", "grid")
+POOLINGS = ("avg", "gem", "rmac", "grid", "grid3")
+#: Grid poolings: cells per side (GeM of each cell, concatenated).
+GRID_CELLS = {"grid": 2, "grid3": 3}
 GEM_P = 3.0
 #: R-MAC region levels (Tolias et al. 2016): level l has l x l square regions of side 2*min(h, w)/(l+1).
 RMAC_LEVELS = 3
@@ -147,9 +149,9 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def feature_dims(name: str, pooling: str) -> int:
-    """Raw feature size: the trunk's channels, four times over for `grid` (one GeM vector per 2x2 cell)."""
+    """Raw feature size: the trunk's channels, once per cell for the grid poolings (n x n cells)."""
     spec = get_spec(name)
-    return spec.dim * (4 if spec.pooled and pooling == "grid" else 1)
+    return spec.dim * (GRID_CELLS.get(pooling, 1) ** 2 if spec.pooled else 1)
 
 
 def build(name: str, pooling: str = DEFAULT_POOLING, weights: str | None = None):

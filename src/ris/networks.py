@@ -21,6 +21,7 @@ from .errors import RisError
 from .models import (
     CAFFE_MEAN_BGR,
     GEM_P,
+    GRID_CELLS,
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
     KERAS_CONV_LAYERS,
@@ -70,8 +71,8 @@ class PooledConv(nn.Module):
             return _gem(fmap)
         if self.pooling == "rmac":
             return regional_gem(fmap)
-        if self.pooling == "grid":
-            return grid_gem(fmap)
+        if self.pooling in GRID_CELLS:
+            return grid_gem(fmap, GRID_CELLS[self.pooling])
         return fmap.mean(dim=(2, 3))
 
 
@@ -102,12 +103,15 @@ def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grid_gem(fmap: torch.Tensor) -> torch.Tensor:
-    """GeM vectors of the map's 2x2 grid of cells (overlapping on the middle row and column of an odd
-    map), concatenated top-left, top-right, bottom-left, bottom-right: the layout kept, 4x the size."""
+def grid_gem(fmap: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """GeM vectors of the cells of an n x n grid on the map (side ceil(h/n), spread evenly: on a 7x7 map
+    n=2 gives 4x4 cells overlapping on the middle row and column, n=3 3x3 cells overlapping on two),
+    concatenated row by row, left to right: the layout kept, n*n times the size."""
     h, w = int(fmap.shape[2]), int(fmap.shape[3])
-    ch, cw = (h + 1) // 2, (w + 1) // 2
-    return torch.cat([_gem(fmap[:, :, t : t + ch, left : left + cw]) for t in (0, h - ch) for left in (0, w - cw)], dim=1)
+    sh, sw = -(-h // n), -(-w // n)
+    tops = [round(t) for t in np.linspace(0, h - sh, n)]
+    lefts = [round(t) for t in np.linspace(0, w - sw, n)]
+    return torch.cat([_gem(fmap[:, :, t : t + sh, left : left + sw]) for t in tops for left in lefts], dim=1)
 
 
 # --- EfficientNet-Lite ---------------------------------------------------------------------------
