@@ -3,12 +3,13 @@
     python benchmarks/descriptor_probe.py CALTECH_DIR WORKDIR [--copies 200]
 
 One pass of EfficientNet-Lite0 (PyTorch fp32, 224 px, the project's decode) over the 101 object
-categories keeps, per image, several poolings of the last map (GeM, R-MAC, a 2x2 grid of GeM cells) and
-the ImageNet classifier's logits. Then, without re-extracting: leave-one-out precision@1/@5 and mAP
-(`ris.evaluate.leave_one_out`, PCA by `ris.reduce.Reducer`) for PCA sizes, PCA-whitening, logits fused
-with the descriptor, the grid, and the labels with Faces/Faces_easy (tight crops of the same photos)
-merged; and copy recall@1 over the transforms of `ris eval --copies` for the main candidates.
-The features are cached in WORKDIR (features.npz); figures go to stdout as Markdown.
+categories keeps each image's last 7x7 map (float16, 1.1 GB in WORKDIR/maps.npy). Every descriptor is
+then pooled from the maps without re-extracting — GeM, R-MAC, n x n grids of GeM cells (the project's
+`ris.networks` functions), other GeM powers, the flattened map, the ImageNet classifier's logits — and
+scored by leave-one-out precision@1/@5 and mAP (`ris.evaluate.leave_one_out`, PCA by
+`ris.reduce.Reducer`): PCA sizes, PCA-whitening, logits fused in, DBA, the labels with Faces/Faces_easy
+(tight crops of the same photos) merged; then copy recall@1 over the transforms of `ris eval --copies`
+for the main candidates. Figures go to stdout as Markdown.
 """
 
 from __future__ import annotations
@@ -36,38 +37,61 @@ def images(folder: Path) -> tuple[list[str], np.ndarray]:
     return paths, np.array([Path(p).parent.name for p in paths])
 
 
-def poolings(net) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """uint8 NHWC pixels -> {pooling name: (n, d) features} from one forward pass."""
+def maps_of(lite, pixels: np.ndarray):
+    """uint8 NHWC pixels -> the last feature maps (n, 1280, 7, 7), fp32 PyTorch."""
     import torch
 
-    from ris.networks import _gem, regional_gem
-
-    lite = net.backbone.net
-
-    def run(pixels: np.ndarray) -> dict[str, np.ndarray]:
-        x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - 127.0) / 128.0
-        with torch.inference_mode():
-            fmap = lite.extract_features(x)
-            h, w = fmap.shape[2:]
-            ch, cw = (h + 1) // 2, (w + 1) // 2
-            cells = [fmap[:, :, :ch, :cw], fmap[:, :, :ch, w - cw :], fmap[:, :, h - ch :, :cw], fmap[:, :, h - ch :, w - cw :]]
-            out = {"gem": _gem(fmap), "rmac": regional_gem(fmap), "grid2x2": torch.cat([_gem(c) for c in cells], 1),
-                   "logits": lite._fc(fmap.mean(dim=(2, 3)))}  # fmt: skip
-        return {k: v.numpy() for k, v in out.items()}
-
-    return run
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - 127.0) / 128.0
+    with torch.inference_mode():
+        return lite.extract_features(x)
 
 
-def extract(paths: list[str], run, batch: int = 64) -> dict[str, np.ndarray]:
+def descriptors(lite) -> dict[str, Callable]:
+    """Pooling name -> function of a batch of maps (torch) giving (n, d) features."""
+    from ris.networks import _gem, grid_gem, regional_gem
+
+    def gem_cells(n: int, p: float):
+        def pool(f):
+            h = f.shape[2]
+            side = -(-h // n)
+            starts = [round(t) for t in np.linspace(0, h - side, n)]
+            return torch_cat([f[:, :, t : t + side, c : c + side].clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
+                              for t in starts for c in starts])  # fmt: skip
+        return pool
+
+    return {"gem": _gem, "rmac": regional_gem, "grid": lambda f: grid_gem(f, 2), "grid3": lambda f: grid_gem(f, 3),
+            "grid4": lambda f: grid_gem(f, 4), "grid p2": gem_cells(2, 2.0), "grid p4": gem_cells(2, 4.0),
+            "grid + gem": lambda f: torch_cat([_gem(f), grid_gem(f, 2)]), "map": lambda f: f.clamp(min=0).flatten(1),
+            "logits": lambda f: lite._fc(f.mean(dim=(2, 3)))}  # fmt: skip
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts, dim=1)
+
+
+def pooled(maps: np.ndarray, fn: Callable, chunk: int = 512) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([fn(torch.from_numpy(np.asarray(maps[s : s + chunk], np.float32))).numpy()
+                               for s in range(0, len(maps), chunk)])  # fmt: skip
+
+
+def extract(paths: list[str], lite, out: Path, batch: int = 64) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
-    parts: dict[str, list[np.ndarray]] = {}
+    maps = None
     with ThreadPoolExecutor(2) as pool:
         for start in range(0, len(paths), batch):
             pixels = np.stack(list(pool.map(lambda p: decode_file(p, SIZE).pixels, paths[start : start + batch])))
-            for k, v in run(pixels).items():
-                parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}
+            m = maps_of(lite, pixels).numpy()
+            if maps is None:
+                maps = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(paths), *m.shape[1:]))
+            maps[start : start + batch] = m
+    maps.flush()
+    return maps
 
 
 def reduced(x: np.ndarray, dims: int, whiten: float = 0.0) -> tuple[Reducer, np.ndarray]:
@@ -95,18 +119,23 @@ def confusions(v: np.ndarray, labels: np.ndarray, top: int = 8) -> None:
     print(f"\nwrong top-5 neighbours: {total}; " + ", ".join(f"{a} -> {b} {c}" for (a, b), c in wrong.most_common(top)))
 
 
-def copy_rows(paths: list[str], feats: dict[str, np.ndarray], run, n: int, configs: list[tuple[str, int]]) -> None:
+def copy_rows(paths: list[str], feats: dict[str, np.ndarray], lite, pools: dict[str, Callable], n: int,
+              configs: list[tuple[str, int]]) -> None:  # fmt: skip
     """Recall@1 of transformed copies of n random images among the 8,677 (one draw for every descriptor;
     not `ris eval --copies`' draw, which picks among all indexed images, BACKGROUND_Google included)."""
+    import torch
+
     pick = np.random.default_rng(0).choice(len(paths), size=n, replace=False)
     originals = [open_image(read_file(paths[i])) for i in pick]
     reducers = {c: reduced(feats[c[0]], c[1]) for c in configs}
     hits: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     names = list(TRANSFORMS)
     for t in names:
-        q = run(np.stack([resize(TRANSFORMS[t](img), SIZE) for img in originals]))
+        maps = maps_of(lite, np.stack([resize(TRANSFORMS[t](img), SIZE) for img in originals]))
         for c, (r, db) in reducers.items():
-            hits[c].append(float(((r(q[c[0]]) @ db.T).argmax(1) == pick).mean()))
+            with torch.inference_mode():
+                q = r(pools[c[0]](maps).numpy())
+            hits[c].append(float(((q @ db.T).argmax(1) == pick).mean()))
     print("\n| descriptor | dims | " + " | ".join(names) + " | all |\n|---|---|" + "---|" * (len(names) + 1))
     for c, h in hits.items():
         print(f"| {c[0]} | {c[1]} | " + " | ".join(f"{x:.3f}" for x in h) + f" | **{np.mean(h):.3f}** |", flush=True)
@@ -124,20 +153,21 @@ def main() -> None:
 
     torch.set_num_threads(2)
     net, _ = BUILDERS["lite"](MODEL, "rmac", None)
-    run = poolings(net.eval())
+    lite = net.eval().backbone.net
+    pools = descriptors(lite)
     paths, labels = images(args.folder)
     args.work.mkdir(parents=True, exist_ok=True)
-    cache = args.work / "features.npz"
+    cache = args.work / "maps.npy"
     m = machine()
     print(f"# {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{len(paths)} images, {MODEL} fp32 PyTorch")  # fmt: skip
     if cache.exists():
-        feats = dict(np.load(cache))
+        maps = np.load(cache, mmap_mode="r")
     else:
         t = time.perf_counter()
-        feats = extract(paths, run)
-        np.savez(cache, **feats)
+        maps = extract(paths, lite, cache)
         print(f"extraction: {time.perf_counter() - t:.0f} s")
+    feats = {name: pooled(maps, fn) for name, fn in pools.items()}
     print("\n| descriptor | dims | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
     for dims in (64, 96, 128, 192, 256):
         loo_row(f"rmac, PCA {dims}", reduced(feats["rmac"], dims)[1], labels)
@@ -150,13 +180,17 @@ def main() -> None:
     for w in (0.3, 0.5):
         loo_row(f"rmac PCA 256 ⊕ centred logits, weight {w}", np.hstack([np.sqrt(1 - w) * base, np.sqrt(w) * logits]), labels)
     for dims in (128, 256):
-        loo_row(f"grid2x2 (4 GeM cells), PCA {dims}", reduced(feats["grid2x2"], dims)[1], labels)
-    loo_row("grid2x2, PCA 128, --dba 10", reduced(feats["grid2x2"], 128)[1], labels, dba=10)
+        loo_row(f"grid (2x2 GeM cells), PCA {dims}", reduced(feats["grid"], dims)[1], labels)
+    loo_row("grid, PCA 128, --dba 10", reduced(feats["grid"], 128)[1], labels, dba=10)
+    for name in ("grid p2", "grid p4", "grid + gem", "grid3", "grid4", "map"):
+        loo_row(f"{name}, PCA 256", reduced(feats[name], 256)[1], labels)
+    loo_row("grid3, PCA 128", reduced(feats["grid3"], 128)[1], labels)
     merged = np.where(labels == "Faces_easy", "Faces", labels)
     loo_row("rmac, PCA 256, Faces_easy counted as Faces", base, merged)
     confusions(base, labels)
     if args.copies:
-        copy_rows(paths, feats, run, args.copies, [("rmac", 256), ("rmac", 128), ("grid2x2", 128), ("grid2x2", 256)])
+        configs = [("rmac", 256), ("rmac", 128), ("grid", 128), ("grid", 256), ("grid3", 256), ("grid4", 256), ("map", 256)]
+        copy_rows(paths, feats, lite, pools, args.copies, configs)
 
 
 if __name__ == "__main__":
