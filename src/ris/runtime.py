@@ -160,6 +160,8 @@ def export_onnx(net, input_size: int, path: Path) -> None:
     tmp = _atomic_target(path)
     warnings.filterwarnings("ignore", module="torch.onnx")
     warnings.filterwarnings("ignore", message="Constant folding")
+    # the poolings read the map's size as Python ints: constants by design (a model has one input size)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
     try:
         torch.onnx.export(
