@@ -460,8 +460,7 @@ class Collection:
         if not self.manifest.dba:
             was = old.ids if old is not None else np.empty(0, np.int64)
             return plain, np.intersect1d(was, ids), None
-        x = np.concatenate([plain(ids[i : i + 65536]) for i in range(0, len(ids), 65536)]) if len(ids) else \
-            np.zeros((0, reducer.dims), np.float32)
+        x = plain(ids)  # reduced a block at a time (Reducer, _reduced_blocks)
         graph, changed = dba.update(old, ids, x, self.manifest.dba, dba.fingerprint(reducer))
         return (lambda chunk: graph.vectors(chunk, lambda need: x[np.searchsorted(ids, need)])), changed, graph
 
@@ -660,7 +659,7 @@ class Collection:
         found = np.isin(ids, known)
         neighbours = np.zeros((*ids.shape, reducer.dims), np.float32)
         if len(known):
-            neighbours[found] = reducer(self.catalog.features(ids[found], self.manifest.raw_dims))
+            neighbours[found] = self._read_reduced(reducer, ids[found])
         sims = np.where(found, sims, 0)
         weights = np.clip(sims, 0, None)[..., None] ** QE_ALPHA
         out = vectors + (weights * neighbours).sum(axis=1)
@@ -722,8 +721,7 @@ class Collection:
         collection has DBA: then the index holds these averaged with their neighbours, see ris.dba)."""
         _, reducer = self._searchable()
         rows = self.catalog.all_rows()
-        raw = self.catalog.features([r.id for r in rows], self.manifest.raw_dims)
-        return rows, reducer(raw)
+        return rows, self._read_reduced(reducer, np.array([r.id for r in rows], dtype=np.int64))
 
     # --- describing ----------------------------------------------------------------------------
 
