@@ -48,27 +48,14 @@ def maps_of(lite, pixels: np.ndarray):
 
 def descriptors(lite) -> dict[str, Callable]:
     """Pooling name -> function of a batch of maps (torch) giving (n, d) features."""
-    from ris.networks import _gem, grid_gem, regional_gem
-
-    def gem_cells(n: int, p: float):
-        def pool(f):
-            h = f.shape[2]
-            side = -(-h // n)
-            starts = [round(t) for t in np.linspace(0, h - side, n)]
-            return torch_cat([f[:, :, t : t + side, c : c + side].clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
-                              for t in starts for c in starts])  # fmt: skip
-        return pool
-
-    return {"gem": _gem, "rmac": regional_gem, "grid": lambda f: grid_gem(f, 2), "grid3": lambda f: grid_gem(f, 3),
-            "grid4": lambda f: grid_gem(f, 4), "grid p2": gem_cells(2, 2.0), "grid p4": gem_cells(2, 4.0),
-            "grid + gem": lambda f: torch_cat([_gem(f), grid_gem(f, 2)]), "map": lambda f: f.clamp(min=0).flatten(1),
-            "logits": lambda f: lite._fc(f.mean(dim=(2, 3)))}  # fmt: skip
-
-
-def torch_cat(parts):
     import torch
 
-    return torch.cat(parts, dim=1)
+    from ris.networks import _gem, grid_gem, regional_gem
+
+    return {"gem": _gem, "rmac": regional_gem, "grid": lambda f: grid_gem(f, 2), "grid3": lambda f: grid_gem(f, 3),
+            "grid4": lambda f: grid_gem(f, 4), "grid p2": lambda f: grid_gem(f, 2, 2.0), "grid p4": lambda f: grid_gem(f, 2, 4.0),
+            "grid + gem": lambda f: torch.cat([_gem(f), grid_gem(f, 2)], dim=1), "map": lambda f: f.clamp(min=0).flatten(1),
+            "logits": lambda f: lite._fc(f.mean(dim=(2, 3)))}  # fmt: skip
 
 
 def pooled(maps: np.ndarray, fn: Callable, chunk: int = 512) -> np.ndarray:

@@ -76,8 +76,8 @@ class PooledConv(nn.Module):
         return fmap.mean(dim=(2, 3))
 
 
-def _gem(fmap: torch.Tensor) -> torch.Tensor:
-    return fmap.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+def _gem(fmap: torch.Tensor, p: float = GEM_P) -> torch.Tensor:
+    return fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
 def rmac_regions(h: int, w: int, levels: int = RMAC_LEVELS) -> list[tuple[int, int, int]]:
@@ -103,7 +103,7 @@ def regional_gem(fmap: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grid_gem(fmap: torch.Tensor, n: int = 2) -> torch.Tensor:
+def grid_gem(fmap: torch.Tensor, n: int = 2, p: float = GEM_P) -> torch.Tensor:
     """GeM vectors of the cells of an n x n grid on the map (side ceil(h/n), spread evenly: on a 7x7 map
     n=2 gives 4x4 cells overlapping on the middle row and column, n=3 3x3 cells overlapping on two),
     concatenated row by row, left to right: the layout kept, n*n times the size."""
@@ -111,7 +111,7 @@ def grid_gem(fmap: torch.Tensor, n: int = 2) -> torch.Tensor:
     sh, sw = -(-h // n), -(-w // n)
     tops = [round(t) for t in np.linspace(0, h - sh, n)]
     lefts = [round(t) for t in np.linspace(0, w - sw, n)]
-    return torch.cat([_gem(fmap[:, :, t : t + sh, left : left + sw]) for t in tops for left in lefts], dim=1)
+    return torch.cat([_gem(fmap[:, :, t : t + sh, left : left + sw], p) for t in tops for left in lefts], dim=1)
 
 
 # --- EfficientNet-Lite ---------------------------------------------------------------------------
