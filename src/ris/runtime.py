@@ -26,7 +26,7 @@ from .errors import RisError
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-EXPORT_VERSION = 2  # bump when the exported graph or its quantization changes, to invalidate caches
+EXPORT_VERSION = 3  # bump when the exported graph or its quantization changes, to invalidate caches
 
 
 class Extractor(Protocol):
