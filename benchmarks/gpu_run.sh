@@ -3,7 +3,8 @@
 # unique JPEGs from the carried Caltech subset (each re-encoded at $QUALITIES JPEG qualities, so the
 # content-hash dedup cannot short-cut anything), measures the decode stage alone, benchmarks end to
 # end (ris bench, tutorial loop on the same GPU in the same run), GPU search vs CPU, and GPU-vs-CPU
-# features. Every step has its own time limit; results go to $OUT.
+# features. Every step has its own time limit; results go to $OUT. ALSO_POOLINGS="grid rmac" benchmarks
+# Lite0 with those poolings as well, in the same run.
 set -u
 export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
 QUALITIES=${QUALITIES:-"95 92 90 88 85 82 80 78 75 72 70 65"}
@@ -38,9 +39,10 @@ bench() {  # model decode-mode tag extra-args...
   echo "== $model decode=$dec $tag $(date +%T)"
   RIS_DECODE=$dec timeout 100 python3 -m ris bench /tmp/imgs --model $model "$@" --device cuda --batch-size 256 \
     --workers $WORKERS --baseline-limit 300 --json > $OUT/bench_${model}_${dec}${tag}.json 2>>$OUT/log.txt
-  python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}${tag}.json')); print({k: r[k] for k in ('images','images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s','peak_rss_mb')})"
+  python3 -c "import json; r=json.load(open('$OUT/bench_${model}_${dec}${tag}.json')); print({k: r[k] for k in ('pooling','images','images_per_s','baseline_images_per_s','ratio','stages_s','gpu_util_pct','model_load_s','peak_rss_mb')})"
 }
 bench efficientnet-lite0 cpu ""
+for pooling in ${ALSO_POOLINGS:-}; do bench efficientnet-lite0 cpu _$pooling --pooling $pooling; done
 [ "${EAGER:-0}" = 1 ] && RIS_CUDA_GRAPHS=0 bench efficientnet-lite0 cpu _eager
 bench vgg16 cpu "" --weights /tmp/vgg16-random.pth
 if [ "${SEARCH:-1}" = 1 ]; then

@@ -143,6 +143,7 @@ def run_bench(
     baseline: str = "torch",
     baseline_limit: int = 100,
     baseline_weights: str | None = None,
+    pooling: str = models.DEFAULT_POOLING,
 ) -> dict[str, Any]:
     """Index `folder` into a throwaway collection and run the baseline on a prefix of the same files."""
     from .collection import Collection
@@ -153,7 +154,7 @@ def run_bench(
     dev = runtime.resolve_device(device)
     precision = precision or ("int8" if dev == "cpu" else "fp32")
     with tempfile.TemporaryDirectory(prefix="ris-bench-") as tmp:
-        coll = Collection.create(Path(tmp) / "bench.ris", model, models.DEFAULT_POOLING, precision, weights)
+        coll = Collection.create(Path(tmp) / "bench.ris", model, pooling, precision, weights)
         load_start = time.perf_counter()
         ext = coll.extractor(dev)  # export / quantize / upload once, outside the timed run
         size = models.get_spec(model).input_size
@@ -174,6 +175,7 @@ def run_bench(
     t = report.times
     return {
         "model": model,
+        "pooling": pooling if models.get_spec(model).pooled else "fc2",
         "precision": precision if dev == "cpu" else "bf16 autocast",
         "device": dev,
         "images": len(files),
