@@ -30,12 +30,18 @@ def test_search_finds_the_original_of_a_transformed_copy(subset_collection: Path
     query = tmp_path / "panda-copy.png"
     ImageOps.mirror(Image.open(original).convert("RGB")).crop((10, 10, 200, 160)).save(query)
     with Collection.open(subset_collection) as coll:
+        assert coll.manifest.dba and coll.manifest.verify  # the defaults: DBA-served order, verified first result
         result = coll.search(str(query), k=5)
+        query_vector = coll.embed([str(query)])[0]
+        rows, vectors = coll.vectors()
     assert result.matches[0].path == str(original)
     assert result.matches[0].label == "panda"
     assert [m.rank for m in result.matches] == [1, 2, 3, 4, 5]
     scores = [m.score for m in result.matches]
-    assert scores == sorted(scores, reverse=True) and 0.5 < scores[0] <= 1.0001
+    # scores are the plain cosines of query and image; the first is the plain nearest
+    plain = dict(zip([r.id for r in rows], vectors @ query_vector, strict=True))
+    assert scores == pytest.approx([float(plain[m.id]) for m in result.matches], abs=1e-4)
+    assert scores[0] == max(scores) and 0.5 < scores[0] <= 1.0001
 
 
 def test_labels_and_precision_on_the_subset(subset_collection: Path) -> None:
@@ -179,7 +185,7 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
 def test_pca_is_fitted_once_large_enough_and_refit_on_demand(subset_dir: Path, tmp_path: Path) -> None:
     with Collection.open_or_create(tmp_path / "c.ris", dims=16) as coll:  # 32 images fit a 16-d PCA
         coll.index([subset_dir / "cup", subset_dir / "panda"])
-        assert not coll.info()["pca"] and coll.info()["dims"] == coll.manifest.raw_dims == 5120  # 20 images: raw
+        assert not coll.info()["pca"] and coll.info()["dims"] == coll.manifest.raw_dims == 11520  # 20 images: raw
         coll.add([subset_dir / "airplanes", subset_dir / "sunflower"])
         info = coll.info()
         assert info["pca"] and info["dims"] == 16 and info["images"] == 4 * PER_CLASS

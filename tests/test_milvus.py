@@ -76,7 +76,7 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
     with Collection.create(tmp_path / "c.ris", dims=16, store=f"milvus-lite://{tmp_path / 'v.db'}") as coll:
         coll.add([subset_dir / c for c in first])
         store = coll._vector_store()
-        assert store.ntotal == 20 and store.describe() == (5120, "FLAT") and coll.info()["dims"] == 5120
+        assert store.ntotal == 20 and store.describe() == (11520, "FLAT") and coll.info()["dims"] == 11520
         coll.add([subset_dir / c for c in second])
         assert store.ntotal == 60 and store.describe() == (16, "FLAT") and coll.info()["dims"] == 16
         assert np.array_equal(store.ids(), coll.catalog.ok_ids())

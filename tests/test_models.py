@@ -157,7 +157,7 @@ def test_onnx_runtime_matches_pytorch_and_int8_stays_close(pixels) -> None:
     int8, _ = runtime.load_extractor(device="cpu", precision="int8")
     assert digest == digest32
     ref = eager(pixels)
-    assert ref.shape == (2, models.feature_dims("efficientnet-lite0", models.DEFAULT_POOLING)) == (2, 5120)
+    assert ref.shape == (2, models.feature_dims("efficientnet-lite0", models.DEFAULT_POOLING)) == (2, 11520)
     assert _cos(fp32(pixels), ref).min() > 0.9999
     assert _cos(int8(pixels), ref).min() > 0.97
 
@@ -177,8 +177,8 @@ def test_device_selection_degrades_to_cpu() -> None:
 def test_torch_extractor_autocast_matches_fp32(pixels) -> None:
     """The GPU path's dtype handling, exercised on the CPU: bf16 autocast stays close to fp32."""
     net, _ = models.build("efficientnet-lite0")
-    fp32 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 5120, "cpu", "fp32")(pixels)
-    bf16 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 5120, "cpu", "bf16")(pixels)
+    fp32 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 11520, "cpu", "fp32")(pixels)
+    bf16 = torch_runtime.TorchExtractor(net, "efficientnet-lite0", 224, 11520, "cpu", "bf16")(pixels)
     assert bf16.dtype == np.float32 and _cos(bf16, fp32).min() > 0.98
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ris import dba, evaluate, index
-from ris.collection import Collection
+from ris.collection import ANCHOR_POOL, Collection
 from tests.conftest import SUBSET_CLASSES, copy_classes, run_cli
 
 N = 5
@@ -79,11 +79,49 @@ def test_leave_one_out_with_dba_never_lets_the_query_help_itself(dba_collection:
     assert report.map == pytest.approx(np.mean(aps), abs=1e-6)
     plain = evaluate.leave_one_out(x, labels, ks=(1, 5))
     assert report.map >= plain.map - 0.02  # DBA does not break class retrieval on the subset
-    # `ris eval` reports the same figures for the collection as served
+    # `ris eval` reports the collection as served: the first result anchored to the plain nearest
+    served = evaluate.leave_one_out(x, labels, ks=(1, 5), dba=N, anchor=ANCHOR_POOL)
     out = json.loads(run_cli("eval", "-c", str(dba_collection), "--json").stdout)
-    assert out["map"] == pytest.approx(report.map, abs=1e-4)
+    assert out["map"] == pytest.approx(served.map, abs=1e-4)
+    assert out["precision@1"] == pytest.approx(served.precision[1], abs=1e-4)
     off = json.loads(run_cli("eval", "-c", str(dba_collection), "--dba", "0", "--json").stdout)
     assert off["map"] == pytest.approx(plain.map, abs=1e-4)
+
+
+def test_the_first_result_is_the_plain_nearest_and_the_rest_keep_the_served_order(dba_collection: Path) -> None:
+    """Anchoring (ris.evaluate.anchor_first, as Collection.search_vectors serves): with a pool covering
+    every image, precision@1 is exactly the plain vectors' and ranks 2.. are the DBA ranking's."""
+    with Collection.open(dba_collection) as coll:
+        rows, x = coll.vectors()
+        labels = [r.label for r in rows]
+        n = len(x)
+        anchored = evaluate.leave_one_out(x, labels, ks=(1, 5), dba=N, anchor=n)
+        plain = evaluate.leave_one_out(x, labels, ks=(1, 5))
+        assert anchored.precision[1] == pytest.approx(plain.precision[1], abs=1e-9)
+        order = np.argsort(-(x @ x[:3].T).T, axis=1, kind="stable")
+        pinned = evaluate.anchor_first(order[:, 1:], x[:3], x, n)  # each query's own row left out
+        np.testing.assert_array_equal(pinned, order[:, 1:])  # already first: the order is kept
+        swapped = evaluate.anchor_first(order[:, [2, 1, *range(3, n)]], x[:3], x, n)
+        np.testing.assert_array_equal(swapped, order[:, 1:])
+        # a search of an image's own vector: itself first (plain cosine 1), then the served ranking
+        idx, reducer = coll._searchable()
+        served_scores, served, _ = coll._nearest(idx, reducer, x[:1], 8, None)
+        result = coll.search_vectors(x[:1], 5, ["q"])[0]
+    assert result.matches[0].id == rows[0].id and result.matches[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [m.id for m in result.matches[1:]] == [int(i) for i in served[0] if i != rows[0].id][:4]
+
+
+def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above dba.MAX_IMAGES the exact graph (n^2) is not built: plain vectors are served, no dba.npz."""
+    monkeypatch.setattr(dba, "MAX_IMAGES", 15)
+    path = tmp_path / "c.ris"
+    with Collection.create(path, dba=N) as coll:
+        coll.index([subset_dir / "cup"])  # 10 images: DBA on
+        assert (path / "dba.npz").exists() and coll.info()["dba_active"] == N
+        coll.add([subset_dir / "panda"])  # 20: off, the index back to plain vectors
+        assert not (path / "dba.npz").exists() and coll.info()["dba_active"] == 0
+        rows, plain = coll.vectors()
+        np.testing.assert_allclose(held(coll, [r.id for r in rows]), plain, atol=1e-5)
 
 
 def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None:
@@ -107,11 +145,11 @@ def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None
                 np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
             graph = dba.Graph.load(path / "dba.npz")
             np.testing.assert_array_equal(graph.ids, ids)
-            # searching (IVF: candidates re-scored with the augmented vectors) scores what a fresh DBA gives
-            result = coll.search_vectors(want[:3], 3, ["q"] * 3)
-            for row, r in zip(want[:3], result, strict=True):
-                top = int(np.argmax(want @ row))
-                assert r.matches[0].id == ids[top] and r.matches[0].score == pytest.approx(1.0, abs=1e-4)
+            # the served ranking (IVF: candidates re-scored with the augmented vectors) scores what a fresh DBA gives
+            idx, reducer = coll._searchable()
+            scores, found, _ = coll._nearest(idx, reducer, want[:3], 3, None)
+            for row, s, f in zip(want[:3], scores, found, strict=True):
+                assert f[0] == ids[int(np.argmax(want @ row))] and s[0] == pytest.approx(1.0, abs=1e-4)
         # switched off: the index goes back to the plain vectors, the graph file goes
         with Collection.open_or_create(path, dba=0) as coll:
             coll.remove_ids([])
@@ -184,11 +222,14 @@ def test_search_with_verification_keeps_the_top_set_and_puts_the_original_first(
     copy = tmp_path / "copy.jpg"
     TRANSFORMS["rotate10"](open_image(read_file(original))).save(copy, "JPEG", quality=90)
     runs = {flag: json.loads(run_cli("search", str(copy), "-c", str(subset_collection), "--json", *flag).stdout)
-            for flag in ((), ("--verify",))}  # fmt: skip
-    plain, verified = runs[()]["matches"], runs[("--verify",)]["matches"]
-    assert {m["path"] for m in verified} == {m["path"] for m in plain} and len(verified) == 5
-    assert [m["rank"] for m in verified] == [1, 2, 3, 4, 5]
+            for flag in (("--no-verify",), ("--verify",), ())}  # fmt: skip
+    plain, verified = runs[("--no-verify",)]["matches"], runs[("--verify",)]["matches"]
+    assert runs[()]["matches"] == verified  # verification is the collection's default
+    assert len(plain) == len(verified) == 5 and [m["rank"] for m in verified] == [1, 2, 3, 4, 5]
     assert verified[0]["path"] == original
+    # only the first place is chosen by verification; the rest keeps the served order
+    rest = [m["path"] for m in verified[1:]]
+    assert [p for p in (m["path"] for m in plain[1:]) if p in rest] == [p for p in rest if p in {m["path"] for m in plain[1:]}]
 
 
 def test_grid_pooling_keeps_the_layout_and_indexes_end_to_end(subset_dir: Path, tmp_path: Path) -> None:
@@ -229,6 +270,9 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
 
     fmap = torch.rand(2, 8, 7, 7)
     want = torch.cat([_gem(fmap[:, :, t : t + 3, c : c + 3]) for t in (0, 2, 4) for c in (0, 2, 4)], dim=1)
-    assert torch.equal(grid_gem(fmap, 3), want)
+    torch.testing.assert_close(grid_gem(fmap, 3), want)  # one pooling pass: the same up to summation order
+    uneven = torch.rand(2, 8, 8, 6)  # rows 0, 2 and 5 of an 8-high map (not evenly spaced: cell by cell)
+    want = torch.cat([_gem(uneven[:, :, t : t + 3, c : c + 2]) for t in (0, 2, 5) for c in (0, 2, 4)], dim=1)
+    torch.testing.assert_close(grid_gem(uneven, 3), want)
     assert models.feature_dims("efficientnet-lite0", "grid3") == 9 * 1280
     assert models.feature_dims("vgg16", "grid3") == 4096  # fc2 is not pooled

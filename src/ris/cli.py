@@ -183,7 +183,9 @@ def search(
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists visited (default: the collection's).")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Geometric check of the top 5: a copy's original first.")] = False,
+    verify: Annotated[
+        bool | None, typer.Option("--verify/--no-verify", help="Geometric check of the top 5 (default: the collection's).")
+    ] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -268,7 +270,9 @@ def evaluate(
     dba: Annotated[
         int | None, typer.Option("--dba", help="Rank as if indexed with --dba N (default: the collection's; not --copies).")
     ] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="--copies: geometric verification of the top 5 (ris.verify).")] = False,
+    verify: Annotated[
+        bool | None, typer.Option("--verify/--no-verify", help="--copies: geometric verification (default: the collection's).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
@@ -280,7 +284,7 @@ def evaluate(
 
     from . import dba as dba_mod
     from . import evaluate as ev
-    from .collection import Collection
+    from .collection import ANCHOR_POOL, Collection
     from .sources import scan
 
     ks = sorted({1, 5, 10, k})
@@ -303,20 +307,22 @@ def evaluate(
         if len(keep) < 2:
             raise RisError("evaluation needs at least two labelled images (labels are folder names)")
         labels = [rows[i].label for i in keep]
-        n_dba = coll.manifest.dba if dba is None else dba
+        n_dba = dba_mod.active(coll.manifest.dba if dba is None else dba, len(rows))
         if n_dba < 0:
             raise RisError("--dba is a number of neighbours (0 = off)")
+        n_qe = coll.manifest.query_expansion if qe is None else qe
+        anchor = ANCHOR_POOL if n_dba or n_qe else 0  # the first result as served (Collection.search_vectors)
         if queries:
             files = [f for f in scan([queries]) if f.label and f.label not in excluded]
             qvecs = coll.embed([f.path for f in files])
             db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
-            report = ev.queries_against(qvecs, [f.label for f in files], db[keep], labels, ks)
+            report = ev.queries_against(qvecs, [f.label for f in files], db[keep], labels, ks, plain_vectors=vecs[keep],
+                                        anchor=ANCHOR_POOL if n_dba else 0)  # fmt: skip
         else:
             others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
             with progress_bar(enabled=not json_out) as bar:
-                n_qe = coll.manifest.query_expansion if qe is None else qe
                 report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe,
-                                          dba=n_dba, others=others)  # fmt: skip
+                                          dba=n_dba, others=others, anchor=anchor)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return
@@ -339,13 +345,15 @@ def bench(
     baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
     baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
     baseline_weights: Annotated[str | None, typer.Option("--baseline-weights", help="Keras VGG16 .h5 weights.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Descriptor pooling (default: the default collection's).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
     from .bench import run_bench
+    from .models import DEFAULT_POOLING
 
     result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit,
-                       baseline_weights)  # fmt: skip
+                       baseline_weights, pooling or DEFAULT_POOLING)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, dba, index, milvus_store, models, sources
+from .dba import DEFAULT_NEIGHBOURS as DEFAULT_DBA
 from .decode import open_image, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .extract import StageTimes, default_workers
@@ -37,6 +38,8 @@ from .store import Catalog
 FORMAT_VERSION = 1
 Query = str | os.PathLike | Image.Image | np.ndarray | bytes
 
+#: With DBA or αQE, the first result is the plain nearest among this many served candidates (Collection.search_vectors).
+ANCHOR_POOL = 32
 #: Writer-lock descriptors this process holds. A forked child (a decode worker) closes its copies at
 #: once: flock belongs to the open file, so a worker outliving a killed writer would otherwise keep
 #: the collection locked.
@@ -64,6 +67,7 @@ class Manifest:
     pca_dims: int
     query_expansion: int = 0  # αQE: queries averaged with their top-n neighbours before the final search
     dba: int = 0  # αDBA: the index holds each image's vector averaged with its n nearest images (ris.dba)
+    verify: bool = False  # searches verify the first result geometrically (ris.verify), unless asked not to
     index_factory: str = index.AUTO  # a FAISS factory string, or "auto": exact when small, IVF when large
     index_built: str = ""  # the factory index.faiss was built with ("auto" resolved); "" = index_factory
     nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = index.default_nprobe
@@ -139,11 +143,13 @@ class Collection:
         index_factory: str = index.AUTO,
         nprobe: int = 0,
         store: str = "",
-        dba: int = 0,
+        dba: int = DEFAULT_DBA,
+        verify: bool = True,
     ) -> Collection:
         """A new, empty collection. Loads the model once to record its weights' hash.
 
         dba: database-side augmentation, each indexed vector averaged with its `dba` nearest images (ris.dba).
+        verify: searches confirm their first result geometrically by default (ris.verify; ~20-45 ms a query).
 
         store: "" (or "faiss") keeps the vectors in index.faiss; "milvus://HOST:PORT" on a Milvus server,
         "milvus-lite://PATH.db" in an embedded milvus-lite file (a relative PATH is made absolute).
@@ -171,7 +177,7 @@ class Collection:
             manifest = Manifest(
                 model=model, pooling=pooling if spec.pooled else "fc2", precision=precision, weights_sha256=digest,
                 input_size=spec.input_size, raw_dims=raw_dims, dims=raw_dims, pca_dims=dims,
-                index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
+                index_factory=index_factory, nprobe=nprobe, store=store, dba=dba, verify=verify,
                 store_collection=connected.name if connected else "", cpu_runtime=cpu_runtime(),
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )  # fmt: skip
@@ -215,7 +221,7 @@ class Collection:
             return cls.create(
                 root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
                 precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
-                index_factory or index.AUTO, nprobe or 0, store or "", dba or 0,
+                index_factory or index.AUTO, nprobe or 0, store or "", DEFAULT_DBA if dba is None else dba,
             )  # fmt: skip
         coll = cls.open(root, weights)
         m = coll.manifest
@@ -451,17 +457,18 @@ class Collection:
         """(vectors_for, ids whose stored vector must be replaced, DBA graph to keep or None).
 
         Without DBA: the reduced vectors, nothing to replace (unless the index still holds augmented ones).
-        With --dba N: the neighbour graph brought up to date (ris.dba.update: every reduced vector is
-        read, n x dims float32), and vectors derived from it.
+        With --dba N (up to dba.MAX_IMAGES images): the neighbour graph brought up to date (ris.dba.update:
+        every reduced vector is read, n x dims float32), and vectors derived from it.
         """
         plain = self._vectors_for(reducer, ids, raw)
         graph_path = self.path / "dba.npz"
         old = dba.Graph.load(graph_path)
-        if not self.manifest.dba:
+        neighbours = dba.active(self.manifest.dba, len(ids))
+        if not neighbours:
             was = old.ids if old is not None else np.empty(0, np.int64)
             return plain, np.intersect1d(was, ids), None
         x = plain(ids)  # reduced a block at a time (Reducer, _reduced_blocks)
-        graph, changed = dba.update(old, ids, x, self.manifest.dba, dba.fingerprint(reducer))
+        graph, changed = dba.update(old, ids, x, neighbours, dba.fingerprint(reducer))
         return (lambda chunk: graph.vectors(chunk, lambda need: x[np.searchsorted(ids, need)])), changed, graph
 
     def _keep_graph(self, graph: dba.Graph | None) -> None:
@@ -607,39 +614,27 @@ class Collection:
 
     def search(
         self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None,
-        verify: bool = False,
+        verify: bool | None = None,
     ) -> SearchResult:
         """The k most similar indexed images to one query (path, bytes, PIL image or HxWx3 array)."""
         return self.search_many([query], k, device, qe, nprobe, verify)[0]
 
     def search_many(
         self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None,
-        nprobe: int | None = None, verify: bool = False,
+        nprobe: int | None = None, verify: bool | None = None,
     ) -> list[SearchResult]:
         """The k most similar indexed images for each query, in one batched model call and search.
 
-        verify: geometric verification (ris.verify) of the top 5 moves the image a query was copied
-        from to the first place when local features confirm it (copy recall@1 0.972 -> 0.982 on
-        Caltech-101; ~20-45 ms a query). The set of the top 5 does not change.
+        verify (default: the collection's): geometric verification (ris.verify) of the 5 nearest by plain
+        vectors puts the image a query was copied from first when local features confirm it (~20-45 ms
+        a query). See search_vectors for how the first result is chosen.
         """  # fmt: skip
         if k < 1:
             raise RisError("k must be at least 1")
         vectors = self.embed(queries, device)
         names = [_query_name(q) for q in queries]
+        verify = self.manifest.verify if verify is None else verify
         return self.search_vectors(vectors, k, names, qe, nprobe, verify_with=queries if verify else None)
-
-    def _verify_order(self, results: list[SearchResult], queries: Sequence[Query], k: int) -> None:
-        """Geometric verification (ris.verify) of each result's top candidates against its query image: a
-        confirmed one moves first, ranks are renumbered, k kept. Candidates' keypoints are cached."""
-        from .verify import Verifier
-
-        self._verifier = self._verifier or Verifier()
-        for query, result in zip(queries, results, strict=True):
-            if len(result.matches) > 1:
-                first = self._verifier.first(self.query_image(query), [m.path for m in result.matches])
-                order = [result.matches[first]] + result.matches[:first] + result.matches[first + 1 :]
-                result.matches = [replace(m, rank=rank) for rank, m in enumerate(order[:k], start=1)]
-            result.matches = result.matches[:k]
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity).
@@ -673,29 +668,59 @@ class Collection:
 
         nprobe (default: the manifest's, else the index's default) trades speed for recall in IVF/HNSW.
         Approximate indexes' candidates are re-scored exactly (scores are then true cosine similarities).
-        verify_with: the query images (one per vector) whose geometric verification reorders the top 5.
-        """  # fmt: skip
-        if verify_with is not None:
-            from .verify import TOP
 
-            results = self.search_vectors(vectors, max(k, TOP), names, qe, nprobe)
-            self._verify_order(results, verify_with, k)
-            return results
+        The first result is the image nearest to the query by its own (plain) vector: with DBA or αQE the
+        served ranking favours an image's class over the image itself, which loses copies' originals
+        (copy recall@1 0.97 -> 0.89 on Caltech-101), so the first place goes to the plain nearest of the
+        served top ANCHOR_POOL, the rest follow in served order. Scores are then the plain cosines of query
+        and image (the served ones compare with augmented vectors), so after the first they need not decrease.
+        verify_with: the query images (one per vector); the first place goes to the one of the 5 plain
+        nearest that geometric verification confirms (ris.verify), else to the plain nearest.
+        """  # fmt: skip
+        from .verify import TOP
+
         idx, reducer = self._searchable()
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None
+        plain = vectors
         if qe and (total := idx.ntotal):
             vectors = self.expand(vectors, min(qe, total), nprobe)
-        scores, ids, rows = self._nearest(idx, reducer, vectors, k, nprobe)
+        reordered = bool(qe) or self._served_is_augmented()
+        want = max(k, ANCHOR_POOL) if reordered else max(k, TOP) if verify_with is not None else k
+        scores, ids, rows = self._nearest(idx, reducer, vectors, want, nprobe)
+        candidates = [[(float(sc), rows[int(i)]) for sc, i in zip(srow, irow, strict=True) if int(i) in rows]
+                      for srow, irow in zip(scores, ids, strict=True)]  # fmt: skip
+        if reordered:  # plain cosines of the served candidates, their vectors read once for all queries
+            pool = np.unique([row.id for cands in candidates for _, row in cands]).astype(np.int64)
+            pool_vectors = self._read_reduced(reducer, pool) if len(pool) else np.zeros((0, reducer.dims), np.float32)
         results = []
-        for name, srow, irow in zip(names, scores, ids, strict=True):
-            matches = []
-            for score, image_id in zip(srow, irow, strict=True):
-                row = rows.get(int(image_id))
-                if row is not None and len(matches) < k:
-                    matches.append(Match(len(matches) + 1, row.path, float(score), row.label, row.id))
+        for q, (name, cands) in enumerate(zip(names, candidates, strict=True)):
+            if cands and (reordered or verify_with is not None):
+                if reordered:  # scores become the plain cosines, served order kept
+                    plain_scores = pool_vectors[np.searchsorted(pool, [row.id for _, row in cands])] @ plain[q]
+                    cands = [(float(sc), row) for sc, (_, row) in zip(plain_scores, cands, strict=True)]
+                    by_plain = [cands[j] for j in np.argsort(-plain_scores, kind="stable")]
+                else:
+                    by_plain = cands
+                first = 0 if verify_with is None else self._verified_first(verify_with[q], by_plain[:TOP])
+                head = by_plain[first]
+                cands = [head] + [c for c in cands if c[1].id != head[1].id]
+            matches = [Match(rank, row.path, score, row.label, row.id) for rank, (score, row) in enumerate(cands[:k], start=1)]
             results.append(SearchResult(name, matches))
         return results
+
+    def _served_is_augmented(self) -> bool:
+        """Whether the index serves DBA-augmented vectors (a graph is kept), so plain order differs."""
+        return bool(self.manifest.dba) and (self.path / "dba.npz").exists()
+
+    def _verified_first(self, query: Query, candidates: list[tuple[float, Any]]) -> int:
+        """Which of the candidates (plain order) geometric verification puts first (ris.verify; keypoints cached)."""
+        from .verify import Verifier
+
+        if len(candidates) < 2:
+            return 0
+        self._verifier = self._verifier or Verifier()
+        return self._verifier.first(self.query_image(query), [row.path for _, row in candidates])
 
     def _nearest(self, idx, reducer: Reducer, vectors: np.ndarray, k: int, nprobe: int | None):
         """(scores, ids, rows by id) of at least the k nearest searchable images per vector; -1 where none.
@@ -746,6 +771,8 @@ class Collection:
             "index_built": m.index_built or m.index_factory,
             "nprobe": m.nprobe,
             "dba": m.dba,
+            "dba_active": dba.active(m.dba, counts["ok"]),
+            "verify": m.verify,
             "store": m.store or "faiss",
             "store_collection": m.store_collection,
             "format_version": m.format_version,

@@ -28,6 +28,17 @@ from . import index
 DBA_ALPHA = 3.0
 #: More neighbours than this blur classes together (and cost n x N memory in the graph).
 MAX_NEIGHBOURS = 100
+#: New collections' setting: 10 neighbours (the default descriptor's best P@5 and mAP, RESULTS.md).
+DEFAULT_NEIGHBOURS = 10
+#: Above this many images DBA is off (plain vectors served): the exact graph costs n^2 x dims flops,
+#: ~30 s at 100k on 2 cores but ~1 h at 1M, and each add m x n. Collections this large are searched
+#: by an approximate index anyway (index.APPROX_FROM).
+MAX_IMAGES = 100_000
+
+
+def active(neighbours: int, images: int) -> int:
+    """The neighbours DBA uses for a collection of this many images with this setting (0: off)."""
+    return neighbours if images <= MAX_IMAGES else 0
 
 
 def neighbours(x: np.ndarray, n: int, rows: np.ndarray | None = None, block: int = 4096,

@@ -74,6 +74,16 @@ def _drop(scores: np.ndarray, ids: np.ndarray, own: np.ndarray) -> tuple[np.ndar
     return scores[~gone].reshape(shape), ids[~gone].reshape(shape)
 
 
+def anchor_first(order: np.ndarray, plain_queries: np.ndarray, plain_base: np.ndarray, pool: int) -> np.ndarray:
+    """Rankings (rows of base positions) with the plain nearest of each row's first `pool` moved to the
+    front: how a collection with DBA or αQE serves its first result (Collection.search_vectors)."""
+    head = order[:, :pool]
+    sims = np.einsum("nd,nkd->nk", plain_queries, plain_base[head])
+    first = head[np.arange(len(order)), sims.argmax(axis=1)]
+    rest = order[order != first[:, None]].reshape(len(order), order.shape[1] - 1)
+    return np.concatenate([first[:, None], rest], axis=1)
+
+
 def _score_rankings(rel: np.ndarray, n_rel: np.ndarray, ks: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Precision@k and average precision per row of a ranked relevance matrix (rel[i, r]: rank r+1 relevant)."""
     hits = np.cumsum(rel, axis=1)
@@ -93,13 +103,15 @@ def leave_one_out(
     device: str | None = None,
     dba: int = 0,
     others: np.ndarray | None = None,
+    anchor: int = 0,
 ) -> EvalReport:
     """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
 
     qe > 0 expands each query with its qe nearest other images first (αQE, as `search` does).
     dba > 0 ranks against a database augmented as a collection with `--dba` holds it (ris.dba), each
     database vector rebuilt without the query among its neighbours (what it would be had the query
-    never been indexed); queries stay plain. others: the collection's unlabelled vectors, which take
+    never been indexed); queries stay plain. anchor > 0: the plain nearest of the first `anchor` ranked
+    goes first (as served with DBA or αQE, see anchor_first). others: the collection's unlabelled vectors, which take
     part as DBA neighbours but are not ranked.
     device: where the rankings are computed (`index.search`; default RIS_SEARCH_DEVICE, else auto).
     """
@@ -128,6 +140,8 @@ def leave_one_out(
             patch(dense, start, stop)
             ranked = np.argsort(-dense, axis=1, kind="stable")
         order = ranked[ranked != np.arange(start, stop)[:, None]].reshape(stop - start, n - 1)
+        if anchor:
+            order = anchor_first(order, x[start:stop], x, anchor)
         rel = y[order] == y[start:stop, None]
         block_prec, ap[start:stop] = _score_rankings(rel, class_sizes[y[start:stop]] - 1, ks)
         for k in ks:
@@ -150,8 +164,12 @@ def labelled(rows_labels: Sequence[str | None], exclude: Sequence[str] = DEFAULT
 def queries_against(
     query_vectors: np.ndarray, query_labels: Sequence[str], db_vectors: np.ndarray, db_labels: Sequence[str],
     ks: Sequence[int] = (1, 5, 10), block: int = 512, device: str | None = None,
+    plain_vectors: np.ndarray | None = None, anchor: int = 0,
 ) -> EvalReport:  # fmt: skip
-    """Labelled queries (not in the collection) against the collection: precision@k and mAP."""
+    """Labelled queries (not in the collection) against the collection: precision@k and mAP.
+
+    anchor > 0 (db_vectors augmented, plain_vectors the collection's own): the first result is anchored as
+    served (anchor_first)."""
     _, y = np.unique(np.asarray(list(query_labels) + list(db_labels)), return_inverse=True)
     yq, yd = y[: len(query_vectors)], y[len(query_vectors) :]
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
@@ -160,6 +178,8 @@ def queries_against(
     ap = []
     for start in range(0, len(queries), block):
         _, order = index.search(db, queries[start : start + block], len(yd), device=device)
+        if anchor and plain_vectors is not None:
+            order = anchor_first(order, queries[start : start + block], np.asarray(plain_vectors, np.float32), anchor)
         rel = yd[order] == yq[start : start + block, None]
         block_prec, block_ap = _score_rankings(rel, rel.sum(axis=1), ks)
         for k in ks:
@@ -171,13 +191,13 @@ def queries_against(
 
 
 def copy_detection(
-    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None, verify: bool = False
+    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None, verify: bool | None = None
 ) -> dict[str, dict[str, float]]:
     """Recall@1/@k of finding an indexed image from a transformed copy of it, per transform.
 
     `n` indexed images are drawn at random; each gets every transform of `ris.demo.TRANSFORMS`
     (crop, flip, JPEG re-encoding, rescaling, rotation, brightness, border, greyscale, caption).
-    verify: the top results are re-ordered by geometric verification (ris.verify) first.
+    verify (default: the collection's): the first result is chosen by geometric verification (ris.verify).
     """
     from .decode import open_image, read_file
     from .demo import TRANSFORMS

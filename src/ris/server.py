@@ -414,11 +414,14 @@ def create_app(
     @app.post("/api/search", response_model=SearchOut, tags=["search"], responses=UPLOAD_ERRORS)
     def search_upload(
         file: Annotated[UploadFile, File(description="The query image")], k: KForm = 5,
-        verify: Annotated[bool, Form(description="Geometric check of the top 5: a copy's original first")] = False,
+        verify: Annotated[
+            bool | None, Form(description="Geometric check of the top 5: a copy's original first (default: the collection's)")
+        ] = None,
     ) -> dict[str, Any]:
         """The k indexed images most similar to the uploaded one (the fields of `ris search --json`, plus links)."""
         data = read_upload(file, max_upload_bytes)
         pixels = query_pixels(data, service.input_size)
+        verify = service.coll.manifest.verify if verify is None else verify
         return _search_out(service.search(pixels, k, file.filename or "<upload>", data if verify else None))
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"], responses=NOT_FOUND)
