@@ -4,7 +4,8 @@
 # content-hash dedup cannot short-cut anything), measures the decode stage alone, benchmarks end to
 # end (ris bench, tutorial loop on the same GPU in the same run), GPU search vs CPU, and GPU-vs-CPU
 # features. Every step has its own time limit; results go to $OUT. ALSO_POOLINGS="grid rmac" benchmarks
-# Lite0 with those poolings as well, in the same run.
+# Lite0 with those poolings as well, in the same run; VGG=0 and CHECK=0 skip VGG16 and the feature check;
+# WRITE_PROBE=1 times the catalogue's commits alone on /tmp and /dev/shm (benchmarks/commit_throughput.py).
 set -u
 export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
 QUALITIES=${QUALITIES:-"95 92 90 88 85 82 80 78 75 72 70 65"}
@@ -32,10 +33,16 @@ torch.manual_seed(0)
 torch.save(VGG16().state_dict(), "/tmp/vgg16-random.pth")  # speed only: random weights
 print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))
 PY
+if [ "${WRITE_PROBE:-0}" = 1 ]; then
+  echo "== catalogue commits alone (grid3's 11,520-d features, then 1,280-d)"
+  for dir in /tmp /dev/shm; do for dims in 11520 1280; do
+    timeout 60 python3 benchmarks/commit_throughput.py --dims $dims --dir $dir | tee -a $OUT/commits.json
+  done; done
+fi
 echo "== decode stage alone"
 timeout 40 python3 benchmarks/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
 bench() {  # model decode-mode tag extra-args...
-  local model=$1 dec=$2 tag=$3; shift 3
+  local model=$1 dec=$2 tag=$3${TMPDIR:+_$(basename ${TMPDIR})}; shift 3
   echo "== $model decode=$dec $tag $(date +%T)"
   RIS_DECODE=$dec timeout 100 python3 -m ris bench /tmp/imgs --model $model "$@" --device cuda --batch-size 256 \
     --workers $WORKERS --baseline-limit 300 --json > $OUT/bench_${model}_${dec}${tag}.json 2>>$OUT/log.txt
@@ -44,13 +51,13 @@ bench() {  # model decode-mode tag extra-args...
 bench efficientnet-lite0 cpu ""
 for pooling in ${ALSO_POOLINGS:-}; do bench efficientnet-lite0 cpu _$pooling --pooling $pooling; done
 [ "${EAGER:-0}" = 1 ] && RIS_CUDA_GRAPHS=0 bench efficientnet-lite0 cpu _eager
-bench vgg16 cpu "" --weights /tmp/vgg16-random.pth
+[ "${VGG:-1}" = 1 ] && bench vgg16 cpu "" --weights /tmp/vgg16-random.pth
 if [ "${SEARCH:-1}" = 1 ]; then
   echo "== search $(date +%T)"
   timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
 fi
 [ "${DEVICE_DECODE:-1}" = 1 ] && bench efficientnet-lite0 device ""
-for dec in cpu $([ "${DEVICE_DECODE:-1}" = 1 ] && echo device); do
+for dec in $([ "${CHECK:-1}" = 1 ] && echo cpu) $([ "${DEVICE_DECODE:-1}" = 1 ] && echo device); do
   echo "== features GPU (decode=$dec) vs CPU $(date +%T)"
   RIS_DECODE=$dec timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check_$dec.json 2>>$OUT/log.txt | tail -5
 done
