@@ -124,6 +124,25 @@ def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path,
         np.testing.assert_allclose(held(coll, [r.id for r in rows]), plain, atol=1e-5)
 
 
+def test_the_graph_keeps_plain_vectors_and_notices_an_id_that_names_other_content(dba_collection: Path, tmp_path: Path) -> None:
+    """dba.npz stores the plain reduced vectors (a write reads only new images' raw features); if an id's
+    content hash no longer matches (SQLite can reuse the largest rowid), the graph starts over."""
+    path = tmp_path / "c.ris"
+    shutil.copytree(dba_collection, path)
+    with Collection.open(path) as coll:
+        rows, plain = coll.vectors()
+        graph = dba.Graph.load(path / "dba.npz")
+        np.testing.assert_array_equal(graph.ids, [r.id for r in rows])
+        np.testing.assert_allclose(graph.x, plain, atol=1e-6)
+        assert (graph.keys == dba.content_keys([r.sha256 for r in rows])).all()
+        graph.x[0], graph.keys[0] = -graph.x[0], graph.keys[0] + 1  # as if id 0 had held another image
+        graph.save(path / "dba.npz")
+        coll.remove_ids([])  # a write: the graph is rebuilt from the catalogue, not from the stale row
+        ids, want = fresh_dba(coll)
+        np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
+        np.testing.assert_allclose(dba.Graph.load(path / "dba.npz").x, plain, atol=1e-6)
+
+
 def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None:
     """Incremental upkeep (ris.dba.update) gives the from-scratch vectors, in an exact and an IVF index."""
     images = copy_classes(tmp_path / "img", SUBSET_CLASSES, 6)

@@ -90,6 +90,8 @@ class Graph:
     nbrs: np.ndarray  # (len(ids), n) image ids, -1 = none
     sims: np.ndarray  # (len(ids), n) float32, nearest first
     pca: str  # fingerprint of the reducer the similarities were computed with
+    x: np.ndarray | None = None  # the images' plain reduced vectors (rows in ids' order): a write reduces only new ones
+    keys: np.ndarray | None = None  # content_keys of the images: an id that names other content is noticed
 
     @property
     def n(self) -> int:
@@ -97,7 +99,8 @@ class Graph:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca))
+        extra = {} if self.x is None or self.keys is None else {"x": self.x, "keys": self.keys}
+        np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca), **extra)
         os.replace(tmp, path)
 
     @classmethod
@@ -105,7 +108,19 @@ class Graph:
         if not path.exists():
             return None
         with np.load(path) as data:
-            return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]))
+            x, keys = (data["x"], data["keys"]) if "x" in data.files else (None, None)  # older files: no vectors
+            return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x, keys)
+
+    def known_vectors(self, ids: np.ndarray, keys: np.ndarray, pca: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mask of `ids` whose stored plain vector is still theirs, those vectors), or None when the graph
+        cannot vouch for its vectors (none stored, another PCA, or an id that now names other content)."""
+        if self.x is None or self.keys is None or self.pca != pca or not len(self.ids):
+            return None
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        known = self.ids[at] == ids
+        if (self.keys[at[known]] != keys[known]).any():
+            return None
+        return known, self.x[at[known]]
 
     def vectors(self, chunk: np.ndarray, reduced_for, alpha: float = DBA_ALPHA) -> np.ndarray:
         """The augmented vectors of these image ids; reduced_for(ids) gives un-augmented reduced vectors."""
@@ -120,6 +135,11 @@ class Graph:
         x = reduced_for(need)
         pos = np.where(nb >= 0, np.searchsorted(need, nb), -1)
         return augment(x, s, pos, np.searchsorted(need, chunk), alpha)
+
+
+def content_keys(shas: list[str]) -> np.ndarray:
+    """int64 keys of content hashes (their first 60 bits)."""
+    return np.array([int(s[:15], 16) for s in shas], dtype=np.int64)
 
 
 def fingerprint(reducer) -> str:

@@ -19,10 +19,11 @@ def min_images_for(dims: int) -> int:
     return 2 * dims
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length; in_place reuses x's memory when it is float32 and contiguous."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # 3x faster than np.linalg.norm on wide rows
-    return x / np.maximum(norms, 1e-12)
+    return np.divide(x, np.maximum(norms, 1e-12), out=x if in_place else None)
 
 
 #: Up to this many raw dimensions the PCA is exact: the d x d covariance costs n*d^2 and its eigh d^3,
@@ -31,8 +32,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 EXACT_MAX_DIMS = 2048
 #: The PCA is fitted on at most this many images (evenly spaced): enough for 256 axes, bounded memory...
 FIT_MAX_IMAGES = 200_000
-#: ...and at most this many bytes of raw features (1,280-d: 105k images; the grid's 5,120-d: 26k). The fit
-#: holds them twice (as read, and L2-normalised).
+#: ...and at most this many bytes of raw features (1,280-d: 105k images; the grid's 5,120-d: 26k), held once
+#: (a collection's fit normalises them in place).
 FIT_MAX_BYTES = 512 << 20
 #: Raw bytes reduced at a time (1,638 rows of 5,120-d): the intermediate copies stay small whatever the
 #: chunk asked for.
@@ -103,11 +104,13 @@ class Reducer:
         return len(self.components) if self.components is not None else self.raw_dims
 
     @classmethod
-    def fit(cls, raw: np.ndarray, dims: int = DEFAULT_DIMS) -> Reducer:
+    def fit(cls, raw: np.ndarray, dims: int = DEFAULT_DIMS, overwrite: bool = False) -> Reducer:
+        """overwrite: raw may be L2-normalised in place (no second copy of the fit's features; reducing
+        them again afterwards gives the same vectors, since normalising is idempotent)."""
         n, raw_dims = raw.shape
         if dims <= 0 or dims >= raw_dims or n < min_images_for(dims):
             return cls(raw_dims)
-        return cls(raw_dims, *pca(l2_normalize(raw), dims))
+        return cls(raw_dims, *pca(l2_normalize(raw, in_place=overwrite), dims))
 
     def explained_variance(self) -> np.ndarray | None:
         """Fraction of variance kept by each component (for plots and the notebook)."""
