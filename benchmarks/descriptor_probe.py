@@ -8,7 +8,8 @@ then pooled from the maps without re-extracting — GeM, R-MAC, n x n grids of G
 `ris.networks` functions), other GeM powers, the flattened map, the ImageNet classifier's logits — and
 scored by leave-one-out precision@1/@5 and mAP (`ris.evaluate.leave_one_out`, PCA by
 `ris.reduce.Reducer`): PCA sizes, PCA-whitening, logits fused in, DBA, the labels with Faces/Faces_easy
-(tight crops of the same photos) merged; then copy recall@1 over the transforms of `ris eval --copies`
+(tight crops of the same photos) merged, DBA and αQE on the grids with and without the anchored first
+result; then copy recall@1 over the transforms of `ris eval --copies`
 for the main candidates. Figures go to stdout as Markdown.
 """
 
@@ -89,9 +90,23 @@ def reduced(x: np.ndarray, dims: int, whiten: float = 0.0) -> tuple[Reducer, np.
     return r, v
 
 
-def loo_row(name: str, v: np.ndarray, labels: np.ndarray, dba: int = 0) -> None:
-    rep = evaluate.leave_one_out(v, labels, dba=dba)
+def loo_row(name: str, v: np.ndarray, labels: np.ndarray, dba: int = 0, qe: int = 0, anchor: int = 0) -> None:
+    rep = evaluate.leave_one_out(v, labels, dba=dba, qe=qe, anchor=anchor)
     print(f"| {name} | {v.shape[1]} | {rep.precision[1]:.3f} | {rep.precision[5]:.3f} | {rep.map:.3f} |", flush=True)
+
+
+def neighbourhood_rows(feats: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """DBA and αQE on the grid poolings, ranked as served: the first result the plain nearest of the
+    top ANCHOR_POOL (ris.evaluate.anchor_first), and without that anchor."""
+    from ris.collection import ANCHOR_POOL
+
+    print("\n| descriptor (PCA 256), DBA N, αQE n | dims | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
+    for name in ("grid", "grid3"):
+        v = reduced(feats[name], 256)[1]
+        for dba, qe in ((0, 0), (0, 5), (0, 10), (10, 0), (15, 0), (20, 0), (10, 3), (10, 5)):
+            loo_row(f"{name}, DBA {dba}, αQE {qe}", v, labels, dba=dba, qe=qe)
+            if dba or qe:
+                loo_row(f"{name}, DBA {dba}, αQE {qe}, first result anchored", v, labels, dba=dba, qe=qe, anchor=ANCHOR_POOL)
 
 
 def confusions(v: np.ndarray, labels: np.ndarray, top: int = 8) -> None:
@@ -175,6 +190,7 @@ def main() -> None:
     merged = np.where(labels == "Faces_easy", "Faces", labels)
     loo_row("rmac, PCA 256, Faces_easy counted as Faces", base, merged)
     confusions(base, labels)
+    neighbourhood_rows(feats, labels)
     if args.copies:
         configs = [("rmac", 256), ("rmac", 128), ("grid", 128), ("grid", 256), ("grid3", 256), ("grid4", 256), ("map", 256)]
         copy_rows(paths, feats, lite, pools, args.copies, configs)
