@@ -220,6 +220,10 @@ def test_verification_puts_a_copy_s_original_first(subset_dir: Path, transform: 
     assert v.first(copy, [files[1], files[2], files[0]]) == 2  # confirmed: moves up
     assert v.first(copy, [files[0], files[1], files[2]]) == 0  # already first
     assert v.first(copy, [files[1], files[2], files[3]]) == 0  # no candidate confirmed: order kept
+    # a batch, on threads (as search_many verifies): the same answers, in the queries' order
+    jobs = [(lambda: copy, [files[1], files[2], files[0]]), (lambda: copy, [files[1], files[2], files[3]]),
+            (lambda: copy, [files[0]]), (lambda: copy, [files[3], files[0], files[1]])]  # fmt: skip
+    assert Verifier().firsts(jobs, threads=2) == [2, 0, 0, 1]
 
 
 def test_rmac_regions_cover_the_map() -> None:

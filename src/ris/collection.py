@@ -706,17 +706,19 @@ class Collection:
         if reordered:  # plain cosines of the served candidates, their vectors read once for all queries
             pool = np.unique([row.id for cands in candidates for _, row in cands]).astype(np.int64)
             pool_vectors = self._read_reduced(reducer, pool) if len(pool) else np.zeros((0, reducer.dims), np.float32)
+        by_plain = []  # each query's candidates by plain cosine
+        for q, cands in enumerate(candidates):
+            if reordered and cands:  # scores become the plain cosines, served order kept
+                plain_scores = pool_vectors[np.searchsorted(pool, [row.id for _, row in cands])] @ plain[q]
+                candidates[q] = cands = [(float(sc), row) for sc, (_, row) in zip(plain_scores, cands, strict=True)]
+                by_plain.append([cands[j] for j in np.argsort(-plain_scores, kind="stable")])
+            else:
+                by_plain.append(cands)
+        firsts = self._verified_firsts(verify_with, by_plain) if verify_with is not None else [0] * len(candidates)
         results = []
-        for q, (name, cands) in enumerate(zip(names, candidates, strict=True)):
+        for name, cands, ranked, first in zip(names, candidates, by_plain, firsts, strict=True):
             if cands and (reordered or verify_with is not None):
-                if reordered:  # scores become the plain cosines, served order kept
-                    plain_scores = pool_vectors[np.searchsorted(pool, [row.id for _, row in cands])] @ plain[q]
-                    cands = [(float(sc), row) for sc, (_, row) in zip(plain_scores, cands, strict=True)]
-                    by_plain = [cands[j] for j in np.argsort(-plain_scores, kind="stable")]
-                else:
-                    by_plain = cands
-                first = 0 if verify_with is None else self._verified_first(verify_with[q], by_plain[:TOP])
-                head = by_plain[first]
+                head = ranked[first]
                 cands = [head] + [c for c in cands if c[1].id != head[1].id]
             matches = [Match(rank, row.path, score, row.label, row.id) for rank, (score, row) in enumerate(cands[:k], start=1)]
             results.append(SearchResult(name, matches))
@@ -726,14 +728,16 @@ class Collection:
         """Whether the index serves DBA-augmented vectors (a graph is kept), so plain order differs."""
         return bool(self.manifest.dba) and (self.path / "dba.npz").exists()
 
-    def _verified_first(self, query: Query, candidates: list[tuple[float, Any]]) -> int:
-        """Which of the candidates (plain order) geometric verification puts first (ris.verify; keypoints cached)."""
-        from .verify import Verifier
+    def _verified_firsts(self, queries: Sequence[Query], ranked: list[list[tuple[float, Any]]]) -> list[int]:
+        """Which of each query's 5 plain nearest geometric verification puts first (ris.verify; candidates'
+        keypoints cached), the queries spread over the CPU threads."""
+        from . import runtime
+        from .verify import TOP, Verifier
 
-        if len(candidates) < 2:
-            return 0
         self._verifier = self._verifier or Verifier()
-        return self._verifier.first(self.query_image(query), [row.path for _, row in candidates])
+        jobs = [(lambda q=q: self.query_image(q), [row.path for _, row in cands[:TOP]])
+                for q, cands in zip(queries, ranked, strict=True)]  # fmt: skip
+        return self._verifier.firsts(jobs, runtime.cpu_threads())
 
     def _nearest(self, idx, reducer: Reducer, vectors: np.ndarray, k: int, nprobe: int | None):
         """(scores, ids, rows by id) of at least the k nearest searchable images per vector; -1 where none.

@@ -12,8 +12,10 @@ decoded), nothing at indexing time. Measured in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -57,23 +59,37 @@ def inliers(a: Features, b: Features) -> int:
 
 
 class Verifier:
-    """Re-orders a query's top candidates by geometric agreement; candidates' features are cached by path."""
+    """Re-orders a query's top candidates by geometric agreement; candidates' features are cached by path.
+
+    Thread-safe: OpenCV releases the GIL, so a batch of queries is verified on several threads (`firsts`).
+    """
 
     def __init__(self, cache_size: int = 4096):
         self._cache: OrderedDict[str, Features] = OrderedDict()
+        self._lock = threading.Lock()
         self.cache_size = cache_size
 
     def _candidate(self, path: str) -> Features:
         from .decode import open_image, read_file
 
-        if path in self._cache:
-            self._cache.move_to_end(path)
-            return self._cache[path]
-        feats = features(open_image(read_file(path)))
-        self._cache[path] = feats
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            if path in self._cache:
+                self._cache.move_to_end(path)
+                return self._cache[path]
+        feats = features(open_image(read_file(path)))  # outside the lock: another thread may do the same
+        with self._lock:
+            self._cache[path] = feats
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return feats
+
+    def firsts(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[int]:
+        """`first` for many (query loader, candidate paths) pairs, on up to `threads` threads."""
+        run = lambda job: self.first(job[0](), job[1]) if len(job[1]) > 1 else 0  # noqa: E731
+        if threads <= 1 or len(jobs) <= 1:
+            return [run(job) for job in jobs]
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            return list(pool.map(run, jobs))
 
     def first(self, query: Image.Image, paths: Sequence[str]) -> int:
         """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
