@@ -72,11 +72,11 @@ def plan_shards(items: Sequence[tuple[int, str]], shard_size: int, identity: str
 
 def save_shard(shard: Shard, directory: Path, raw_dims: int) -> Path:
     """Write atomically (temp file + rename): a shard file on disk is always whole."""
-    from .store import FEATURE_DTYPE
+    from .store import as_stored
 
     path = directory / shard.name
     tmp = path.with_name(path.name + ".tmp")
-    features = np.stack(shard.features).astype(FEATURE_DTYPE) if shard.features else np.zeros((0, raw_dims), FEATURE_DTYPE)
+    features = as_stored(shard.features, raw_dims)
     with open(tmp, "wb") as fh:
         np.savez(
             fh, ids=np.asarray(shard.ids, np.int64), shas=np.asarray(shard.shas, dtype=str), features=features,
