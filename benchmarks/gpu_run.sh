@@ -5,7 +5,8 @@
 # end (ris bench, tutorial loop on the same GPU in the same run), GPU search vs CPU, and GPU-vs-CPU
 # features. Every step has its own time limit; results go to $OUT. ALSO_POOLINGS="grid rmac" benchmarks
 # Lite0 with those poolings as well, in the same run; VGG=0 and CHECK=0 skip VGG16 and the feature check;
-# WRITE_PROBE=1 times the catalogue's commits alone on /tmp and /dev/shm (benchmarks/commit_throughput.py).
+# WRITE_PROBE=1 times the catalogue's commits alone on /tmp and /dev/shm (benchmarks/commit_throughput.py);
+# PROBE_WRITER=1 the pipeline with a stand-in model (benchmarks/pipeline_writer.py); BENCH=0 stops there.
 set -u
 export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
 QUALITIES=${QUALITIES:-"95 92 90 88 85 82 80 78 75 72 70 65"}
@@ -41,6 +42,11 @@ if [ "${WRITE_PROBE:-0}" = 1 ]; then
 fi
 echo "== decode stage alone"
 timeout 40 python3 benchmarks/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
+if [ "${PROBE_WRITER:-0}" = 1 ]; then
+  echo "== the pipeline's writer with a stand-in model"
+  timeout 150 python3 benchmarks/pipeline_writer.py /tmp/imgs --workers $WORKERS --batch-size 256 ${WRITER_ARGS:-} | tee -a $OUT/writer.json
+fi
+[ "${BENCH:-1}" = 1 ] || exit 0
 bench() {  # model decode-mode tag extra-args...
   local model=$1 dec=$2 tag=$3${TMPDIR:+_$(basename ${TMPDIR})}; shift 3
   echo "== $model decode=$dec $tag $(date +%T)"
