@@ -111,6 +111,21 @@ def test_the_first_result_is_the_plain_nearest_and_the_rest_keep_the_served_orde
     assert [m.id for m in result.matches[1:]] == [int(i) for i in served[0] if i != rows[0].id][:4]
 
 
+def test_verification_is_a_collection_setting(dba_collection: Path, subset_dir: Path, tmp_path: Path) -> None:
+    """New collections verify (manifest `verify`); `ris index --no-verify` records the other default."""
+    path = tmp_path / "c.ris"
+    shutil.copytree(dba_collection, path)
+    assert json.loads((path / "manifest.json").read_text())["verify"] is True
+    run_cli("index", str(subset_dir), "-c", str(path), "--no-verify", "--json")  # a resync: nothing extracted
+    assert json.loads(run_cli("info", "-c", str(path), "--json").stdout)["verify"] is False
+    with Collection.open(path) as coll:
+        assert coll.manifest.verify is False and coll._verifier is None
+        coll.search(str(sorted((subset_dir / "panda").glob("*.jpg"))[0]), k=3)
+        assert coll._verifier is None  # not verified
+        coll.search(str(sorted((subset_dir / "panda").glob("*.jpg"))[0]), k=3, verify=True)
+        assert coll._verifier is not None
+
+
 def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above dba.MAX_IMAGES the exact graph (n^2) is not built: plain vectors are served, no dba.npz."""
     monkeypatch.setattr(dba, "MAX_IMAGES", 15)

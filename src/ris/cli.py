@@ -84,7 +84,7 @@ def index(
     from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    pooling: Annotated[str | None, typer.Option(help="grid (default: 2x2 GeM cells), grid3 (3x3), rmac, gem or avg.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="grid3 (default: 3x3 GeM cells), grid (2x2), rmac, gem or avg.")] = None,
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
@@ -104,12 +104,15 @@ def index(
     dba: Annotated[
         int | None, typer.Option("--dba", help="Database-side augmentation: neighbours averaged into indexed vectors (0: off).")
     ] = None,
+    verify: Annotated[
+        bool | None, typer.Option("--verify/--no-verify", help="Searches verify their first result geometrically (new: on).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
            batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
-           store=store, dba=dba)  # fmt: skip
+           store=store, dba=dba, verify=verify)  # fmt: skip
 
 
 @app.command()
@@ -130,7 +133,8 @@ def add(
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
            json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
-           nprobe: int | None = None, store: str | None = None, dba: int | None = None) -> None:  # fmt: skip
+           nprobe: int | None = None, store: str | None = None, dba: int | None = None,
+           verify: bool | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -139,7 +143,8 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open(collection, weights)
     else:
         coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
-                                         index_factory=index_factory, nprobe=nprobe, store=store, dba=dba)  # fmt: skip
+                                         index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
+                                         verify=verify)  # fmt: skip
     with coll, progress_bar(enabled=not json_out) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip

@@ -210,10 +210,11 @@ class Collection:
         nprobe: int | None = None,
         store: str | None = None,
         dba: int | None = None,
+        verify: bool | None = None,
     ) -> Collection:
         """Open an existing collection (checking it matches what was asked) or create one.
 
-        An index_factory, nprobe or dba other than the manifest's is recorded there; the next
+        An index_factory, nprobe, dba or verify other than the manifest's is recorded there; the next
         index/add/remove run rebuilds the index to match. The store is fixed at creation.
         """
         root = Path(path)
@@ -222,6 +223,7 @@ class Collection:
                 root, model or models.DEFAULT_MODEL, pooling or models.DEFAULT_POOLING,
                 precision or "int8", weights, DEFAULT_DIMS if dims is None else dims,
                 index_factory or index.AUTO, nprobe or 0, store or "", DEFAULT_DBA if dba is None else dba,
+                True if verify is None else verify,
             )  # fmt: skip
         coll = cls.open(root, weights)
         m = coll.manifest
@@ -233,7 +235,7 @@ class Collection:
             if asked is not None and asked != have and not (what == "pooling" and have == "fc2"):
                 raise RisError(f"collection {root} was built with {what} {have}, not {asked}; use another --collection")
         _check_dba(dba or 0)
-        changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe), ("dba", dba))
+        changes = {k: v for k, v in (("index_factory", index_factory), ("nprobe", nprobe), ("dba", dba), ("verify", verify))
                    if v is not None and v != getattr(m, k)}  # fmt: skip
         if changes:
             if m.store:
