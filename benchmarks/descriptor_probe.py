@@ -1,6 +1,6 @@
 """Descriptor variants on the full Caltech-101, from one extraction: what the default's gap is made of.
 
-    python benchmarks/descriptor_probe.py CALTECH_DIR WORKDIR [--copies 200]
+    python benchmarks/descriptor_probe.py CALTECH_DIR WORKDIR [--copies 200] [--only-neighbourhood | --scales 160,288]
 
 One pass of EfficientNet-Lite0 (PyTorch fp32, 224 px, the project's decode) over the 101 object
 categories keeps each image's last 7x7 map (float16, 1.1 GB in WORKDIR/maps.npy). Every descriptor is
@@ -67,13 +67,13 @@ def pooled(maps: np.ndarray, fn: Callable, chunk: int = 512) -> np.ndarray:
                                for s in range(0, len(maps), chunk)])  # fmt: skip
 
 
-def extract(paths: list[str], lite, out: Path, batch: int = 64) -> np.ndarray:
+def extract(paths: list[str], lite, out: Path, batch: int = 64, size: int = SIZE) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
     maps = None
     with ThreadPoolExecutor(2) as pool:
         for start in range(0, len(paths), batch):
-            pixels = np.stack(list(pool.map(lambda p: decode_file(p, SIZE).pixels, paths[start : start + batch])))
+            pixels = np.stack(list(pool.map(lambda p: decode_file(p, size).pixels, paths[start : start + batch])))
             m = maps_of(lite, pixels).numpy()
             if maps is None:
                 maps = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(paths), *m.shape[1:]))
@@ -143,11 +143,39 @@ def copy_rows(paths: list[str], feats: dict[str, np.ndarray], lite, pools: dict[
         print(f"| {c[0]} | {c[1]} | " + " | ".join(f"{x:.3f}" for x in h) + f" | **{np.mean(h):.3f}** |", flush=True)
 
 
+def multiscale_rows(maps: np.ndarray, paths: list[str], labels: np.ndarray, lite, work: Path, scales: list[int]) -> None:
+    """Multi-scale extraction: the grid3 descriptor of the image at other input sizes too (maps cached per
+    size), each L2-normalised, summed; plain and as served with DBA 10. Model cost grows with the pixels."""
+    from ris.collection import ANCHOR_POOL
+    from ris.networks import grid_gem
+
+    def grid3_of(m: np.ndarray) -> np.ndarray:
+        return l2_normalize(pooled(m, lambda f: grid_gem(f, 3)))
+
+    per_scale = {SIZE: grid3_of(maps)}
+    for size in scales:
+        cache = work / f"maps_{size}.npy"
+        t = time.perf_counter()
+        per_scale[size] = grid3_of(np.load(cache, mmap_mode="r") if cache.exists() else extract(paths, lite, cache, size=size))
+        print(f"scale {size}: {time.perf_counter() - t:.0f} s (extraction and pooling)", flush=True)
+    print("\n| grid3 at input sizes (px), PCA 256 | model pixels vs 224 | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
+    combos = [[SIZE]] + [[SIZE, s] for s in scales] + ([[SIZE, *scales]] if len(scales) > 1 else [])
+    for combo in combos:
+        v = reduced(sum(per_scale[s] for s in combo), 256)[1]
+        cost = sum(s * s for s in combo) / SIZE**2
+        for dba in (0, 10):
+            rep = evaluate.leave_one_out(v, labels, dba=dba, anchor=ANCHOR_POOL if dba else 0)
+            name = " + ".join(map(str, combo)) + (", DBA 10 as served" if dba else "")
+            print(f"| {name} | {cost:.2f}× | {rep.precision[1]:.3f} | {rep.precision[5]:.3f} | {rep.map:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("work", type=Path)
     ap.add_argument("--copies", type=int, default=200)
+    ap.add_argument("--only-neighbourhood", action="store_true", help="just the DBA / αQE / anchored-first table")
+    ap.add_argument("--scales", default="", help="multi-scale table only: other input sizes, e.g. 160,288")
     args = ap.parse_args()
     import torch
 
@@ -169,6 +197,12 @@ def main() -> None:
         t = time.perf_counter()
         maps = extract(paths, lite, cache)
         print(f"extraction: {time.perf_counter() - t:.0f} s")
+    if args.scales:
+        multiscale_rows(maps, paths, labels, lite, args.work, [int(x) for x in args.scales.split(",")])
+        return
+    if args.only_neighbourhood:
+        neighbourhood_rows({name: pooled(maps, pools[name]) for name in ("grid", "grid3")}, labels)
+        return
     feats = {name: pooled(maps, fn) for name, fn in pools.items()}
     print("\n| descriptor | dims | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
     for dims in (64, 96, 128, 192, 256):
