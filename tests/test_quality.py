@@ -150,6 +150,9 @@ def test_the_graph_keeps_plain_vectors_and_notices_an_id_that_names_other_conten
         np.testing.assert_array_equal(graph.ids, [r.id for r in rows])
         np.testing.assert_allclose(graph.x, plain, atol=1e-6)
         assert (graph.keys == dba.content_keys([r.sha256 for r in rows])).all()
+        _, reducer = coll._searchable()  # searches read candidates' plain vectors from that copy
+        some = np.array([r.id for r in rows[::7]])
+        np.testing.assert_allclose(coll._plain_of(reducer, some), coll._read_reduced(reducer, some), atol=1e-6)
         graph.x[0], graph.keys[0] = -graph.x[0], graph.keys[0] + 1  # as if id 0 had held another image
         graph.save(path / "dba.npz")
         coll.remove_ids([])  # a write: the graph is rebuilt from the catalogue, not from the stale row
