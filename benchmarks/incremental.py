@@ -29,20 +29,31 @@ CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_
 
 #: Every STRIDE-th Caltech file in path order (4: n images spread over all classes; --stride 1 for all).
 STRIDE = 4
+#: Each Caltech file written once per JPEG quality here (--qualities): unique files, so that collections
+#: larger than Caltech-101 can be measured; empty: the files are copied as they are.
+QUALITIES: list[int] = []
 
 
 def caltech(n: int, skip: int = 0) -> list[Path]:
-    """n images spread over all classes (every STRIDE-th file in path order), after the first `skip`."""
-    files = sorted(CALTECH.glob("*/*.jpg"))[::STRIDE]
+    """n images spread over all classes (every STRIDE-th file in path order), after the first `skip`; with
+    QUALITIES each file counts once per quality (its re-encodings are made by copy_tree)."""
+    files = [f.with_name(f"q{q}_{f.name}") if q else f for f in sorted(CALTECH.glob("*/*.jpg"))[::STRIDE]
+             for q in (QUALITIES or [0])]  # fmt: skip
     if skip + n > len(files):
         raise SystemExit(f"only {len(files)} Caltech images at stride {STRIDE}; lower --images/--add/--queries")
     return files[skip : skip + n]
 
 
 def copy_tree(files: list[Path], root: Path) -> Path:
+    from PIL import Image
+
     for f in files:
         (root / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, root / f.parent.name / f.name)
+        if f.exists():
+            shutil.copy2(f, root / f.parent.name / f.name)
+        else:  # q{quality}_{name}: the Caltech file re-encoded at that quality
+            quality, name = f.name[1:].split("_", 1)
+            Image.open(f.with_name(name)).convert("RGB").save(root / f.parent.name / f.name, "JPEG", quality=int(quality))
     return root
 
 
@@ -97,7 +108,10 @@ def batching(coll_path: Path, n_queries: int, n_base: int, extra: int) -> list[d
     from ris import index
     from ris.collection import Collection
 
-    queries = [str(p) for p in caltech(n_queries, skip=n_base + extra)]
+    # the Caltech files themselves (with --qualities: each once, whatever its re-encodings), not in the collection
+    queries = list(dict.fromkeys(str(p if p.exists() else p.with_name(p.name.split("_", 1)[1]))
+                                 for p in caltech(n_queries, skip=n_base + extra)))  # fmt: skip
+    n_queries = len(queries)
     rows = []
     with Collection.open(coll_path) as coll:
         coll.search_many(queries[:8], k=10, device="cpu")  # warm-up: model loaded, index read, keypoints cached
@@ -146,8 +160,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--stride", type=int, default=STRIDE, help="take every n-th Caltech file (1: all 9,144)")
     ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
+    ap.add_argument("--qualities", default="", help="e.g. 90,80,70: each Caltech file once per JPEG quality")
     args = ap.parse_args()
     STRIDE = args.stride
+    QUALITIES[:] = [int(q) for q in args.qualities.split(",") if q]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ris-incremental-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
