@@ -518,12 +518,12 @@ class Collection:
         (no raw features read: 32 candidates of grid3 are 0.7 MB, ~6 ms), else from the catalogue."""
         ids = np.asarray(ids, dtype=np.int64)
         graph = self._current_graph()
-        if graph is not None and graph.x is not None and len(graph.ids) and len(ids):
+        if graph is not None and graph.x is not None and len(ids):
             if self._fingerprint is None or self._fingerprint[0] is not reducer:
                 self._fingerprint = (reducer, dba.fingerprint(reducer))
-            at = np.minimum(np.searchsorted(graph.ids, ids), len(graph.ids) - 1)
-            if graph.pca == self._fingerprint[1] and (graph.ids[at] == ids).all():
-                return graph.x[at]
+            stored = graph.plain(ids, self._fingerprint[1])
+            if stored is not None:
+                return stored
         return self._read_reduced(reducer, ids)
 
     def _vectors_for(self, reducer: Reducer, ids: np.ndarray, raw: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:

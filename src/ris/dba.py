@@ -111,24 +111,37 @@ class Graph:
             x, keys = (data["x"], data["keys"]) if "x" in data.files else (None, None)  # older files: no vectors
             return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x, keys)
 
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each id's row in the graph, whether the graph holds it); rows of ids it lacks are meaningless."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.ids):
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return at, self.ids[at] == ids
+
     def known_vectors(self, ids: np.ndarray, keys: np.ndarray, pca: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(mask of `ids` whose stored plain vector is still theirs, those vectors), or None when the graph
         cannot vouch for its vectors (none stored, another PCA, or an id that now names other content)."""
-        if self.x is None or self.keys is None or self.pca != pca or not len(self.ids):
+        if self.x is None or self.keys is None or self.pca != pca:
             return None
-        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        known = self.ids[at] == ids
+        at, known = self.locate(ids)
         if (self.keys[at[known]] != keys[known]).any():
             return None
         return known, self.x[at[known]]
 
+    def plain(self, ids: np.ndarray, pca: str) -> np.ndarray | None:
+        """The stored plain vectors of these ids, when the graph holds every one of them for this PCA."""
+        if self.x is None or self.pca != pca:
+            return None
+        at, known = self.locate(ids)
+        return self.x[at] if known.all() else None
+
     def vectors(self, chunk: np.ndarray, reduced_for, alpha: float = DBA_ALPHA) -> np.ndarray:
         """The augmented vectors of these image ids; reduced_for(ids) gives un-augmented reduced vectors."""
         chunk = np.asarray(chunk, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.ids, chunk), max(len(self.ids) - 1, 0))
         if not len(self.ids):
             return reduced_for(chunk)
-        known = self.ids[at] == chunk  # an id the graph does not know keeps its plain vector
+        at, known = self.locate(chunk)  # an id the graph does not know keeps its plain vector
         nb = np.where(known[:, None], self.nbrs[at], -1)
         s = np.where(known[:, None], self.sims[at], 0)
         need = np.unique(np.concatenate([chunk, nb[nb >= 0]]))
