@@ -718,7 +718,7 @@ class Collection:
         plain = vectors
         if qe and (total := idx.ntotal):
             vectors = self.expand(vectors, min(qe, total), nprobe)
-        reordered = bool(qe) or self._served_is_augmented()
+        reordered = bool(qe) or self._current_graph() is not None  # DBA: the index serves augmented vectors
         want = max(k, ANCHOR_POOL) if reordered else max(k, TOP) if verify_with is not None else k
         scores, ids, rows = self._nearest(idx, reducer, vectors, want, nprobe)
         candidates = [[(float(sc), rows[int(i)]) for sc, i in zip(srow, irow, strict=True) if int(i) in rows]
@@ -743,10 +743,6 @@ class Collection:
             matches = [Match(rank, row.path, score, row.label, row.id) for rank, (score, row) in enumerate(cands[:k], start=1)]
             results.append(SearchResult(name, matches))
         return results
-
-    def _served_is_augmented(self) -> bool:
-        """Whether the index serves DBA-augmented vectors (a graph is kept), so plain order differs."""
-        return bool(self.manifest.dba) and (self.path / "dba.npz").exists()
 
     def _verified_firsts(self, queries: Sequence[Query], ranked: list[list[tuple[float, Any]]]) -> list[int]:
         """Which of each query's 5 plain nearest geometric verification puts first (ris.verify; candidates'
