@@ -406,7 +406,7 @@ def map_(
 def dupes(
     collection: CollectionOpt = Path("collection.ris"),
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
-                                                    "(default 0.88; 0.85 before the collection has its PCA).")] = None,
+                                                    "(default 0.88; 0.80 before the collection has its PCA).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     csv_out: Annotated[bool, typer.Option("--csv")] = False,
 ) -> None:

@@ -57,7 +57,7 @@ class FeatureNet(nn.Module):
 
 
 class PooledConv(nn.Module):
-    """A convolutional trunk's last feature map pooled to one vector (average, GeM, R-MAC or a 2x2 grid)."""
+    """A convolutional trunk's last feature map pooled to one vector (average, GeM, R-MAC or an n x n grid)."""
 
     def __init__(self, trunk: Callable[[torch.Tensor], torch.Tensor], pooling: str):
         super().__init__()
