@@ -20,6 +20,11 @@ import numpy as np
 from ris.store import Catalog
 
 
+def pooled_like(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Random features with magnitudes spread over 1e-7..1, as pooled features' are (dark cells ~1e-6)."""
+    return (rng.random(shape) * 10.0 ** rng.uniform(-7, 0, shape)).astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", type=int, default=11520)
@@ -32,8 +37,7 @@ def main() -> None:
             cat.db.executemany("INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, 1, 1, 'x', 'pending')",
                                [(f"/img/{i}.jpg",) for i in range(args.images)])  # fmt: skip
         ids = [r[0] for r in cat.db.execute("SELECT id FROM images ORDER BY id")]
-        rng = np.random.default_rng(0)  # magnitudes spread over 1e-7..1, as pooled features' are (dark cells ~1e-6)
-        feats = (rng.random((256, args.dims)) * 10.0 ** rng.uniform(-7, 0, (256, args.dims))).astype(np.float32)
+        feats = pooled_like(np.random.default_rng(0), (256, args.dims))
         start = time.perf_counter()
         for s in range(0, len(ids), 256):
             ok = [(i, hashlib.sha256(str(i).encode()).hexdigest()) for i in ids[s : s + 256]]  # random keys, as real hashes
