@@ -93,6 +93,35 @@ def test_resync_is_incremental(subset_dir: Path, tmp_path: Path) -> None:
         assert coll.search(str(changed), k=1).matches[0].path == str(changed)
 
 
+def test_ids_are_never_reused_so_a_changed_last_file_is_served_anew(subset_dir: Path, tmp_path: Path) -> None:
+    """SQLite alone gives a deleted largest rowid to the next insert: a changed file that held the largest
+    id got it back, and index.faiss (and the DBA graph), which trust the vectors they hold by id, kept
+    serving the old content. Ids now come from above every id ever given."""
+    photos = _copy_subset(subset_dir, tmp_path / "photos")
+    with Collection.open_or_create(tmp_path / "c.ris") as coll:
+        coll.index([photos])
+        rows, plain = coll.vectors()
+        last = max(rows, key=lambda r: r.id)
+        before = plain[rows.index(last)]
+        other = caltech_files("cup" if last.label != "cup" else "panda", 1, start=PER_CLASS)[0]
+        shutil.copy(other, last.path)  # new content, new size and mtime
+        os.utime(last.path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert coll.index([photos]).changed == 1
+        now = coll.catalog.row_by_path(last.path)
+        assert now is not None and now.id > last.id and now.sha256 != last.sha256
+        idx, _ = coll._searchable()
+        served = idx.reconstruct(now.id)  # DBA-augmented: near its own plain vector, not the old image's
+        rows, plain = coll.vectors()
+        assert float(served @ plain[[r.id for r in rows].index(now.id)]) > max(0.9, float(served @ before) + 0.1)
+        assert coll.search(last.path, k=1).matches[0].path == last.path
+        # the old content's features went with it (a deletion flags orphans; a plain add skips the scan)
+        n_features = coll.catalog.db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
+        assert n_features == len({r.sha256 for r in rows})
+        coll.remove_ids([now.id])
+        coll.index([photos])
+        assert coll.catalog.row_by_path(last.path).id > now.id
+
+
 def test_resync_of_one_folder_keeps_the_others(subset_dir: Path, tmp_path: Path) -> None:
     with Collection.open_or_create(tmp_path / "c.ris") as coll:
         coll.index([subset_dir / "cup"])

@@ -139,9 +139,9 @@ def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path,
         np.testing.assert_allclose(held(coll, [r.id for r in rows]), plain, atol=1e-5)
 
 
-def test_the_graph_keeps_plain_vectors_and_notices_an_id_that_names_other_content(dba_collection: Path, tmp_path: Path) -> None:
-    """dba.npz stores the plain reduced vectors (a write reads only new images' raw features); if an id's
-    content hash no longer matches (SQLite can reuse the largest rowid), the graph starts over."""
+def test_the_graph_keeps_plain_vectors_and_starts_over_for_another_pca(dba_collection: Path, tmp_path: Path) -> None:
+    """dba.npz stores the plain reduced vectors (a write reads only new images' raw features, a search its
+    candidates'); vectors kept for another PCA are not trusted: the graph starts over from the catalogue."""
     path = tmp_path / "c.ris"
     shutil.copytree(dba_collection, path)
     with Collection.open(path) as coll:
@@ -149,13 +149,12 @@ def test_the_graph_keeps_plain_vectors_and_notices_an_id_that_names_other_conten
         graph = dba.Graph.load(path / "dba.npz")
         np.testing.assert_array_equal(graph.ids, [r.id for r in rows])
         np.testing.assert_allclose(graph.x, plain, atol=1e-6)
-        assert (graph.keys == dba.content_keys([r.sha256 for r in rows])).all()
         _, reducer = coll._searchable()  # searches read candidates' plain vectors from that copy
         some = np.array([r.id for r in rows[::7]])
         np.testing.assert_allclose(coll._plain_of(reducer, some), coll._read_reduced(reducer, some), atol=1e-6)
-        graph.x[0], graph.keys[0] = -graph.x[0], graph.keys[0] + 1  # as if id 0 had held another image
+        graph.x[0], graph.pca = -graph.x[0], "another pca"
         graph.save(path / "dba.npz")
-        coll.remove_ids([])  # a write: the graph is rebuilt from the catalogue, not from the stale row
+        coll.remove_ids([])  # a write: the graph is rebuilt from the catalogue, not from the stale rows
         ids, want = fresh_dba(coll)
         np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
         np.testing.assert_allclose(dba.Graph.load(path / "dba.npz").x, plain, atol=1e-6)
@@ -194,6 +193,37 @@ def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None
             assert not (path / "dba.npz").exists()
             if factory == index.EXACT_FACTORY:
                 np.testing.assert_allclose(held(coll, np.array([r.id for r in rows])), plain, atol=1e-5)
+
+
+def test_graph_update_equals_a_fresh_graph_at_a_size_that_samples_scores(dba_collection: Path) -> None:
+    """dba.update (one product of the redone images against all, a sampled bound for each row's top-k,
+    thresholds for the lists that take in new images) equals the graph computed from scratch, on 1,500
+    vectors: real features and noisy copies of them (clusters of near-duplicates, as re-encodings make)."""
+    with Collection.open(dba_collection) as coll:
+        _, plain = coll.vectors()
+    rng = np.random.default_rng(0)
+    x = np.concatenate([plain + 0.02 * i * rng.standard_normal(plain.shape, dtype=np.float32) for i in range(25)])[:1500]
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(len(x)) * 3 + 7  # ids with gaps, as after removals
+    scores = x[:40] @ x.T
+    v, c = dba.top_rows(scores, 8)  # the sampled path: 1,500 columns >= 4 x 8 x stride
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(c, want)
+    np.testing.assert_array_equal(v, np.take_along_axis(scores, want, axis=1))
+    before = rng.random(len(x)) < 0.9  # 10% new
+    after = before.copy()
+    after[rng.choice(np.flatnonzero(before), 40, replace=False)] = False  # and some removed
+    after |= ~before
+    graph, _ = dba.update(None, ids[before], x[before], N, "pca")
+    updated, changed = dba.update(graph, ids[after], x[after], N, "pca")
+    fresh, _ = dba.update(None, ids[after], x[after], N, "pca")
+    np.testing.assert_array_equal(updated.nbrs, fresh.nbrs)
+    np.testing.assert_allclose(updated.sims, fresh.sims, atol=1e-6)
+    at, held = graph.locate(updated.ids)
+    differs = ~held | (graph.nbrs[at] != updated.nbrs).any(axis=1)
+    np.testing.assert_array_equal(changed, updated.ids[differs])  # exactly the lists that moved, and new images
+    same, none = dba.update(updated, ids[after], x[after], N, "pca")
+    assert not len(none) and (same.nbrs == updated.nbrs).all()
 
 
 def test_milvus_store_holds_the_augmented_vectors(dba_collection: Path, subset_dir: Path, tmp_path: Path) -> None:

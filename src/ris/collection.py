@@ -466,15 +466,13 @@ class Collection:
         """
         plain = self._vectors_for(reducer, ids, raw)
         graph_path = self.path / "dba.npz"
-        old = dba.Graph.load(graph_path)
+        old = self._current_graph() if self.manifest.dba else dba.Graph.load(graph_path)  # in a process that wrote it: cached
         neighbours = dba.active(self.manifest.dba, len(ids))
         if not neighbours:
             was = old.ids if old is not None else np.empty(0, np.int64)
             return plain, np.intersect1d(was, ids), None
         pca = dba.fingerprint(reducer)
-        rows = self.catalog.rows(ids)
-        keys = dba.content_keys([rows[int(i)].sha256 for i in ids])
-        stored = old.known_vectors(ids, keys, pca) if old is not None else None
+        stored = old.known_vectors(ids, pca) if old is not None else None
         if stored is None:  # reduced a block at a time (Reducer, _reduced_blocks); the graph starts over
             x, old = plain(ids), None
         else:  # only the new images' raw features are read (23 KB each for grid3: the rest stays on disk)
@@ -484,7 +482,7 @@ class Collection:
             if not known.all():
                 x[~known] = plain(ids[~known])
         graph, changed = dba.update(old, ids, x, neighbours, pca)
-        graph.x, graph.keys = x, keys
+        graph.x = x
         return (lambda chunk: graph.vectors(chunk, lambda need: x[np.searchsorted(ids, need)])), changed, graph
 
     def _keep_graph(self, graph: dba.Graph | None) -> None:
