@@ -472,13 +472,11 @@ class Collection:
             was = old.ids if old is not None else np.empty(0, np.int64)
             return plain, np.intersect1d(was, ids), None
         pca = dba.fingerprint(reducer)
-        stored = old.known_vectors(ids, pca) if old is not None else None
+        stored = old.stored_vectors(ids, pca) if old is not None else None
         if stored is None:  # reduced a block at a time (Reducer, _reduced_blocks); the graph starts over
             x, old = plain(ids), None
         else:  # only the new images' raw features are read (23 KB each for grid3: the rest stays on disk)
-            known, kept = stored
-            x = np.empty((len(ids), reducer.dims), np.float32)
-            x[known] = kept
+            x, known = stored
             if not known.all():
                 x[~known] = plain(ids[~known])
         graph, changed = dba.update(old, ids, x, neighbours, pca)
