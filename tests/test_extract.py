@@ -50,6 +50,31 @@ def test_batches_carry_each_files_own_pixels_through_the_slot_ring(files: list[s
     assert times.decode > 0
 
 
+def test_a_finished_run_leaves_its_workers_to_the_next_and_an_abandoned_one_ends_them(files: list[str]) -> None:
+    """Forking once a process: the parent's pages written while workers live are copied on write (a warm
+    model's buffers, ~0.15 s per fork). A run that stopped early may leave workers writing its slots, so
+    its pool is ended, never reused; the next run decodes each file's own pixels again."""
+    items = list(enumerate(files))
+
+    def pixels_of(run) -> dict[int, np.ndarray]:  # copied as each batch comes: the slots are a ring
+        return {i: p for b in run for (i, _), p in zip(b.ok, b.pixels.copy(), strict=True)}
+
+    first = pixels_of(extract.decoded_batches(items, 96, 4, 2, extract.StageTimes()))
+    kept = extract._KEPT
+    assert kept is not None and not kept.busy
+    pids = sorted(w.pid for w in kept.pool._pool)
+    again = pixels_of(extract.decoded_batches(items, 96, 4, 2, extract.StageTimes(), prefetch=3))
+    assert extract._KEPT is kept and sorted(w.pid for w in kept.pool._pool) == pids  # the same processes
+    assert sorted(again) == sorted(first) and all(np.array_equal(again[i], first[i]) for i in first)
+    assert all(np.array_equal(again[i], decode_file(files[i], 96).pixels) for i in (0, 13, 26))
+    stopped = extract.decoded_batches(items, 96, 4, 2, extract.StageTimes())
+    next(stopped)
+    stopped.close()  # abandoned with batches in flight
+    assert extract._KEPT is None and not any(w.is_alive() for w in kept.pool._pool)
+    fresh = pixels_of(extract.decoded_batches(items, 96, 4, 2, extract.StageTimes()))
+    assert sorted(fresh) == sorted(again) and all(np.array_equal(fresh[i], again[i]) for i in fresh)
+
+
 def test_a_writer_error_reaches_the_caller_after_what_was_queued(files: list[str]) -> None:
     """The writer thread commits in order; its first error is raised in the extracting thread."""
     committed: list[int] = []
