@@ -207,11 +207,13 @@ class Catalog:
 
     def _stat_of(self, paths: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(size, mtime_ns) of the catalogued ones among these paths."""
-        found: dict[str, tuple[int, int]] = {}
-        for chunk in _chunks(paths):
-            q = f"SELECT path, size, mtime_ns FROM images WHERE path IN ({_marks(len(chunk))})"
-            found.update((path, (size, mtime)) for path, size, mtime in self.db.execute(q, list(chunk)))
-        return found
+        rows = self._select_in("SELECT path, size, mtime_ns FROM images WHERE path IN ({})", paths)
+        return {path: (size, mtime) for path, size, mtime in rows}
+
+    def _select_in(self, query: str, values: Sequence) -> Iterator[tuple]:
+        """The rows of `query` for these values (its IN list written `{}`), asked a slice at a time."""
+        for chunk in _chunks(values):
+            yield from self.db.execute(query.format(_marks(len(chunk))), list(chunk))
 
     def _next_id(self) -> int:
         """An id above every id ever given (SQLite alone reuses the largest rowid once it is deleted): an id
@@ -223,11 +225,7 @@ class Catalog:
         return self.db.execute("SELECT id, path FROM images WHERE status = 'pending' ORDER BY id").fetchall()
 
     def known_hashes(self, hashes: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for chunk in _chunks(list(set(hashes))):
-            q = f"SELECT sha256 FROM features WHERE sha256 IN ({_marks(len(chunk))})"
-            found.update(r[0] for r in self.db.execute(q, list(chunk)))
-        return found
+        return {r[0] for r in self._select_in("SELECT sha256 FROM features WHERE sha256 IN ({})", list(set(hashes)))}
 
     def commit_batch(
         self,
@@ -288,26 +286,17 @@ class Catalog:
         unique, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
         out = np.zeros((len(unique), dim), dtype=np.float32)
         pos = {int(i): n for n, i in enumerate(unique)}
-        for chunk in _chunks([int(i) for i in unique]):
-            q = (
-                "SELECT images.id, features.vec FROM images JOIN features USING (sha256) "
-                f"WHERE images.id IN ({_marks(len(chunk))})"
-            )
-            for image_id, blob in self.db.execute(q, list(chunk)):
-                out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
+        q = "SELECT images.id, features.vec FROM images JOIN features USING (sha256) WHERE images.id IN ({})"
+        for image_id, blob in self._select_in(q, [int(i) for i in unique]):
+            out[pos[image_id]] = np.frombuffer(blob, dtype=FEATURE_DTYPE)
         inverse = inverse.reshape(-1)
         if len(inverse) == len(unique) and (inverse == np.arange(len(unique))).all():
             return out  # sorted, no repeats (the usual case): no second copy
         return out[inverse]
 
     def rows(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        ids = [int(i) for i in ids]
-        found: dict[int, ImageRow] = {}
-        for chunk in _chunks(ids):
-            q = f"SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({_marks(len(chunk))})"
-            for row in self.db.execute(q, list(chunk)):
-                found[row[0]] = ImageRow(*row)
-        return found
+        q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({})"
+        return {row[0]: ImageRow(*row) for row in self._select_in(q, [int(i) for i in ids])}
 
     def page(self, offset: int, limit: int) -> list[ImageRow]:
         q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id LIMIT ? OFFSET ?"
