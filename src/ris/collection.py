@@ -471,7 +471,7 @@ class Collection:
         if not neighbours:
             was = old.ids if old is not None else np.empty(0, np.int64)
             return plain, np.intersect1d(was, ids), None
-        pca = dba.fingerprint(reducer)
+        pca = self._pca_fingerprint(reducer)
         stored = old.stored_vectors(ids, pca) if old is not None else None
         if stored is None:  # reduced a block at a time (Reducer, _reduced_blocks); the graph starts over
             x, old = plain(ids), None
@@ -515,12 +515,16 @@ class Collection:
         ids = np.asarray(ids, dtype=np.int64)
         graph = self._current_graph()
         if graph is not None and graph.x is not None and len(ids):
-            if self._fingerprint is None or self._fingerprint[0] is not reducer:
-                self._fingerprint = (reducer, dba.fingerprint(reducer))
-            stored = graph.plain(ids, self._fingerprint[1])
+            stored = graph.plain(ids, self._pca_fingerprint(reducer))
             if stored is not None:
                 return stored
         return self._read_reduced(reducer, ids)
+
+    def _pca_fingerprint(self, reducer: Reducer) -> str:
+        """dba.fingerprint of this reducer, computed once per reducer (searches and writes both ask)."""
+        if self._fingerprint is None or self._fingerprint[0] is not reducer:
+            self._fingerprint = (reducer, dba.fingerprint(reducer))
+        return self._fingerprint[1]
 
     def _vectors_for(self, reducer: Reducer, ids: np.ndarray, raw: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
         """Reduced vectors for a chunk of ids: from `raw` (rows in `ids`' sorted order) when the PCA fit

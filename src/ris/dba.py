@@ -181,7 +181,6 @@ def update(graph: Graph | None, ids: np.ndarray, x: np.ndarray, n: int, pca: str
     # the old neighbour stays, as a from-scratch sort would keep it first)
     floor = np.where(out_nbrs[:, -1] >= 0, out_sims[:, -1], -np.inf).astype(np.float32)
     floor[redo] = np.inf  # recomputed whole
-    is_new = ~held
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (existing row, new image's row, similarity)
     step = max(1, BLOCK_BYTES // (4 * len(x)))
     for start in range(0, len(redo), step):
@@ -192,7 +191,7 @@ def update(graph: Graph | None, ids: np.ndarray, x: np.ndarray, n: int, pca: str
         out_nbrs[rows], out_sims[rows] = -1, 0
         out_nbrs[rows, : s.shape[1]] = np.where(np.isfinite(s), ids[p], -1)
         out_sims[rows, : s.shape[1]] = np.where(np.isfinite(s), s, 0)
-        fresh = is_new[rows]
+        fresh = ~held[rows]  # new images (the others lost a neighbour)
         ours = scores if fresh.all() else scores[fresh]  # an add: no copy
         r, j = np.nonzero(ours > floor)
         pairs.append((j, rows[fresh][r], ours[r, j]))
