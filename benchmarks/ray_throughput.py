@@ -45,13 +45,14 @@ def local_run(files: list[str], where: Path, batch_size: int) -> dict[str, float
 
 
 def ray_run(files: list[str], where: Path, batch_size: int, shard_size: int, address: str | None) -> dict[str, float]:
-    from ris.distributed import ray_extract
+    from ris.distributed import SHARD_DIR, ray_extract
 
     with Collection.open_or_create(where) as coll:
         start = time.perf_counter()
         coll.lock()
         coll.catalog.sync(scan(files))
-        t = ray_extract(coll, coll.catalog.pending(), address=address, batch_size=batch_size, shard_size=shard_size)
+        t = ray_extract(coll.catalog.pending(), coll.model_settings(), coll.sink(), where / SHARD_DIR, address=address,
+                        batch_size=batch_size, shard_size=shard_size)  # fmt: skip
         coll.catalog.drop_orphan_features()
         coll._finish()
         total = time.perf_counter() - start

@@ -72,6 +72,11 @@ def _ray_collection(path: Path, images: Path) -> tuple[Collection, list[tuple[in
     return coll, coll.catalog.pending()
 
 
+def _extract(coll: Collection, items: list[tuple[int, str]]):
+    return ray_extract(items, coll.model_settings(), coll.sink(), coll.path / distributed.SHARD_DIR, address=None,
+                       batch_size=8, shard_size=SHARD)  # fmt: skip
+
+
 def _assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) -> None:
     ref, ref_skipped = local
     got = _features_by_path(coll)
@@ -87,7 +92,7 @@ def _assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) ->
 def test_ray_matches_the_local_pipeline(ray_local: None, images: Path, local_features, tmp_path: Path) -> None:
     coll, items = _ray_collection(tmp_path / "ray.ris", images)
     with coll:
-        times = ray_extract(coll, items, address=None, batch_size=8, shard_size=SHARD)
+        times = _extract(coll, items)
         coll.catalog.drop_orphan_features()
         coll._finish()
         assert (times.images, times.extracted, times.skipped) == (len(items), len(CLASSES) * PER_CLASS, 3)
@@ -103,7 +108,7 @@ def test_a_crash_resumes_from_the_written_shards(
     coll, items = _ray_collection(tmp_path / "ray.ris", images)
     real_merge, computed = distributed.merge_shard, []
 
-    def crash_after_first(c: Collection, shard: distributed.Shard) -> int:
+    def crash_after_first(c, shard: distributed.Shard) -> int:
         if computed:  # the second shard: die after it was written, before its merge
             raise KeyboardInterrupt
         computed.append(shard)
@@ -112,7 +117,7 @@ def test_a_crash_resumes_from_the_written_shards(
     with coll:
         monkeypatch.setattr(distributed, "merge_shard", crash_after_first)
         with pytest.raises(KeyboardInterrupt):
-            ray_extract(coll, items, address=None, batch_size=8, shard_size=SHARD)
+            _extract(coll, items)
         written = {p.name for p in (coll.path / distributed.SHARD_DIR).iterdir()}
         assert len(written) == 1 and computed[0].name not in written  # one shard merged (and gone), one on disk
         monkeypatch.setattr(distributed, "merge_shard", real_merge)
@@ -126,8 +131,8 @@ def test_a_crash_resumes_from_the_written_shards(
         monkeypatch.setattr(distributed, "_build_dataset", spy)
         pending = coll.catalog.pending()
         assert len(pending) == len(items) - len(computed[0].items)
-        times = ray_extract(coll, pending, address=None, batch_size=8, shard_size=SHARD)
-        written_shard = next(s for s in plan_shards(pending, SHARD, distributed._identity(coll)) if s.name in written)
+        times = _extract(coll, pending)
+        written_shard = next(s for s in plan_shards(pending, SHARD, distributed._identity(coll.model_settings())) if s.name in written)
         assert rows == [len(pending) - len(written_shard.items)]  # the written shard was merged, not recomputed
         assert times.images == len(pending)
         coll.catalog.drop_orphan_features()

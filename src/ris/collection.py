@@ -28,7 +28,7 @@ from . import __version__, dba, index, milvus_store, models, sources
 from .dba import DEFAULT_NEIGHBOURS as DEFAULT_DBA
 from .decode import open_image, read_file, resize
 from .errors import CollectionLocked, DecodeError, RisError
-from .extract import StageTimes, default_workers
+from .extract import ModelSettings, StageTimes, default_workers
 from .milvus_store import MilvusStore
 from .reduce import DEFAULT_DIMS, Reducer, block_rows, fit_sample
 from .runtime import cpu_runtime
@@ -313,6 +313,16 @@ class Collection:
             self._extractor, self._extractor_key = ext, key
         return self._extractor
 
+    def model_settings(self) -> ModelSettings:
+        """What an extraction engine needs to run this collection's model (it never sees the Collection)."""
+        m = self.manifest
+        return ModelSettings(m.model, m.pooling, m.precision, self.weights, m.weights_sha256, m.input_size, m.raw_dims,
+                             m.cpu_runtime)  # fmt: skip
+
+    def sink(self) -> _CatalogSink:
+        """Where extraction engines deliver features (ris.extract.Sink); the caller holds the writer lock."""
+        return _CatalogSink(self.catalog)
+
     # --- indexing ------------------------------------------------------------------------------
 
     def index(
@@ -346,9 +356,10 @@ class Collection:
             if todo:
                 tick = progress(len(todo), len(files)) if progress else None
                 if ray is not None:  # device and workers are the cluster's
-                    from .distributed import ray_extract
+                    from .distributed import SHARD_DIR, ray_extract
 
-                    times = ray_extract(self, todo, ray, batch_size=batch_size, shard_size=shard_size, progress=tick)
+                    times = ray_extract(todo, self.model_settings(), self.sink(), self.path / SHARD_DIR, ray,
+                                        batch_size=batch_size, shard_size=shard_size, progress=tick)  # fmt: skip
                 else:
                     cores = threads or runtime.cpu_threads()
                     ext = self.extractor(device, threads=cores)
@@ -811,6 +822,19 @@ class Collection:
             "format_version": m.format_version,
             "created": m.created,
         }
+
+
+class _CatalogSink:
+    """The extraction engines' Sink (ris.extract.Sink) over the catalogue."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def known(self, hashes):
+        return self.catalog.known_hashes(hashes)
+
+    def commit(self, done, features, failed) -> None:
+        self.catalog.commit_batch(done, features, failed)
 
 
 def _check_dba(n: int) -> None:

@@ -20,15 +20,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import DecodeError, RisError
-from .extract import StageTimes
-
-if TYPE_CHECKING:
-    from .collection import Collection
+from .extract import ModelSettings, Sink, StageTimes
 
 SHARD_DIR = "ray-shards"
 LOCAL = "local"
@@ -96,14 +93,14 @@ def load_shard(shard: Shard, path: Path) -> Shard:
     return shard
 
 
-def merge_shard(coll: Collection, shard: Shard) -> int:
+def merge_shard(sink: Sink, shard: Shard) -> int:
     """One transaction, as the local path commits a batch; returns how many features were new."""
-    have = coll.catalog.known_hashes(shard.shas)
+    have = sink.known(shard.shas)
     features: dict[str, np.ndarray] = {}
     for sha, vec in zip(shard.shas, shard.features, strict=True):
         if sha not in have:
             features.setdefault(sha, vec)
-    coll.catalog.commit_batch(list(zip(shard.ids, shard.shas, strict=True)), features, shard.failed)
+    sink.commit(list(zip(shard.ids, shard.shas, strict=True)), features, shard.failed)
     return len(features)
 
 
@@ -169,23 +166,21 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def actor_settings(coll: Collection, gpus: float, threads: int) -> dict[str, Any]:
-    m = coll.manifest
+def actor_settings(m: ModelSettings, gpus: float, threads: int) -> dict[str, Any]:
     device = "cuda" if gpus else "cpu"
     return {
-        "model": m.model, "pooling": m.pooling, "weights": coll.weights,
+        "model": m.model, "pooling": m.pooling, "weights": m.weights,
         "device": device, "precision": m.precision if device == "cpu" else None, "threads": threads,
         "runtime": m.cpu_runtime if device == "cpu" else None,
         "weights_sha256": m.weights_sha256, "raw_dims": m.raw_dims,
     }  # fmt: skip
 
 
-def _identity(coll: Collection) -> str:
-    m = coll.manifest
+def _identity(m: ModelSettings) -> str:
     return json.dumps([m.model, m.pooling, m.precision, m.weights_sha256, m.input_size, m.raw_dims])
 
 
-def _build_dataset(shards: Sequence[Shard], coll: Collection, batch_size: int, actors: int | None, threads: int | None):
+def _build_dataset(shards: Sequence[Shard], settings: ModelSettings, batch_size: int, actors: int | None, threads: int | None):
     """files → decode tasks (CPU) → model actors (one GPU each when the cluster has GPUs)."""
     import ray
 
@@ -201,9 +196,9 @@ def _build_dataset(shards: Sequence[Shard], coll: Collection, batch_size: int, a
     rows = [{"id": i, "path": p} for shard in shards for i, p in shard.items]
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * cpus)))
-        .map_batches(decode_batch, fn_kwargs={"size": coll.manifest.input_size}, batch_size=batch_size,
+        .map_batches(decode_batch, fn_kwargs={"size": settings.input_size}, batch_size=batch_size,
                      batch_format="numpy", num_cpus=1, ray_remote_args_fn=_spread)
-        .map_batches(ModelActor, fn_constructor_kwargs={"settings": actor_settings(coll, gpus, threads or 2)},
+        .map_batches(ModelActor, fn_constructor_kwargs={"settings": actor_settings(settings, gpus, threads or 2)},
                      compute=ray.data.ActorPoolStrategy(size=size), batch_size=batch_size, batch_format="numpy",
                      **remote)
     )  # fmt: skip
@@ -216,8 +211,10 @@ def _spread() -> dict[str, str]:
 
 
 def ray_extract(
-    coll: Collection,
     items: Sequence[tuple[int, str]],
+    settings: ModelSettings,
+    sink: Sink,
+    directory: Path,
     address: str | None = LOCAL,
     batch_size: int = 32,
     shard_size: int = 1024,
@@ -225,9 +222,10 @@ def ray_extract(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> StageTimes:
-    """Extract features for pending `items` (id, path) on Ray and merge them into `coll`, shard by shard.
+    """Extract features for pending `items` (id, path) on Ray and deliver them to `sink`, shard by shard.
 
-    The caller holds the writer lock and calls `_finish()` afterwards, as `Collection.index` does.
+    directory: where shards wait to be merged (resumable state; the collection's ray-shards/). The caller
+    holds the writer lock and brings the derived vectors up to date afterwards, as `Collection.index` does.
     actors: model actors (default: one per GPU, else one per two CPUs); threads: model threads per CPU actor.
     """
     if shard_size < 1 or batch_size < 1:
@@ -238,15 +236,14 @@ def ray_extract(
         raise RisError("--ray needs Ray: pip install 'ray[data]'") from None
     times = StageTimes(images=len(items))
     wall = time.perf_counter()
-    directory = coll.path / SHARD_DIR
     directory.mkdir(exist_ok=True)
-    shards = plan_shards(items, shard_size, _identity(coll))
+    shards = plan_shards(items, shard_size, _identity(settings))
     _drop_stale(directory, {s.name for s in shards})
 
     def finish(shard: Shard) -> None:
         start = time.perf_counter()
-        path = save_shard(shard, directory, coll.manifest.raw_dims) if not (directory / shard.name).exists() else None
-        times.extracted += merge_shard(coll, shard)
+        path = save_shard(shard, directory, settings.raw_dims) if not (directory / shard.name).exists() else None
+        times.extracted += merge_shard(sink, shard)
         (path or directory / shard.name).unlink(missing_ok=True)  # merged: the catalogue holds it now
         times.write += time.perf_counter() - start
         times.skipped += len(shard.failed)
@@ -261,10 +258,10 @@ def ray_extract(
             todo.append(shard)
     if todo:
         if address in (None, "", LOCAL):
-            coll.extractor("cpu", threads=1)  # checks the weights and exports/calibrates once, before the actors
+            _check_weights(settings)  # and exports/calibrates once, before the actors
         started = connect(address)
         try:
-            _stream(_build_dataset(todo, coll, batch_size, actors, threads), todo, times, finish)
+            _stream(_build_dataset(todo, settings, batch_size, actors, threads), todo, times, finish)
         except ray.exceptions.RayError as exc:
             raise RisError(f"Ray extraction failed: {_first_line(exc)}") from exc
         finally:
@@ -272,6 +269,16 @@ def ray_extract(
                 ray.shutdown()
     times.wall = time.perf_counter() - wall
     return times
+
+
+def _check_weights(m: ModelSettings) -> None:
+    """Load the model here once: a weights mismatch fails before any actor starts, and the export is cached."""
+    from . import runtime
+
+    _, digest = runtime.load_extractor(m.model, m.pooling, m.weights, device="cpu", precision=m.precision, threads=1,
+                                       runtime=m.cpu_runtime)  # fmt: skip
+    if digest != m.weights_sha256:
+        raise RisError(f"these {m.model} weights differ from the collection's (sha256 {digest[:12]}…); pass the same --weights")
 
 
 def _stream(dataset, todo: Sequence[Shard], times: StageTimes, finish: Callable[[Shard], None]) -> None:

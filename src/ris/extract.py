@@ -18,12 +18,42 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .decode import decode_bytes, decode_file, decode_jpegs_on_device, read_file
 from .errors import DecodeError
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What an extraction engine needs to run a collection's model anywhere (this process or a cluster node).
+
+    Engines (the local pipeline below, `ris.distributed` on Ray) receive this and a `Sink`, never the
+    Collection: they read files and produce features; the collection decides what to keep.
+    """
+
+    model: str
+    pooling: str
+    precision: str
+    weights: str | None  # a weights file (vgg16); None: the bundled/cached weights
+    weights_sha256: str
+    input_size: int
+    raw_dims: int
+    cpu_runtime: str
+
+
+class Sink(Protocol):
+    """Where an engine delivers its results; the collection implements it (one transaction per call)."""
+
+    def known(self, hashes: Sequence[str]) -> set[str]:
+        """The content hashes among these whose features are already kept (not run through the model again)."""
+        ...
+
+    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
+        """Images extracted (id, sha), the new features by sha, and images that failed (id, reason)."""
+        ...
 
 
 @dataclass
