@@ -358,7 +358,7 @@ def open_indexed(row: ImageRow) -> tuple[BinaryIO, int]:
     try:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise HTTPException(409, f"the file of image {row.id} is no longer a regular file (run `ris index`)")
+            raise HTTPException(409, f"the file of image {row.id} is now not a regular file (run `ris index`)")
         digest = hashlib.sha256()
         for chunk in stream_file(fh):
             digest.update(chunk)
