@@ -28,22 +28,9 @@ from PIL import Image
 from ris.collection import Collection
 from ris.search import Match, SearchResult
 from ris.server import create_app, serve_in_thread
-from tests.server_fixtures import build_collection, caltech_images
+from tests.server_fixtures import AUTH, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)
 
-TOKEN = "hardening-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INTERNALS = ("Traceback", "faiss", "sqlite", "cv2", "File \"", "Error in ")
-
-
-@pytest.fixture(scope="module")
-def collection_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_collection(tmp_path_factory.mktemp("hardening"))
-
-
-@pytest.fixture(scope="module")
-def base_url(collection_path: Path) -> Iterator[str]:
-    with serve_in_thread(create_app(collection_path, token=TOKEN)) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +40,6 @@ def configured_url(collection_path: Path) -> Iterator[str]:
                      body_timeout=1.0)  # fmt: skip
     with serve_in_thread(app) as url:
         yield url
-
-
-@pytest.fixture
-def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=120) as c:
-        yield c
-
-
-def upload(path: Path) -> dict:
-    return {"file": (path.name, path.read_bytes(), "application/octet-stream")}
 
 
 def png(size: tuple[int, int], mode: str = "L") -> bytes:
