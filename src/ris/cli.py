@@ -380,10 +380,10 @@ def serve(
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
     allow_host: Annotated[list[str] | None, typer.Option(
-        "--allow-host", help="Also answer requests for this Host name (repeatable; '*' for any). Loopback names always.",
+        "--allow-host", metavar="NAME", help="Also answer for this Host name (repeatable; '*': any). Loopback names always.",
     )] = None,
     allow_origin: Annotated[list[str] | None, typer.Option(
-        "--allow-origin", help="Let pages of this site (http://host:port) POST and DELETE here (repeatable).",
+        "--allow-origin", metavar="URL", help="Let pages of this site (http://host:port) POST and DELETE here (repeatable).",
     )] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",

@@ -667,8 +667,12 @@ def create_app(
     def health() -> JSONResponse:
         """Status "ok" when a search works (a tiny one is run, at most every few seconds); 503 with the reason if not."""
         problem = service.search_problem()
-        body = {"status": "error" if problem else "ok", "images": service.count(), "version": __version__,
-                "detail": problem}  # fmt: skip
+        try:
+            images = service.count()
+        except Exception:  # the probe is cached: the catalogue may have broken since
+            log.exception("health: the catalogue cannot be read")
+            images, problem = 0, problem or "the catalogue cannot be read (details in the server's log)"
+        body = {"status": "error" if problem else "ok", "images": images, "version": __version__, "detail": problem}
         return JSONResponse(body, 503 if problem else 200)
 
     @app.get("/api/collection", response_model=CollectionOut, tags=["info"])
