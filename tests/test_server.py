@@ -17,22 +17,7 @@ from PIL import Image
 from ris.collection import Collection
 from ris.demo import sample_paths
 from ris.server import DEFAULT_MAX_UPLOAD_BYTES, create_app, serve_in_thread
-from tests.server_fixtures import build_collection, caltech_images
-
-TOKEN = "test-token-123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def collection_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_collection(tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def base_url(collection_path: Path) -> Iterator[str]:
-    """A server with a token: add and remove are enabled."""
-    with serve_in_thread(create_app(collection_path, token=TOKEN)) as url:
-        yield url
+from tests.server_fixtures import AUTH, TOKEN, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +25,6 @@ def readonly_url(collection_path: Path) -> Iterator[str]:
     """A server without a token, the default: add and remove are refused."""
     with serve_in_thread(create_app(collection_path)) as url:
         yield url
-
-
-@pytest.fixture
-def client(base_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, timeout=60) as c:
-        yield c
-
-
-def upload(path: Path) -> dict:
-    return {"file": (path.name, path.read_bytes(), "application/octet-stream")}
 
 
 def raw_get(base_url: str, target: str) -> tuple[int, bytes]:

@@ -379,6 +379,12 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", metavar="NAME", help="Also answer for this Host name (repeatable; '*': any). Loopback names always.",
+    )] = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        "--allow-origin", metavar="URL", help="Let pages of this site (http://host:port) POST and DELETE here (repeatable).",
+    )] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -386,7 +392,8 @@ def serve(
     from .server import run
 
     run(collection, host=host, port=port, token=token, weights=weights, device=device,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024))  # fmt: skip
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
+        allow_origins=tuple(allow_origin or ()))  # fmt: skip
 
 
 @app.command(name="map")

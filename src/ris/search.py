@@ -44,7 +44,7 @@ class SearchResult:
 
     def _repr_html_(self) -> str:
         """A row of thumbnails with scores: how a result shows itself in a notebook."""
-        cells = [thumbnail_figure(self.query, f"query: {Path(self.query).name}")]
+        cells = [thumbnail_figure(self.query, f"query: {html.escape(Path(self.query).name)}")]
         cells += [
             thumbnail_figure(m.path, f"#{m.rank} {m.score:.3f}<br>{html.escape(m.label or '')}")
             for m in self.matches

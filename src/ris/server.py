@@ -5,8 +5,12 @@ index lazily, so one dedicated thread owns the Collection and runs every catalog
 turn. Decoding and the model (ONNX Runtime's session.run is thread-safe) run in the request
 threads, in parallel; only the cheap vector lookup is serialised.
 
-Safety: loopback by default; images are served by catalogue id only, never by a client path;
-uploads are size-capped, content-sniffed and bomb-checked; add/remove need a configured token.
+Safety: loopback by default, and only for the Host names allowed (DNS rebinding); browsers' cross-site
+writes are refused (a page elsewhere can submit a form to a loopback server); images are served by
+catalogue id only, and only while the file is still the one indexed (same content hash); uploads are
+size-capped, time-limited, content-sniffed and pixel-budgeted before decoding, and only a few decode at
+once, so parallel uploads cannot multiply memory; add/remove need a configured token; unexpected
+errors are one line of JSON (the details go to the server's log) and keep the connection usable.
 """
 
 from __future__ import annotations
@@ -14,29 +18,40 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import ipaddress
+import logging
 import os
+import secrets
+import socket
+import stat
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit
 
+import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .collection import Collection
-from .decode import open_image, read_file, resize
+from .decode import open_image, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .runtime import cpu_threads
 from .search import Match, SearchResult
@@ -47,12 +62,37 @@ THUMBNAIL_SIZE = 256
 MAX_K = 100
 STATIC_DIR = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Host header names accepted by default (DNS rebinding: a page's own name resolving to 127.0.0.1 is refused).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+#: Decoded pixels one upload (or one stored image decoded for a thumbnail) may take: 40 MP is ~160 MB in
+#: Pillow's RGB(X) layout. Checked from the header before decoding; JPEGs count at their draft-reduced size.
+DEFAULT_MAX_PIXELS = 40_000_000
+#: Decodes at once (each within the pixel budget): N parallel uploads wait instead of multiplying memory.
+DECODE_SLOTS = 2
+#: Stored files larger than this are not decoded for thumbnails or search by id (they are still served).
+MAX_STORED_DECODE_BYTES = 64 * 1024 * 1024
+#: A request body must arrive within this many seconds; an idle keep-alive connection closes after KEEP_ALIVE_S.
+BODY_TIMEOUT_S = 60.0
+KEEP_ALIVE_S = 5
+#: Health re-runs its probe search at most this often.
+HEALTH_TTL_S = 5.0
+MAX_ID = 2**63 - 1  # SQLite's integer range
 _MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file
 _DRAIN_FACTOR = 4  # bodies up to this many times the limit are read and dropped, so clients see the 413
+_CHUNK = 1024 * 1024
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+log = logging.getLogger("ris.server")
 
 T = TypeVar("T")
 #: The form field k (module level: with postponed annotations FastAPI resolves names in module globals).
 KForm = Annotated[int, Form(ge=1, le=MAX_K, description="How many matches")]
+#: The bearer token as OpenAPI security, so /docs has an Authorize button (None: none sent, or not "Bearer ...").
+Bearer = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Depends(HTTPBearer(auto_error=False, description="The token `ris serve --token` was started with")),
+]
 
 
 # --- response models (they document the API at /docs) ---------------------------------------------
@@ -112,16 +152,19 @@ def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
     return {int(code[1:]): {"model": Detail, "description": text} for code, text in codes.items()}
 
 
-UPLOAD_ERRORS = _errors(e400="Corrupt, truncated or empty image", e413="Over the size limit, or a decompression bomb",
+UPLOAD_ERRORS = _errors(e400="Corrupt, truncated or empty image", e408="The body did not arrive in time",
+                        e413="Over the size or pixel limit, or a decompression bomb",
                         e415="Not an image (or an unsupported format)")  # fmt: skip
 AUTH_ERRORS = _errors(e401="Missing or wrong bearer token", e403="The server has no token: adding and removing are off")
-NOT_FOUND = _errors(e404="No image with this id in the collection (or its file is gone)")
+NOT_FOUND = _errors(e404="No image with this id in the collection (or its file is gone)",
+                    e409="The file at the image's path is no longer the one indexed")  # fmt: skip
 
 
 class HealthOut(BaseModel):
     status: str
     images: int
     version: str
+    detail: str | None = None
 
 
 # --- the collection, owned by one thread -------------------------------------------------------------
@@ -130,8 +173,9 @@ class HealthOut(BaseModel):
 class CollectionService:
     """The Collection and its model, opened once; catalogue calls run one at a time on their own thread."""
 
-    def __init__(self, path: Path, weights: str | None, device: str):
+    def __init__(self, path: Path, weights: str | None, device: str, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.path = path
+        self.max_pixels = max_pixels
         self.device = device
         self.threads = cpu_threads()  # same key as Collection.add uses, so adding never reloads the model
         self._owner = ThreadPoolExecutor(1, thread_name_prefix="ris-catalogue")
@@ -145,6 +189,8 @@ class CollectionService:
         self.input_size = self.coll.manifest.input_size
         self.thumbs = path / "thumbs"
         self.uploads = path / "uploads"
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self._health: tuple[float, str | None] = (-HEALTH_TTL_S, None)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn on the owner thread and wait for it."""
@@ -171,7 +217,7 @@ class CollectionService:
     # --- reading ---
 
     def row(self, image_id: int) -> ImageRow:
-        row = self.call(self.coll.catalog.rows, [image_id]).get(image_id)
+        row = self.call(self.coll.catalog.rows, [image_id]).get(image_id) if 0 <= image_id <= MAX_ID else None
         if row is None:
             raise HTTPException(404, f"no image with id {image_id} in this collection")
         return row
@@ -184,6 +230,27 @@ class CollectionService:
 
     def count(self) -> int:
         return self.call(lambda: self.coll.catalog.counts()["ok"])
+
+    def search_problem(self) -> str | None:
+        """Why a search would fail now (None: it works), from a tiny search re-run at most every HEALTH_TTL_S.
+
+        Loads what a search loads (index, PCA, catalogue rows), so a damaged collection shows here, not
+        only as every search failing."""
+        checked, problem = self._health
+        if time.monotonic() - checked < HEALTH_TTL_S:
+            return problem
+        try:
+            if self.count():
+                probe = np.ones((1, self.coll.manifest.raw_dims), np.float32)
+                self.call(self._lookup, probe, 1, "<health>")
+            problem = None
+        except RisError as exc:
+            problem = f"search fails: {exc}"
+        except Exception:
+            log.exception("health probe: search fails")
+            problem = "search fails (details in the server's log)"
+        self._health = (time.monotonic(), problem)
+        return problem
 
     # --- writing ---
 
@@ -203,6 +270,20 @@ class CollectionService:
 
         return self.call(add_and_find)
 
+    def add_upload(self, data: bytes, label: str | None) -> tuple[ImageRow, bool]:
+        """Save an upload under uploads/ and index it; a file this call wrote is removed again if indexing fails."""
+        folder = self.uploads / (safe_label(label) or "")
+        dest = (folder / f"{hashlib.sha256(data).hexdigest()[:20]}.{_extension(data)}").absolute()
+        created = not dest.exists()
+        if created:
+            write_atomic(dest, data)
+        try:
+            return self.add(dest)
+        except BaseException:
+            if created and self.call(self.coll.catalog.row_by_path, str(dest)) is None:
+                dest.unlink(missing_ok=True)
+            raise
+
     def remove(self, row: ImageRow) -> None:
         self.call(self.coll.remove_ids, [row.id])
         for thumb in self.thumbs.glob(f"{row.id}-*.jpg"):
@@ -220,7 +301,7 @@ class CollectionService:
         dest = self.thumbs / f"{row.id}-{(row.sha256 or 'x')[:16]}.jpg"
         if dest.exists():
             return dest
-        img = decode_stored(row, THUMBNAIL_SIZE)
+        img = self.decode_stored(row, THUMBNAIL_SIZE)
         img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, optimize=True)
@@ -230,20 +311,79 @@ class CollectionService:
             return buf.getvalue()
         return dest
 
+    # --- decoding, within the pixel budget and the decode slots ---
 
-def decode_stored(row: ImageRow, draft_size: int) -> Image.Image:
-    """Decode an indexed image's file; a file that vanished or changed since indexing is a 404."""
+    def decode(self, data: bytes, draft_size: int | None) -> Image.Image:
+        """Decode within the pixel budget (413 above it, from the header alone), at most DECODE_SLOTS at a time."""
+        check_pixels(data, draft_size, self.max_pixels)
+        with self.decode_slots:
+            return decode_upload(data, draft_size)
+
+    def query_pixels(self, data: bytes) -> np.ndarray:
+        """The model input for uploaded bytes (decoded at reduced scale, as Collection.query_pixels does)."""
+        return resize(self.decode(data, self.input_size), self.input_size)
+
+    def verify_image(self, data: bytes) -> Image.Image:
+        """The query as geometric verification sees it, shrunk to at most twice verify's working size: held
+        while the search waits for the catalogue thread, it must stay small."""
+        from .verify import MAX_SIDE
+
+        img = self.decode(data, MAX_SIDE)
+        factor = max(img.size) // (2 * MAX_SIDE)
+        return img.reduce(factor) if factor >= 2 else img
+
+    def decode_stored(self, row: ImageRow, draft_size: int) -> Image.Image:
+        """Decode an indexed image's file, if it is still the file indexed (see open_indexed)."""
+        fh, size = open_indexed(row)
+        with fh:
+            if size > MAX_STORED_DECODE_BYTES:
+                raise HTTPException(413, f"the file of image {row.id} is too large to decode here ({size:,} bytes)")
+            data = fh.read()
+        try:
+            return self.decode(data, draft_size)
+        except HTTPException as exc:
+            raise HTTPException(exc.status_code, f"the file of image {row.id}: {exc.detail}") from None
+
+
+def open_indexed(row: ImageRow) -> tuple[BinaryIO, int]:
+    """The file of an indexed image, open at its start (the caller closes it), with its size; only if it is still a
+    regular file with the content indexed (its SHA-256 is compared: a symlink or another file put at the
+    path since is refused with 409, a missing one is 404). The caller reads the descriptor that was checked,
+    so nothing can be swapped in between the check and the read."""
     try:
-        return open_image(read_file(row.path), draft_size=draft_size)
-    except DecodeError as exc:
-        raise HTTPException(404, f"the file of image {row.id} is no longer readable: {exc}") from None
+        fd = os.open(row.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not block
+    except OSError:
+        raise HTTPException(404, f"the file of image {row.id} is gone") from None
+    fh = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise HTTPException(409, f"the file of image {row.id} is now not a regular file (run `ris index`)")
+        digest = hashlib.sha256()
+        for chunk in stream_file(fh):
+            digest.update(chunk)
+        if row.sha256 is None or digest.hexdigest() != row.sha256:
+            raise HTTPException(409, f"the file of image {row.id} changed since it was indexed (run `ris index`)")
+        fh.seek(0)
+    except BaseException:
+        fh.close()
+        raise
+    return fh, st.st_size
+
+
+def stream_file(fh: BinaryIO) -> Iterator[bytes]:
+    """An open file's bytes in chunks (Starlette iterates this in a worker thread)."""
+    while chunk := fh.read(_CHUNK):
+        yield chunk
 
 
 def write_atomic(dest: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so concurrent readers never see half a file."""
+    """Write via a temporary file and rename, so concurrent readers never see half a file (mode 0644, as a
+    file copied in would be, not mkstemp's 0600)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, dest)
@@ -273,9 +413,22 @@ def decode_upload(data: bytes, draft_size: int | None = None) -> Image.Image:
         raise HTTPException(_decode_status(str(exc)), f"cannot use this upload: {exc}") from None
 
 
-def query_pixels(data: bytes, size: int) -> np.ndarray:
-    """The model input for uploaded bytes (decoded at reduced scale, as Collection.query_pixels does)."""
-    return resize(decode_upload(data, draft_size=size), size)
+def check_pixels(data: bytes, draft_size: int | None, max_pixels: int) -> None:
+    """413 when the image would decode to more than max_pixels (JPEGs at their draft-reduced size).
+
+    Reads the header only (Pillow opens lazily), so a 20 kB PNG of 13000 x 13000 pixels costs nothing.
+    What Pillow cannot open is left to the decoder, which says why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
+                width, height = img.size
+    except Exception:
+        return
+    if width * height > max_pixels:
+        raise HTTPException(413, f"image too large: {width:,} x {height:,} pixels (the limit is {max_pixels:,})")
 
 
 def _extension(data: bytes) -> str:
@@ -296,11 +449,11 @@ def _decode_status(reason: str) -> int:
     return 400
 
 
-def image_format(path: str) -> str | None:
-    """The format by content (header only), as the decoder sees it."""
+def image_format(fh: BinaryIO) -> str | None:
+    """The format by content (header only), as the decoder sees it; MPO (a JPEG with previews) is JPEG."""
     try:
-        with Image.open(path) as img:
-            return img.format
+        with Image.open(fh) as img:
+            return "JPEG" if img.format == "MPO" else img.format
     except Exception:
         return None
 
@@ -313,27 +466,133 @@ def safe_label(label: str | None) -> str | None:
     return cleaned or None
 
 
-class BodyLimit:
-    """Refuse a request whose declared body is far over the upload limit before parsing it (413).
+class BodyGuard:
+    """Bound a request body by size and time before the app parses it.
 
-    The body is read and dropped first (up to a cap) so the client gets to read the 413 instead of a reset.
+    A declared Content-Length far over the upload limit is refused at once (413; the body is first read
+    and dropped, up to a cap, so the client gets to read the answer instead of a reset). A body that
+    arrives (chunked, or under a false length) past the limit, or not within `timeout` seconds in all,
+    is cut off: 413 or 408, and the connection closes.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, timeout: float):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.limit + _MULTIPART_SLACK:
-                if int(declared) <= _DRAIN_FACTOR * self.limit:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit + _MULTIPART_SLACK:
+            if int(declared) <= _DRAIN_FACTOR * self.limit:
+                with anyio.move_on_after(self.timeout):
                     while (await receive()).get("more_body"):
                         pass
-                detail = f"upload too large: {int(declared):,} bytes (limit {self.limit:,})"
-                await JSONResponse({"detail": detail}, 413, headers={"Connection": "close"})(scope, receive, send)
-                return
+            detail = f"upload too large: {int(declared):,} bytes (limit {self.limit:,})"
+            await JSONResponse({"detail": detail}, 413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        deadline = anyio.current_time() + self.timeout
+        received, complete = 0, False
+
+        async def guarded() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body: disconnect notices, no deadline
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                message = await receive()
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body") or message["type"] != "http.request"
+                if received > self.limit + _MULTIPART_SLACK:
+                    raise HTTPException(413, f"upload too large (limit {self.limit:,} bytes)", headers={"Connection": "close"})
+                return message
+            raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s",
+                                headers={"Connection": "close"})  # fmt: skip
+
+        await self.app(scope, guarded, send)
+
+
+class SameOriginWrites:
+    """Refuse requests that change or cost something (anything but GET/HEAD/OPTIONS) when a browser sends
+    them from another site: CORS hides the answer from the other page, but a simple form POST is still
+    processed. Browsers say where a request comes from (Sec-Fetch-Site, Origin); clients that are not
+    browsers send neither and pass. `allowed_origins` ("http://host:port") are let through.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_origins: tuple[str, ...] = ()):
+        self.app = app
+        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS and not self._allowed(Headers(scope=scope)):
+            detail = "cross-origin request refused (start the server with --allow-origin to allow a site)"
+            await JSONResponse({"detail": detail}, 403)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    def _allowed(self, headers: Headers) -> bool:
+        origin, site = headers.get("origin"), headers.get("sec-fetch-site")
+        if origin is not None and origin.lower() in self.allowed:
+            return True
+        if site is not None and site not in ("same-origin", "none"):
+            return False
+        return origin is None or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+
+
+class ErrorsAsJson:
+    """An unexpected error becomes a one-line JSON 500 that names no internals (the traceback goes to the
+    server's log under a reference the answer quotes), and stops here: an exception reaching uvicorn
+    closes the connection, so the client's next request on it would fail too."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            ref = secrets.token_hex(4)
+            log.exception("internal error %s in %s %s", ref, scope["method"], scope["path"])
+            if started:  # half an answer sent: closing is all that is left
+                raise
+            detail = f"internal error (reference {ref}; the details are in the server's log)"
+            await JSONResponse({"detail": detail}, 500)(scope, receive, send)
+
+
+def _host_name(name: str) -> str:
+    """A Host allow-list entry as TrustedHostMiddleware matches it: a name without port, an IPv6 address in
+    brackets, '*' or '*.domain'; anything else is the user's mistake, said in one line."""
+    name = name.strip().lower()
+    with suppress(ValueError):
+        if ipaddress.ip_address(name).version == 6:
+            name = f"[{name}]"
+    wildcard = name == "*" or (name.startswith("*.") and "*" not in name[1:])
+    if not name or ("*" in name and not wildcard) or (":" in name and not name.startswith("[")):
+        raise RisError(f"--allow-host {name!r}: give a host name or address without a port, '*' or '*.domain'")
+    return name
+
+
+def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Host header names to accept: loopback names, the bound address, and extra ('*' accepts any).
+
+    Bound to every interface, the machine's own names are added too."""
+    names = [*LOOPBACK_HOSTS, *map(_host_name, extra)]
+    if host in WILDCARD_BINDS:
+        names += [socket.gethostname(), socket.getfqdn()]
+    elif host not in LOOPBACK:
+        names.append(f"[{host}]" if ":" in host else host)
+    return list(dict.fromkeys(n.lower() for n in names if n))
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -361,9 +620,16 @@ def create_app(
     weights: str | None = None,
     device: str = "auto",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    hosts: list[str] | None = None,
+    allow_origins: tuple[str, ...] = (),
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """The app over one collection; opens it and loads its model now, so startup fails fast."""
-    service = CollectionService(Path(collection_path), weights, device)
+    """The app over one collection; opens it and loads its model now, so startup fails fast.
+
+    hosts: the Host header names accepted (default: loopback names; see allowed_hosts); allow_origins:
+    sites whose pages may POST and DELETE here (default: none but this server's own pages)."""
+    service = CollectionService(Path(collection_path), weights, device, max_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -377,27 +643,37 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    # innermost first: the body guard sees only requests the host and origin checks let through
+    app.add_middleware(BodyGuard, limit=max_upload_bytes, timeout=body_timeout)
+    app.add_middleware(SameOriginWrites, allowed_origins=allow_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts or list(LOOPBACK_HOSTS), www_redirect=False)
+    app.add_middleware(ErrorsAsJson)
 
     @app.exception_handler(RisError)
     def ris_error(request: Any, exc: RisError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 409 if isinstance(exc, CollectionLocked) else 400)
 
-    @app.exception_handler(Exception)
-    def internal_error(request: Any, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+    def require_token(credentials: Bearer) -> None:
+        """403 when the server has no token (read-only); 401 unless the request carries the right one.
 
-    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        """403 when the server has no token (read-only); 401 unless the request carries the right one."""
+        Declared as HTTP bearer security, so /docs has an Authorize button that sends it."""
         if not token:
             raise HTTPException(403, "adding and removing images is disabled (start the server with --token)")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given = credentials.credentials.strip() if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/api/health", response_model=HealthOut, tags=["info"])
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "images": service.count(), "version": __version__}
+    @app.get("/api/health", response_model=HealthOut, tags=["info"], responses={503: {"model": HealthOut}})
+    def health() -> JSONResponse:
+        """Status "ok" when a search works (a tiny one is run, at most every few seconds); 503 with the reason if not."""
+        problem = service.search_problem()
+        try:
+            images = service.count()
+        except Exception:  # the probe is cached: the catalogue may have broken since
+            log.exception("health: the catalogue cannot be read")
+            images, problem = 0, problem or "the catalogue cannot be read (details in the server's log)"
+        body = {"status": "error" if problem else "ok", "images": images, "version": __version__, "detail": problem}
+        return JSONResponse(body, 503 if problem else 200)
 
     @app.get("/api/collection", response_model=CollectionOut, tags=["info"])
     def collection_info(
@@ -420,9 +696,10 @@ def create_app(
     ) -> dict[str, Any]:
         """The k indexed images most similar to the uploaded one (the fields of `ris search --json`, plus links)."""
         data = read_upload(file, max_upload_bytes)
-        pixels = query_pixels(data, service.input_size)
+        pixels = service.query_pixels(data)
         verify = service.coll.manifest.verify if verify is None else verify
-        return _search_out(service.search(pixels, k, file.filename or "<upload>", data if verify else None))
+        query = service.verify_image(data) if verify else None
+        return _search_out(service.search(pixels, k, file.filename or "<upload>", query))
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"], responses=NOT_FOUND)
     def search_by_id(
@@ -431,19 +708,22 @@ def create_app(
     ) -> dict[str, Any]:
         """More like this: search with an indexed image's own file."""
         row = service.row(id)
-        pixels = resize(decode_stored(row, service.input_size), service.input_size)
+        pixels = resize(service.decode_stored(row, service.input_size), service.input_size)
         return _search_out(service.search(pixels, k, row.path))
 
     @app.get("/api/images/{image_id}", tags=["images"], response_class=FileResponse, responses=NOT_FOUND)
-    def get_image(image_id: int) -> FileResponse:
-        """The original file of an indexed image, with its content type."""
-        row = service.row(image_id)
-        if not Path(row.path).is_file():
-            raise HTTPException(404, f"the file of image {image_id} is gone")
-        fmt = image_format(row.path)
-        media = "image/jpeg" if fmt == "MPO" else Image.MIME.get(fmt or "", "application/octet-stream")
-        return FileResponse(row.path, media_type=media, headers={"X-Content-Type-Options": "nosniff",
-                                                                  "Cache-Control": "private, max-age=60"})  # fmt: skip
+    def get_image(image_id: int) -> StreamingResponse:
+        """The original file of an indexed image, with its content type; only while it is the file indexed."""
+        fh, size = open_indexed(service.row(image_id))
+        media = Image.MIME.get(image_format(fh) or "", "application/octet-stream")
+        fh.seek(0)
+
+        def chunks() -> Iterator[bytes]:
+            with fh:  # closed when the stream ends, or the client goes
+                yield from stream_file(fh)
+
+        headers = {"Content-Length": str(size), "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=60"}
+        return StreamingResponse(chunks(), media_type=media, headers=headers)
 
     @app.get("/api/images/{image_id}/thumbnail", tags=["images"], response_class=FileResponse, responses=NOT_FOUND)
     def get_thumbnail(image_id: int) -> Response:
@@ -462,12 +742,8 @@ def create_app(
     ) -> dict[str, Any]:
         """Save the upload under the collection's uploads/ and index it (needs the bearer token)."""
         data = read_upload(file, max_upload_bytes)
-        decode_upload(data)  # refuse what search would refuse, before anything is written
-        folder = service.uploads / (safe_label(label) or "")
-        dest = (folder / f"{hashlib.sha256(data).hexdigest()[:20]}.{_extension(data)}").absolute()
-        if not dest.exists():
-            write_atomic(dest, data)
-        row, added = service.add(dest)
+        service.decode(data, service.input_size)  # refuse what search would refuse, before anything is written
+        row, added = service.add_upload(data, label)
         return {**_image_out(row), "added": added}
 
     @app.delete("/api/images/{image_id}", tags=["images"], dependencies=[Depends(require_token)],
@@ -496,7 +772,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
     """Run uvicorn in a background thread (port 0: a free one); yields the base URL, stops it on exit."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="ris-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -520,12 +797,19 @@ def run(
     weights: str | None = None,
     device: str = "auto",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    allow_hosts: tuple[str, ...] = (),
+    allow_origins: tuple[str, ...] = (),
 ) -> None:
     """Serve until interrupted. The collection and model load before the port opens."""
     import uvicorn
 
-    app = create_app(collection, token=token, weights=weights, device=device, max_upload_bytes=max_upload_bytes)
+    hosts = allowed_hosts(host, allow_hosts)
+    app = create_app(collection, token=token, weights=weights, device=device, max_upload_bytes=max_upload_bytes,
+                     hosts=hosts, allow_origins=allow_origins)  # fmt: skip
     if host not in LOOPBACK:
         print(f"warning: listening on {host}: anyone who can reach this machine can search"
               f"{' (and, with the token, change)' if token else ''} this collection", file=sys.stderr)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        if "*" not in hosts:
+            print(f"note: requests are answered for the host names {', '.join(hosts)}; add others with --allow-host",
+                  file=sys.stderr)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
