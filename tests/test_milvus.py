@@ -75,7 +75,7 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
     first, second = SUBSET_CLASSES[:2], SUBSET_CLASSES[2:]
     with Collection.create(tmp_path / "c.ris", dims=16, store=f"milvus-lite://{tmp_path / 'v.db'}") as coll:
         coll.add([subset_dir / c for c in first])
-        store = coll._vector_store()
+        store = coll._milvus_client()
         assert store.ntotal == 20 and store.describe() == (11520, "FLAT") and coll.info()["dims"] == 11520
         coll.add([subset_dir / c for c in second])
         assert store.ntotal == 60 and store.describe() == (16, "FLAT") and coll.info()["dims"] == 16
@@ -94,7 +94,7 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
     # another index type is recorded now and built by the next write (here a removal of nothing)
     with Collection.open_or_create(tmp_path / "c.ris", index_factory="HNSW", nprobe=32) as coll:
         assert coll.remove([str(tmp_path / "nothing.jpg")]) == 0
-        store = coll._vector_store()
+        store = coll._milvus_client()
         assert store.describe() == (16, "HNSW") and store.ntotal == 50 and coll.info()["index_built"] == "HNSW"
         assert store.search_params(5, 32)["params"] == {"ef": 32}
         assert coll.search(probe, k=1).matches[0].path == str(probe)

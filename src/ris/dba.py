@@ -106,11 +106,19 @@ class Graph:
 
     @classmethod
     def load(cls, path: Path) -> Graph | None:
+        """The saved graph (None: none saved); ValueError when the file is damaged or inconsistent."""
         if not path.exists():
             return None
-        with np.load(path) as data:
-            x = data["x"] if "x" in data.files else None  # older files: no vectors
-            return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x)
+        try:
+            with np.load(path) as data:
+                x = data["x"] if "x" in data.files else None  # older files: no vectors
+                graph = cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x)
+        except Exception as exc:  # truncated or foreign: zipfile.BadZipFile, OSError, EOFError, KeyError...
+            raise ValueError(f"{path} is damaged: {type(exc).__name__}") from None
+        n = len(graph.ids)
+        if graph.nbrs.shape != graph.sims.shape or len(graph.nbrs) != n or (graph.x is not None and len(graph.x) != n):
+            raise ValueError(f"{path} is inconsistent")
+        return graph
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(each id's row in the graph, whether the graph holds it); rows of ids it lacks are meaningless."""
