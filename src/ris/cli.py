@@ -167,7 +167,9 @@ def remove(
 @app.command()
 def reindex(
     collection: CollectionOpt = Path("collection.ris"),
-    refit_pca: Annotated[bool, typer.Option("--refit-pca", help="Refit PCA on the stored vectors (seconds; no re-extraction).")] = False,
+    refit_pca: Annotated[
+        bool, typer.Option("--refit-pca", help="Refit PCA on the stored vectors (seconds; no re-extraction).")
+    ] = False,
 ) -> None:
     """Rebuild every derived file (PCA, DBA graph, index) from the catalogue, beside the current ones: searches keep
     working meanwhile, and damaged or missing derived files are healed. --refit-pca refits PCA too."""

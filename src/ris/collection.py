@@ -82,7 +82,8 @@ class Collection:
         self._milvus: MilvusStore | None = None
 
     def __repr__(self) -> str:
-        return f"<ris.Collection {str(self.path)!r}: {self.manifest.model}/{self.manifest.pooling}, {self.catalog.counts()['ok']} images>"
+        m, n = self.manifest, self.catalog.counts()["ok"]
+        return f"<ris.Collection {str(self.path)!r}: {m.model}/{m.pooling}, {n} images>"
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -297,9 +298,16 @@ class Collection:
     # --- writing -------------------------------------------------------------------------------
 
     def index(
-        self, paths: Iterable[str | os.PathLike], resync: bool = True, batch_size: int = 32, workers: int | None = None,
-        device: str = "auto", threads: int | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None,
-        ray: str | None = None, shard_size: int = 1024,
+        self,
+        paths: Iterable[str | os.PathLike],
+        resync: bool = True,
+        batch_size: int = 32,
+        workers: int | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int, int], Callable[[int], None]] | None = None,
+        ray: str | None = None,
+        shard_size: int = 1024,
     ) -> IndexReport:
         """Bring the collection in line with these folders/files.
 
@@ -328,9 +336,9 @@ class Collection:
                 else:
                     cores = threads or runtime.cpu_threads()
                     ext = self.extractor(device, threads=cores)
+                    nworkers = default_workers(cores) if workers is None else workers
                     times = extract.run(todo, ext, self.manifest.input_size, lambda b, f: sink.commit(b.ok, f, b.failed),
-                                        known=sink.known, batch_size=batch_size,
-                                        workers=default_workers(cores) if workers is None else workers, progress=tick)  # fmt: skip
+                                        known=sink.known, batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
             self.derived.update()
             self._record_built()
             counts = self.catalog.counts()
@@ -413,7 +421,8 @@ class Collection:
         return self.search_vectors(self.embed(queries, device), k, [_query_name(q) for q in queries], qe, nprobe, loaders)
 
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
-                       nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None) -> list[SearchResult]:  # fmt: skip
+                       nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
+                       ) -> list[SearchResult]:  # fmt: skip
         """The k nearest indexed images per reduced vector (ris.ranking.Ranker.search). verify_with: each query's
         image (or a loader of it), to verify the first result geometrically."""
         from . import runtime

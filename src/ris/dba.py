@@ -16,13 +16,13 @@ build is n^2 (9,145 Lite0 images: see benchmarks/RESULTS.md), a later add of m i
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import index
+from .atomic import write_with
 
 #: Neighbour weight exponent (sim^α; the vector's own weight is 1). Chosen on Caltech-101 (RESULTS.md).
 DBA_ALPHA = 3.0
@@ -99,10 +99,9 @@ class Graph:
         return self.nbrs.shape[1]
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
         extra = {} if self.x is None else {"x": self.x}
-        np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca), **extra)
-        os.replace(tmp, path)
+        write_with(path, lambda tmp: np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca), **extra),
+                   suffix=".npz")  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> Graph | None:

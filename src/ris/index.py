@@ -51,6 +51,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .atomic import write_with
 from .errors import RisError
 
 #: The index described FAISS-style (see faiss.index_factory); stored in the manifest.
@@ -224,11 +225,7 @@ def save(index: faiss.Index, path: Path) -> None:
 
     A reader that memory-mapped the old file keeps reading it (the rename leaves its inode alive).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def load(path: Path, mmap: bool | None = None) -> faiss.Index:

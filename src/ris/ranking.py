@@ -88,8 +88,14 @@ class Ranker:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def search(
-        self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int = 0, nprobe: int | None = None,
-        verify_with: Sequence[Callable[[], Image.Image]] | None = None, threads: int = 1,
+        self,
+        vectors: np.ndarray,
+        k: int,
+        names: Sequence[str],
+        qe: int = 0,
+        nprobe: int | None = None,
+        verify_with: Sequence[Callable[[], Image.Image]] | None = None,
+        threads: int = 1,
     ) -> list[SearchResult]:
         """The k nearest indexed images per query vector, ordered and scored as the module docstring says.
 

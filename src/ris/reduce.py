@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_with
 from .errors import RisError
 
 DEFAULT_DIMS = 256
@@ -189,9 +189,7 @@ class Reducer:
         if self.components is None:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mean=self.mean, components=self.components, ratio=self.ratio)
-        os.replace(tmp, path)
+        write_with(path, lambda tmp: np.savez(tmp, mean=self.mean, components=self.components, ratio=self.ratio), suffix=".npz")
 
     @classmethod
     def load(cls, path: Path, raw_dims: int) -> Reducer:
@@ -202,8 +200,9 @@ class Reducer:
             with np.load(path) as data:
                 mean, components, ratio = data["mean"], data["components"], data["ratio"]
         except Exception as exc:  # a truncated or foreign file: zipfile, OSError, ValueError, KeyError...
-            raise RisError(f"{path} is damaged ({type(exc).__name__}); run `ris reindex` to refit it from the catalogue") from None
-        if components.ndim != 2 or components.shape[1] != raw_dims or mean.shape != (raw_dims,) or not np.isfinite(components).all():
+            raise RisError(f"{path} is damaged ({type(exc).__name__}); run `ris reindex` to refit it") from None
+        fits = components.ndim == 2 and components.shape[1] == raw_dims and mean.shape == (raw_dims,)
+        if not fits or not np.isfinite(components).all():
             raise RisError(f"{path} does not fit this collection's vectors ({components.shape} for {raw_dims}-d); "
                            "run `ris reindex`")  # fmt: skip
         return cls(raw_dims, mean, components, ratio)

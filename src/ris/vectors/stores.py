@@ -87,7 +87,8 @@ class FaissStore:
 
     def prepare(self, dims: int, kind: str, fresh: bool = False) -> None:
         idx = self._index
-        if fresh or idx is None or idx.d != dims or self.factory != kind or index.is_approximate(idx) != (kind != index.EXACT_FACTORY):
+        exact = kind == index.EXACT_FACTORY
+        if fresh or idx is None or idx.d != dims or self.factory != kind or index.is_approximate(idx) == exact:
             self._index, self.factory, self._dirty = index.create(dims, kind), kind, True
 
     def reconcile(self, wanted: np.ndarray, vectors_for: VectorsFor, rows_for: RowsFor, replace: np.ndarray) -> bool:
