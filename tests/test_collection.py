@@ -220,7 +220,7 @@ def test_pca_is_fitted_once_large_enough_and_refit_on_demand(subset_dir: Path, t
         info = coll.info()
         assert info["pca"] and info["dims"] == 16 and info["images"] == 4 * PER_CLASS
         before = coll.search(str(caltech_files("panda", 1)[0]), k=3)
-        coll.refit_pca()
+        coll.reindex(refit_pca=True)
         after = coll.search(str(caltech_files("panda", 1)[0]), k=3)
         assert before.matches[0].path == after.matches[0].path
 

@@ -103,7 +103,7 @@ def test_ivf_collection_of_real_images(subset_collection: Path, subset_dir: Path
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     path = _copy_collection(subset_collection, tmp_path / "ivf.ris")
     with Collection.open_or_create(path, index_factory="IVF4,SQ8", nprobe=4) as coll:
-        coll.rebuild_index()  # no re-extraction: from the stored raw features
+        coll.reindex()  # no re-extraction: from the stored raw features
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["index_factory"], manifest["index_built"], manifest["nprobe"]) == ("IVF4,SQ8", "IVF4,SQ8", 4)
     monkeypatch.setattr(index, "MMAP_FROM_BYTES", 0)  # search the memory-mapped index, as large collections do
@@ -128,7 +128,7 @@ def test_auto_switches_to_ivf_and_back_by_size(subset_collection: Path, subset_d
     monkeypatch.setattr(index, "APPROX_FROM", 40)
     with Collection.open(path) as coll:
         assert coll.manifest.index_factory == index.AUTO
-        coll.rebuild_index()
+        coll.reindex()
         assert coll.manifest.index_built == "IVF1,SQ6" and coll.derived.snapshot().store.approximate()
         coll.remove([str(subset_dir / c) for c in ("panda", "cup")])  # 40 left: stays IVF
         assert coll.manifest.index_built == "IVF1,SQ6"

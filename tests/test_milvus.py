@@ -88,7 +88,7 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
         assert all(len(r.matches) == 50 for r in found)
         assert not {m.path for r in found for m in r.matches} & {str(p) for p in gone}
 
-        coll.refit_pca()
+        coll.reindex(refit_pca=True)
         assert store.ntotal == 50 and store.describe() == (16, "FLAT")
     probe = sorted((subset_dir / SUBSET_CLASSES[-1]).glob("*.jpg"))[0]
     # another index type is recorded now and built by the next write (here a removal of nothing)

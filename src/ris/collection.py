@@ -14,59 +14,27 @@ model (ris.runtime) -> extraction engines (ris.extract locally, ris.distributed 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import dba, milvus_store, models, sources
-from .decode import open_image, read_file, resize
-from .errors import CollectionLocked, DecodeError, RisError
-from .extract import ModelSettings, StageTimes, default_workers
+from .errors import RisError
+from .extract import IndexReport, ModelSettings, StageTimes, default_workers
+from .lock import WriterLock
 from .manifest import FORMAT_VERSION, Manifest, Options
+from .migrate import upgrade
 from .milvus_store import MilvusStore
+from .query import Query, query_image, query_name, query_pixels
 from .ranking import Ranker
-from .reduce import FIT_SAMPLE, PROJECTED_DIMS, Projection, projects
 from .runtime import cpu_runtime
 from .search import SearchResult
 from .store import Catalog
 from .vectors.derived import Derived
-
-Query = str | os.PathLike | Image.Image | np.ndarray | bytes
-log = logging.getLogger("ris")
-#: Writer-lock descriptors this process holds. A forked child (a decode worker) closes its copies at once:
-#: flock belongs to the open file, so a worker outliving a killed writer would otherwise keep the lock.
-_HELD_LOCKS: set[int] = set()
-
-
-def _close_locks_in_child() -> None:
-    for fd in _HELD_LOCKS:
-        os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_close_locks_in_child)
-
-
-@dataclass
-class IndexReport:
-    """What one `index`/`add` run did."""
-
-    scanned: int
-    new: int
-    changed: int
-    removed: int
-    extracted: int
-    skipped: int
-    images: int
-    times: StageTimes
-    skipped_files: list[dict[str, str]]
+from .vectors.sink import CatalogSink
 
 
 class Collection:
@@ -77,7 +45,7 @@ class Collection:
         self.catalog = Catalog(path / "catalog.sqlite")
         self.derived = Derived(path, self.catalog, lambda: self.manifest, self._milvus_client)
         self.ranker = Ranker(self.catalog, self.derived)
-        self._lock_fd: int | None = None
+        self._lock = WriterLock(path)
         self._extractor: tuple[tuple, Any] | None = None
         self._milvus: MilvusStore | None = None
 
@@ -128,7 +96,7 @@ class Collection:
                            "restore it from a backup, or index the images again into a new collection")  # fmt: skip
         coll = cls(root, manifest, weights)
         if coll.catalog.version < 2 or manifest.format_version < FORMAT_VERSION:
-            coll._upgrade()
+            upgrade(coll)
         return coll
 
     @classmethod
@@ -143,21 +111,10 @@ class Collection:
         if not (root / "manifest.json").exists():
             return cls.create(root, weights, **asked)
         coll = cls.open(root, weights)
-        m = coll.manifest
-        if "store" in asked and milvus_store.normalize(asked["store"]) != m.store:
-            raise RisError(f"collection {root} keeps its vectors in {m.store or 'faiss'}, not {asked['store']}; "
-                           "the store is chosen when a collection is created (use another --collection)")  # fmt: skip
-        for what in ("model", "pooling", "precision"):
-            have = getattr(m, what)
-            if what in asked and asked[what] != have and not (what == "pooling" and have == "fc2"):
-                raise RisError(f"collection {root} was built with {what} {have}, not {asked[what]}; use another --collection")
-        changes = {k: asked[k] for k in Options.CHANGEABLE if k in asked and asked[k] != getattr(m, k)}
-        if changes:
-            fixed = dict(model=m.model, pooling=m.pooling, precision=m.precision, store=m.store, dims=m.pca_dims)
-            current = {k: getattr(m, k) for k in Options.CHANGEABLE}
-            Options(**{**fixed, **current, **changes}).validated()
-            coll.manifest = m.with_options(**changes)
-            coll.manifest.write(root / "manifest.json")
+        changed = coll.manifest.asked(asked, root)
+        if changed is not coll.manifest:
+            coll.manifest = changed
+            changed.write(root / "manifest.json")
         return coll
 
     def close(self) -> None:
@@ -187,34 +144,16 @@ class Collection:
     # --- writer lock ---------------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Become the one writer, or fail at once naming the process that is."""
-        if self._lock_fd is not None:
-            return
-        try:
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise RisError(f"collection {self.path} cannot be written here ({exc.strerror}); it can still be searched") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CollectionLocked(f"collection {self.path} is locked by PID {holder} (another ris is writing)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-        _HELD_LOCKS.add(fd)
+        """Become the one writer (or fail at once naming the process that is), connected to the vector store."""
+        self._lock.acquire()
         try:  # a writer connects to its vector store now: one out of reach fails the run before any change
             self._milvus_client()
         except BaseException:
-            self.unlock()
+            self._lock.release()
             raise
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            _HELD_LOCKS.discard(self._lock_fd)
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+        self._lock.release()
 
     def _write(self, change: Callable[[], int], refit: bool = False, rebuild: bool = False) -> int:
         """Apply a catalogue change under the writer lock, then bring the derived vectors in line."""
@@ -222,48 +161,17 @@ class Collection:
         try:
             result = change()
             self.derived.update(refit=refit, rebuild=rebuild)
-            self._record_built()
+            self.record_built()
             return result
         finally:
             self.unlock()
 
-    def _record_built(self) -> None:
+    def record_built(self) -> None:
         """The manifest's informational dims/index_built follow the derived set (the catalogue is authoritative)."""
         state = self.derived.state()
         if state["generation"] and (state["dims"], state["index"]) != (self.manifest.dims, self.manifest.index_built):
             self.manifest = self.manifest.with_options(dims=state["dims"], index_built=state["index"])
             self.manifest.write(self.path / "manifest.json")
-
-    def _upgrade(self) -> None:
-        """A format-1 collection (raw features in SQLite, 23 KB an image for grid3) to format 2, in place, once."""
-        m = self.manifest
-        try:
-            self.lock()
-        except CollectionLocked:
-            raise
-        except RisError:
-            raise RisError(f"collection {self.path} was written by an older ris (format {m.format_version}) and must be "
-                           "upgraded once where it can be written (any `ris` command there does it)") from None  # fmt: skip
-        try:
-            log.warning("upgrading collection %s to format %d (compact catalogue); this happens once", self.path, FORMAT_VERSION)
-
-            def plan(catalog: Catalog):
-                shas = catalog.old_hashes()
-                if not projects(m.raw_dims) or len(shas) <= FIT_SAMPLE:
-                    return None, None
-                sample = np.random.default_rng(0).choice(len(shas), FIT_SAMPLE, replace=False)
-                proj = Projection.fit(catalog.old_features([shas[i] for i in np.sort(sample)]), PROJECTED_DIMS)
-                return proj, (proj.mean, proj.components)
-
-            self.catalog.upgrade(plan)
-            self.derived.update(rebuild=True)
-            for old in ("pca.npz", "dba.npz", "index.faiss"):
-                (self.path / old).unlink(missing_ok=True)
-            self.manifest = m.with_options(format_version=FORMAT_VERSION)
-            self.manifest.write(self.path / "manifest.json")
-            self._record_built()
-        finally:
-            self.unlock()
 
     # --- the model -----------------------------------------------------------------------------
 
@@ -291,24 +199,17 @@ class Collection:
             self._extractor = (key, ext)
         return self._extractor[1]
 
-    def sink(self) -> _Sink:
+    def sink(self) -> CatalogSink:
         """Where extraction engines deliver features (ris.extract.Sink); the caller holds the writer lock."""
-        return _Sink(self.catalog, self.manifest.raw_dims, self.derived.projection())
+        return CatalogSink(self.catalog, self.manifest.raw_dims, self.derived.projection())
 
     # --- writing -------------------------------------------------------------------------------
 
     def index(
-        self,
-        paths: Iterable[str | os.PathLike],
-        resync: bool = True,
-        batch_size: int = 32,
-        workers: int | None = None,
-        device: str = "auto",
-        threads: int | None = None,
-        progress: Callable[[int, int], Callable[[int], None]] | None = None,
-        ray: str | None = None,
-        shard_size: int = 1024,
-    ) -> IndexReport:
+        self, paths: Iterable[str | os.PathLike], resync: bool = True, batch_size: int = 32, workers: int | None = None,
+        device: str = "auto", threads: int | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None,
+        ray: str | None = None, shard_size: int = 1024,
+    ) -> IndexReport:  # fmt: skip
         """Bring the collection in line with these folders/files.
 
         resync=True (`ris index`): files gone from these paths are dropped. resync=False (`ris add`):
@@ -340,7 +241,7 @@ class Collection:
                     times = extract.run(todo, ext, self.manifest.input_size, lambda b, f: sink.commit(b.ok, f, b.failed),
                                         known=sink.known, batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
             self.derived.update()
-            self._record_built()
+            self.record_built()
             counts = self.catalog.counts()
             return IndexReport(
                 scanned=len(files), new=report.new, changed=report.changed, removed=report.removed,
@@ -368,29 +269,11 @@ class Collection:
         compacting the vector file first; refit_pca: refit PCA on the stored vectors too (no re-extraction)."""
         self._write(lambda: self.catalog.rewrite() or 0, refit=refit_pca, rebuild=True)
 
-    def rebuild_index(self) -> None:
-        self.reindex()
-
-    def refit_pca(self) -> None:
-        self.reindex(refit_pca=True)
-
     # --- searching -----------------------------------------------------------------------------
-
-    def query_image(self, query: Query, draft_size: int | None = None) -> Image.Image:
-        """One query (path, bytes, PIL image or HxWx3 array) as an upright RGB image."""
-        try:
-            if isinstance(query, Image.Image):
-                return query.convert("RGB")
-            if isinstance(query, np.ndarray):
-                return Image.fromarray(np.asarray(query, dtype=np.uint8)).convert("RGB")
-            return open_image(query if isinstance(query, bytes) else read_file(str(query)), draft_size)
-        except DecodeError as exc:
-            raise RisError(f"cannot use query {query if isinstance(query, (str, os.PathLike)) else '<image>'}: {exc}") from None
 
     def query_pixels(self, query: Query) -> np.ndarray:
         """Decode one query into model input (JPEGs decoded at reduced scale, as indexed images are)."""
-        size = self.manifest.input_size
-        return resize(self.query_image(query, draft_size=size), size)
+        return query_pixels(query, self.manifest.input_size)
 
     def reduce(self, raw: np.ndarray) -> np.ndarray:
         """Raw model output -> the unit vectors the index compares (with the current PCA)."""
@@ -417,8 +300,8 @@ class Collection:
         if k < 1:
             raise RisError("k must be at least 1")
         verify = self.manifest.verify if verify is None else verify
-        loaders = [lambda q=q: self.query_image(q) for q in queries] if verify else None
-        return self.search_vectors(self.embed(queries, device), k, [_query_name(q) for q in queries], qe, nprobe, loaders)
+        loaders = [lambda q=q: query_image(q) for q in queries] if verify else None
+        return self.search_vectors(self.embed(queries, device), k, [query_name(q) for q in queries], qe, nprobe, loaders)
 
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
                        nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
@@ -427,7 +310,7 @@ class Collection:
         image (or a loader of it), to verify the first result geometrically."""
         from . import runtime
 
-        loaders = None if verify_with is None else [q if callable(q) else (lambda q=q: self.query_image(q)) for q in verify_with]
+        loaders = None if verify_with is None else [q if callable(q) else (lambda q=q: query_image(q)) for q in verify_with]
         qe = self.manifest.query_expansion if qe is None else qe
         return self.ranker.search(vectors, k, names, qe, nprobe or self.manifest.nprobe or None, loaders, runtime.cpu_threads())
 
@@ -446,7 +329,7 @@ class Collection:
 
     def info(self) -> dict[str, Any]:
         counts, m, state = self.catalog.counts(), self.manifest, self.derived.state()
-        searchable = self._searchable_count(state)
+        searchable = self.derived.searchable()
         lag = "" if searchable == counts["ok"] else (
             f"the index holds {searchable} of {counts['ok']} images (a write was interrupted): the next "
             "`ris add`/`ris index` or `ris reindex` brings it in line")  # fmt: skip
@@ -461,64 +344,3 @@ class Collection:
             "store": m.store or "faiss", "store_collection": m.store_collection, "format_version": m.format_version,
             "created": m.created, "disk_bytes": sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()),
         }  # fmt: skip
-
-    def _searchable_count(self, state: dict) -> int:
-        if not state["generation"]:
-            return 0
-        try:
-            return int(self.derived.snapshot().store.ntotal)
-        except RisError:
-            return 0
-
-
-class _Sink:
-    """The extraction engines' Sink (ris.extract.Sink) over the catalogue: raw features in, stored vectors kept.
-
-    A collection with wide raw features keeps them raw until it holds FIT_SAMPLE images, then fits the
-    projection on them (on the writer's thread, ~1 s once), rewrites them projected, and projects the rest
-    as they come (ris.reduce). `sample_first` orders a run so those first images are a random sample of it.
-    """
-
-    def __init__(self, catalog: Catalog, raw_dims: int, projection: Projection | None):
-        self.catalog, self.raw_dims, self.projection = catalog, raw_dims, projection
-        self._raw = projects(raw_dims) and projection is None  # still keeping raw features
-        self._live = len(catalog.live_slots()) if self._raw else 0
-
-    def sample_first(self, todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
-        """These pending images, a random FIT_SAMPLE of them first when the projection will be fitted in this run."""
-        room = FIT_SAMPLE - self._live
-        if not self._raw or len(todo) <= room or room <= 0:
-            return todo
-        first = np.zeros(len(todo), bool)
-        first[np.random.default_rng(0).choice(len(todo), room, replace=False)] = True
-        return [t for t, f in zip(todo, first, strict=True) if f] + [t for t, f in zip(todo, first, strict=True) if not f]
-
-    def known(self, hashes: Sequence[str]) -> set[str]:
-        return self.catalog.known_hashes(hashes)
-
-    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
-        if features and self.projection is not None:
-            x = np.stack(list(features.values()))
-            if x.shape[1] == self.raw_dims:  # an engine may have projected them already (a GPU does it on the device)
-                features = dict(zip(features, self.projection(x), strict=True))
-        self.catalog.commit_batch(done, features, failed)
-        if self._raw and features:
-            self._live += len(features)
-            if self._live >= FIT_SAMPLE:
-                self._project()
-
-    def _project(self) -> None:
-        """Fit the projection on the raw features kept so far and store every vector projected from now on."""
-        raw = self.catalog.live_vectors()
-        proj = Projection.fit(raw, PROJECTED_DIMS)
-        self.catalog.rewrite(proj, proj.dims, (proj.mean, proj.components))
-        self.projection, self._raw = proj, False
-        log.debug("the collection stores %d-d projected vectors from now on (fitted on its first %d images)", proj.dims, len(raw))
-
-
-def _query_name(query: Query) -> str:
-    return str(query) if isinstance(query, (str, os.PathLike)) else "<image>"
-
-
-def is_collection(path: str | os.PathLike) -> bool:
-    return (Path(path) / "manifest.json").exists()

@@ -125,6 +125,22 @@ class Manifest:
     def write(self, path: Path) -> None:
         write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
+    def asked(self, asked: dict, root: Path) -> Manifest:
+        """This manifest with the changeable options asked (Options.CHANGEABLE) applied; the fixed ones must match."""
+        if "store" in asked and milvus_store.normalize(asked["store"]) != self.store:
+            raise RisError(f"collection {root} keeps its vectors in {self.store or 'faiss'}, not {asked['store']}; "
+                           "the store is chosen when a collection is created (use another --collection)")  # fmt: skip
+        for what in ("model", "pooling", "precision"):
+            have = getattr(self, what)
+            if what in asked and asked[what] != have and not (what == "pooling" and have == "fc2"):
+                raise RisError(f"collection {root} was built with {what} {have}, not {asked[what]}; use another --collection")
+        changes = {k: asked[k] for k in Options.CHANGEABLE if k in asked and asked[k] != getattr(self, k)}
+        if not changes:
+            return self
+        fixed = dict(model=self.model, pooling=self.pooling, precision=self.precision, store=self.store, dims=self.pca_dims)
+        Options(**{**fixed, **{k: getattr(self, k) for k in Options.CHANGEABLE}, **changes}).validated()
+        return self.with_options(**changes)
+
     def with_options(self, **changes: object) -> Manifest:
         return dataclasses.replace(self, **changes)
 

@@ -142,6 +142,13 @@ class Derived:
         width = self.catalog.width or self._manifest().raw_dims
         return Space(self.projection(), Reducer.load(pca_path, width))
 
+    def searchable(self) -> int:
+        """How many images the current set's store holds (0: none, or unreadable: `ris info` then says so)."""
+        try:
+            return int(self.snapshot().store.ntotal) if self.state()["generation"] else 0
+        except RisError:
+            return 0
+
     def drop_cached(self) -> None:
         self._snapshot = None
 
