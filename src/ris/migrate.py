@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import reduce
 from .errors import CollectionLocked, RisError
 from .manifest import FORMAT_VERSION
-from .reduce import FIT_SAMPLE, PROJECTED_DIMS, Projection, projects
+from .reduce import Projection, projects
 from .store import Catalog
 
 if TYPE_CHECKING:
@@ -39,10 +40,10 @@ def upgrade(coll: Collection) -> None:
 
         def plan(catalog: Catalog):
             shas = catalog.old_hashes()
-            if not projects(m.raw_dims) or len(shas) <= FIT_SAMPLE:
+            if not projects(m.raw_dims) or len(shas) <= reduce.FIT_SAMPLE:
                 return None, None
-            sample = np.random.default_rng(0).choice(len(shas), FIT_SAMPLE, replace=False)
-            proj = Projection.fit(catalog.old_features([shas[i] for i in np.sort(sample)]), PROJECTED_DIMS)
+            sample = np.random.default_rng(0).choice(len(shas), reduce.FIT_SAMPLE, replace=False)
+            proj = Projection.fit(catalog.old_features([shas[i] for i in np.sort(sample)]), reduce.PROJECTED_DIMS)
             return proj, (proj.mean, proj.components)
 
         coll.catalog.upgrade(plan)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..reduce import FIT_SAMPLE, PROJECTED_DIMS, Projection, projects
+from .. import reduce
+from ..reduce import Projection, projects
 from ..store import Catalog
 
 log = logging.getLogger("ris")
@@ -28,7 +29,7 @@ class CatalogSink:
 
     def sample_first(self, todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """These pending images, a random FIT_SAMPLE of them first when the projection will be fitted in this run."""
-        room = FIT_SAMPLE - self._live
+        room = reduce.FIT_SAMPLE - self._live
         if not self._raw or len(todo) <= room or room <= 0:
             return todo
         first = np.zeros(len(todo), bool)
@@ -46,13 +47,13 @@ class CatalogSink:
         self.catalog.commit_batch(done, features, failed)
         if self._raw and features:
             self._live += len(features)
-            if self._live >= FIT_SAMPLE:
+            if self._live >= reduce.FIT_SAMPLE:
                 self._project()
 
     def _project(self) -> None:
         """Fit the projection on the raw features kept so far and store every vector projected from now on."""
         raw = self.catalog.live_vectors()
-        proj = Projection.fit(raw, PROJECTED_DIMS)
+        proj = Projection.fit(raw, reduce.PROJECTED_DIMS)
         self.catalog.rewrite(proj, proj.dims, (proj.mean, proj.components))
         self.projection, self._raw = proj, False
         log.debug("the collection stores %d-d projected vectors from now on (fitted on its first %d images)", proj.dims, len(raw))
