@@ -77,7 +77,10 @@ def _as_format_1(src: Path, dst: Path) -> None:
     with db:
         db.execute("CREATE TABLE features (sha256 TEXT PRIMARY KEY, vec BLOB NOT NULL)")
         db.executemany("INSERT OR IGNORE INTO features VALUES (?, ?)", rows)
-        db.execute("UPDATE images SET slot = NULL, hkey = NULL")
+        db.execute("DROP INDEX images_hkey")
+        db.execute("ALTER TABLE images DROP COLUMN hkey")
+        db.execute("ALTER TABLE images DROP COLUMN slot")
+        db.execute("CREATE INDEX images_sha256 ON images(sha256)")
         db.execute("DROP TABLE projection")
         db.execute("DELETE FROM meta WHERE key IN ('vectors', 'width', 'slots', 'derived')")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")

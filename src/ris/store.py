@@ -532,12 +532,15 @@ class Catalog:
         if self.version >= SCHEMA_VERSION:
             return
         with self.db:
-            self.db.executescript(SCHEMA)  # the new tables and indexes (images keeps its rows)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(images)")}
             for column in ("hkey", "slot"):
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
             self.db.execute("DROP INDEX IF EXISTS images_sha256")
+            hashed = self.db.execute("SELECT id, sha256 FROM images WHERE sha256 IS NOT NULL").fetchall()
+            self.db.executemany("UPDATE images SET hkey = ? WHERE id = ?", ((hash_key(sha), i) for i, sha in hashed))
+        self.db.executescript(SCHEMA)  # the new tables and indexes (images keeps its rows)
+        with self.db:
             self.db.execute("UPDATE images SET status = 'pending', sha256 = NULL WHERE status = 'ok' AND sha256 NOT IN "
                             "(SELECT sha256 FROM features)")  # fmt: skip
         transform, projection = plan(self)
@@ -574,8 +577,8 @@ class Catalog:
         rows = [(sha, hash_key(sha), end + n) for n, sha in enumerate(shas)]
         with self.db:
             for chunk in _chunks(rows, ROWS_PER_STATEMENT):
-                self.db.execute(f"UPDATE images SET hkey = v.column2, slot = v.column3 FROM (VALUES {_rows(len(chunk), 3)}) "
-                                "AS v WHERE images.sha256 = v.column1", _flat(chunk))  # fmt: skip
+                self.db.execute(f"UPDATE images SET slot = v.column3 FROM (VALUES {_rows(len(chunk), 3)}) AS v "
+                                "WHERE images.hkey = v.column2 AND images.sha256 = v.column1", _flat(chunk))  # fmt: skip
             self._set_meta(SLOTS, str(self._end))
 
     def _set_projection(self, mean: np.ndarray, components: np.ndarray) -> None:
