@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from scale import Generator  # this folder (run as a script)
 
+from ris import index
 from ris.collection import Collection
 from ris.sources import SourceFile
 
@@ -103,24 +104,31 @@ def exact_top(coll: Collection, queries: np.ndarray) -> np.ndarray:
 
 
 def search(args: argparse.Namespace) -> dict:
+    """Latency and recall@10 at the default nprobe and at 2x and 4x it (IVF lists visited: the speed/recall knob)."""
     root = Path(args.dir) / "large.ris"
     stored = np.load(Path(args.dir) / "queries.npy")
+    out: dict = {}
     with Collection.open(root) as coll:
-        queries = coll.derived.snapshot().space.from_stored(stored)
-        coll.search_vectors(queries[:3], K, ["warm"] * 3)
-        rss_open = rss_mb()
-        times, found = [], []
-        for q in queries:
-            t = time.perf_counter()
-            found.append([m.id for m in coll.search_vectors(q[None], K, ["q"])[0].matches])
-            times.append(time.perf_counter() - t)
-        rss_search = rss_mb()
+        snap = coll.derived.snapshot()
+        queries = snap.space.from_stored(stored)
         truth = exact_top(coll, queries)
-    recall = np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
-    ms = np.array(times) * 1000
-    return {"queries": len(queries), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "recall_at_10": round(float(recall), 4),
-            "rss_after_open_mb": rss_open, "peak_rss_searching_mb": rss_search}  # fmt: skip
+        default = index.default_nprobe(index._ivf(snap.store.faiss_index).nlist)
+        out["rss_after_open_mb"] = rss_mb()
+        for nprobe in (default, 2 * default, 4 * default):
+            coll.search_vectors(queries[:3], K, ["warm"] * 3, nprobe=nprobe)
+            times, found = [], []
+            for q in queries:
+                t = time.perf_counter()
+                found.append([m.id for m in coll.search_vectors(q[None], K, ["q"], nprobe=nprobe)[0].matches])
+                times.append(time.perf_counter() - t)
+            recall = np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
+            ms = np.array(times) * 1000
+            out[f"nprobe_{nprobe}"] = {
+                "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                "recall_at_10": round(float(recall), 4),
+            }  # fmt: skip
+        out["peak_rss_searching_mb"] = rss_mb()
+    return {"queries": len(queries), **out}
 
 
 def change(args: argparse.Namespace) -> dict:
@@ -152,13 +160,14 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/large")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--step", choices=("all", "build", "search", "change"), default="all")
+    ap.add_argument("--steps", default="build,search,change", help="with --step all: which, in order")
     args = ap.parse_args()
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     if args.step != "all":
         print(json.dumps({"build": build, "search": search, "change": change}[args.step](args)), flush=True)
         return
     out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    for step in ("build", "search", "change", "search"):
+    for step in args.steps.split(","):
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--step", step, *sys.argv[1:]], capture_output=True, text=True)
         if proc.returncode:

@@ -38,7 +38,6 @@ Asking for cuda without a GPU is a one-line RisError, like the extractor's `--de
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 import warnings
@@ -52,6 +51,7 @@ import faiss
 import numpy as np
 
 from .atomic import write_with
+from .config import env
 from .errors import RisError
 
 #: The index described FAISS-style (see faiss.index_factory); stored in the manifest.
@@ -366,7 +366,7 @@ def range_search(
 
 def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None = None) -> str:
     """Where a search of n_queries runs: "faiss-cpu", "faiss-gpu", "torch:cuda" or "torch:cpu"."""
-    asked = device or os.environ.get("RIS_SEARCH_DEVICE") or "auto"
+    asked = device or env("RIS_SEARCH_DEVICE")
     if asked in ("torch:cpu", "torch:cuda"):
         if asked == "torch:cuda" and not _cuda():
             raise RisError("search device torch:cuda asked for, but PyTorch sees no CUDA GPU")
@@ -401,7 +401,7 @@ def _cuda() -> bool:
 
 
 def _dtype(dtype: str | None) -> str:
-    dtype = dtype or os.environ.get("RIS_SEARCH_DTYPE") or "float32"
+    dtype = dtype or env("RIS_SEARCH_DTYPE")
     if dtype not in ("float32", "float16"):
         raise RisError(f"unknown search dtype {dtype!r}; choose float32 or float16")
     return dtype

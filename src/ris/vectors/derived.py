@@ -134,7 +134,7 @@ class Derived:
         if store.built()[0] != space.dims:
             raise RisError(f"collection {self.root}: its index and PCA disagree ({store.built()[0]} vs {space.dims} dims); "
                            "run `ris reindex`")  # fmt: skip
-        graph = _graph_or_none(dba_path) if self._manifest().dba else None
+        graph = _graph_or_none(dba_path)
         self._snapshot = Snapshot(g, space, store, graph, stamp, dba_path.exists())
         return self._snapshot
 
@@ -211,7 +211,7 @@ class Derived:
                 return None
         except RisError:
             return None
-        graph = _graph_or_none(dba_path) if self._manifest().dba else None
+        graph = _graph_or_none(dba_path)
         return Snapshot(g, space, store, graph)
 
     def _kind(self, m, n: int, built: str | None) -> str:
