@@ -98,7 +98,7 @@ def loo_row(name: str, v: np.ndarray, labels: np.ndarray, dba: int = 0, qe: int 
 def neighbourhood_rows(feats: dict[str, np.ndarray], labels: np.ndarray) -> None:
     """DBA and αQE on the grid poolings, ranked as served: the first result the plain nearest of the
     top ANCHOR_POOL (ris.evaluate.anchor_first), and without that anchor."""
-    from ris.collection import ANCHOR_POOL
+    from ris.ranking import ANCHOR_POOL
 
     print("\n| descriptor (PCA 256), DBA N, αQE n | dims | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
     for name in ("grid", "grid3"):
@@ -146,8 +146,8 @@ def copy_rows(paths: list[str], feats: dict[str, np.ndarray], lite, pools: dict[
 def multiscale_rows(maps: np.ndarray, paths: list[str], labels: np.ndarray, lite, work: Path, scales: list[int]) -> None:
     """Multi-scale extraction: the grid3 descriptor of the image at other input sizes too (maps cached per
     size), each L2-normalised, summed; plain and as served with DBA 10. Model cost grows with the pixels."""
-    from ris.collection import ANCHOR_POOL
     from ris.networks import grid_gem
+    from ris.ranking import ANCHOR_POOL
 
     def grid3_of(m: np.ndarray) -> np.ndarray:
         return l2_normalize(pooled(m, lambda f: grid_gem(f, 3)))

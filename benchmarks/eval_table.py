@@ -19,7 +19,8 @@ import numpy as np
 
 from ris import evaluate
 from ris.bench import machine
-from ris.collection import ANCHOR_POOL, Collection
+from ris.collection import Collection
+from ris.ranking import ANCHOR_POOL
 
 CONFIGS = {  # name: model, pooling, precision, DBA neighbours, verified first result
     "lite0-avg-fp32": ("efficientnet-lite0", "avg", "fp32", 0, False),

@@ -126,7 +126,7 @@ def batching(coll_path: Path, n_queries: int, n_base: int, extra: int) -> list[d
             what = f"model + index, {n_queries} queries" + (", geometric verification (default)" if verify else ", --no-verify")
             rows.append({"what": what, "batched_ms_per_query": 1e3 * batched / n_queries,
                          "one_by_one_ms_per_query": 1e3 * single / n_queries, "speedup": single / batched})  # fmt: skip
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         vecs = coll.embed(queries, "cpu")
         t = time.perf_counter()
         index.search(idx, vecs, 10)

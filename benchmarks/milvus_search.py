@@ -86,7 +86,7 @@ def main() -> None:
         for n, (name, store, index) in enumerate(setups):
             coll = copy_collection(args.collection, work / f"c{n}.ris", store, index)
             start = time.perf_counter()
-            coll.rebuild_index()
+            coll.reindex()
             fill = time.perf_counter() - start
             rows, vectors = coll.vectors()
             pick = np.random.default_rng(0).choice(len(rows), min(args.queries, len(rows)), replace=False)

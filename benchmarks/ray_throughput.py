@@ -53,8 +53,7 @@ def ray_run(files: list[str], where: Path, batch_size: int, shard_size: int, add
         coll.catalog.sync(scan(files))
         t = ray_extract(coll.catalog.pending(), coll.model_settings(), coll.sink(), where / SHARD_DIR, address=address,
                         batch_size=batch_size, shard_size=shard_size)  # fmt: skip
-        coll.catalog.drop_orphan_features()
-        coll._finish()
+        coll.derived.update()
         total = time.perf_counter() - start
     return {"extracted": t.extracted, "extract_s": t.wall, "total_s": total, "img_s": t.extracted / t.wall,
             "model_s": t.model, "decode_s": t.decode, "driver_wait_s": t.wait,

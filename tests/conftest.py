@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,3 +64,16 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"ris {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def derived_file(collection: Path, kind: str) -> Path:
+    """The current generation's derived file of a collection: kind is "pca", "index" or "dba"."""
+    from ris.store import Catalog
+    from ris.vectors.derived import DERIVED, files
+
+    catalog = Catalog(collection / "catalog.sqlite")
+    try:
+        generation = json.loads(catalog.meta(DERIVED) or '{"generation": 0}')["generation"]
+    finally:
+        catalog.close()
+    return files(collection, generation)[("pca", "index", "dba").index(kind)]

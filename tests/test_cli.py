@@ -29,7 +29,7 @@ def test_search_json_is_one_object_per_query(subset_collection: Path, subset_dir
     for query, line in zip(queries, lines, strict=True):
         obj = json.loads(line)
         assert set(obj) == {"query", "matches"} and obj["query"] == query
-        assert [set(m) for m in obj["matches"]] == [{"rank", "path", "score", "label"}] * 3
+        assert [set(m) for m in obj["matches"]] == [{"rank", "path", "score", "similarity", "label"}] * 3
         assert obj["matches"][0]["path"] == query and obj["matches"][0]["label"] in SUBSET_CLASSES
         assert [m["rank"] for m in obj["matches"]] == [1, 2, 3]
         assert Path(obj["matches"][1]["path"]).is_absolute()

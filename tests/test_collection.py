@@ -37,11 +37,13 @@ def test_search_finds_the_original_of_a_transformed_copy(subset_collection: Path
     assert result.matches[0].path == str(original)
     assert result.matches[0].label == "panda"
     assert [m.rank for m in result.matches] == [1, 2, 3, 4, 5]
-    scores = [m.score for m in result.matches]
-    # scores are the plain cosines of query and image; the first is the plain nearest
+    # similarity: the plain cosine of query and image (the first is the plain nearest); score: what ranked it,
+    # never increasing down the list
+    sims, scores = [m.similarity for m in result.matches], [m.score for m in result.matches]
     plain = dict(zip([r.id for r in rows], vectors @ query_vector, strict=True))
-    assert scores == pytest.approx([float(plain[m.id]) for m in result.matches], abs=1e-4)
-    assert scores[0] == max(scores) and 0.5 < scores[0] <= 1.0001
+    assert sims == pytest.approx([float(plain[m.id]) for m in result.matches], abs=1e-4)
+    assert sims[0] == max(sims) and 0.5 < sims[0] <= 1.0001
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1.0001 for s in scores)
 
 
 def test_labels_and_precision_on_the_subset(subset_collection: Path) -> None:
@@ -88,7 +90,7 @@ def test_resync_is_incremental(subset_dir: Path, tmp_path: Path) -> None:
         # the index follows the catalogue exactly
         from ris import index
 
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         assert sorted(index.ids_of(idx)) == sorted(coll.catalog.ok_ids())
         assert coll.search(str(changed), k=1).matches[0].path == str(changed)
 
@@ -109,14 +111,13 @@ def test_ids_are_never_reused_so_a_changed_last_file_is_served_anew(subset_dir: 
         assert coll.index([photos]).changed == 1
         now = coll.catalog.row_by_path(last.path)
         assert now is not None and now.id > last.id and now.sha256 != last.sha256
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         served = idx.reconstruct(now.id)  # DBA-augmented: near its own plain vector, not the old image's
         rows, plain = coll.vectors()
         assert float(served @ plain[[r.id for r in rows].index(now.id)]) > max(0.9, float(served @ before) + 0.1)
         assert coll.search(last.path, k=1).matches[0].path == last.path
-        # the old content's features went with it (a deletion flags orphans; a plain add skips the scan)
-        n_features = coll.catalog.db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
-        assert n_features == len({r.sha256 for r in rows})
+        # the old content's vector is no longer used (its row is dropped when `ris reindex` compacts the file)
+        assert len(coll.catalog.live_slots()) == len({r.sha256 for r in rows})
         coll.remove_ids([now.id])
         coll.index([photos])
         assert coll.catalog.row_by_path(last.path).id > now.id
@@ -139,7 +140,7 @@ def test_identical_files_are_extracted_once(subset_dir: Path, tmp_path: Path) ->
     with Collection.open_or_create(tmp_path / "c.ris") as coll:
         report = coll.index([photos])
         assert report.images == 6 and report.extracted == 3
-        assert coll.catalog.db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 3
+        assert len(coll.catalog.live_slots()) == coll.catalog.used_slots() == 3
 
 
 def test_add_and_remove(subset_dir: Path, tmp_path: Path) -> None:
@@ -219,7 +220,7 @@ def test_pca_is_fitted_once_large_enough_and_refit_on_demand(subset_dir: Path, t
         info = coll.info()
         assert info["pca"] and info["dims"] == 16 and info["images"] == 4 * PER_CLASS
         before = coll.search(str(caltech_files("panda", 1)[0]), k=3)
-        coll.refit_pca()
+        coll.reindex(refit_pca=True)
         after = coll.search(str(caltech_files("panda", 1)[0]), k=3)
         assert before.matches[0].path == after.matches[0].path
 
@@ -228,16 +229,15 @@ def test_features_keep_order_and_repeats(subset_collection: Path) -> None:
     """Neighbour lookups ask for the same image several times (query expansion, re-scoring)."""
     with Collection.open(subset_collection) as coll:
         ids = [int(i) for i in coll.catalog.ok_ids()[:3]]
-        dims = coll.manifest.raw_dims
-        once = coll.catalog.features(ids, dims)
-        repeated = coll.catalog.features([ids[2], ids[0], ids[2], ids[1], ids[0]], dims)
-        assert np.array_equal(repeated, once[[2, 0, 2, 1, 0]])
-        assert not coll.catalog.features([10**9], dims).any()  # unknown id: zeros, never garbage
+        once = coll.catalog.vectors(ids)
+        repeated = coll.catalog.vectors([ids[2], ids[0], ids[2], ids[1], ids[0]])
+        assert np.array_equal(repeated, once[[2, 0, 2, 1, 0]]) and once.shape == (3, coll.catalog.width)
+        assert not coll.catalog.vectors([10**9]).any()  # unknown id: zeros, never garbage
         expanded = coll.expand(coll.vectors()[1][:8], 5)
         assert np.isfinite(expanded).all() and np.allclose(np.linalg.norm(expanded, axis=1), 1, atol=1e-4)
 
 
-def test_raw_features_are_stored_in_float16_with_subnormals_flushed(tmp_path: Path) -> None:
+def test_vectors_are_stored_in_float16_with_subnormals_flushed(tmp_path: Path) -> None:
     """ris.store.as_stored: float16, magnitudes under 2^-14 (float16 subnormals, which numpy converts
     23x slower) stored as 0; a committed batch reads back as exactly that."""
     from ris.store import FEATURE_TINY, Catalog, as_stored
@@ -252,5 +252,5 @@ def test_raw_features_are_stored_in_float16_with_subnormals_flushed(tmp_path: Pa
         cat.db.execute("INSERT INTO images (path, size, mtime_ns, label, status) VALUES ('/a.jpg', 1, 1, 'a', 'pending')")
     (image_id,) = cat.db.execute("SELECT id FROM images").fetchone()
     cat.commit_batch([(image_id, "ab" * 32)], {"ab" * 32: x[0]}, [])
-    np.testing.assert_array_equal(cat.features([image_id], 6), got.astype(np.float32))
+    np.testing.assert_array_equal(cat.vectors([image_id]), got.astype(np.float32))
     cat.close()

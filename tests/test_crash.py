@@ -82,14 +82,15 @@ def _assert_consistent_after_kill(coll: Path, some_image: Path) -> int:
     assert _query(coll, "PRAGMA integrity_check") == [("ok",)]
     ok = _ok_count(coll)
     assert ok % BATCH == 0, f"{ok} ok rows is not a whole number of {BATCH}-image batches"
-    orphans = _query(coll, "SELECT COUNT(*) FROM images WHERE status = 'ok' AND "
-                           "(sha256 IS NULL OR sha256 NOT IN (SELECT sha256 FROM features))")  # fmt: skip
+    orphans = _query(coll, "SELECT COUNT(*) FROM images WHERE status = 'ok' AND (sha256 IS NULL OR slot IS NULL)")
     assert orphans == [(0,)]
+    used = _query(coll, "SELECT value FROM meta WHERE key = 'slots'")
+    assert _query(coll, "SELECT COALESCE(MAX(slot) + 1, 0) FROM images")[0][0] <= (int(used[0][0]) if used else 0)
     with Collection.open(coll) as c:
         info = c.info()
         assert info["images"] == ok and info["images"] + info["pending"] == TOTAL
-        if (coll / "index.faiss").exists():  # the index written so far is whole and searchable
-            idx, _ = c._searchable()
+        if c.derived.state()["generation"]:  # the index written so far is whole and searchable
+            idx = c.derived.snapshot().store.faiss_index
             assert set(index.ids_of(idx).tolist()) <= set(c.catalog.ok_ids().tolist())
             if idx.ntotal:
                 assert c.search(str(some_image), k=1).matches
@@ -99,7 +100,7 @@ def _assert_consistent_after_kill(coll: Path, some_image: Path) -> int:
 def _assert_resumes(images: Path, coll: Path) -> None:
     """The rerun extracts exactly what was not committed and ends with index == catalogue."""
     pending = [p for (p,) in _query(coll, "SELECT path FROM images WHERE status != 'ok'")]
-    have = {s for (s,) in _query(coll, "SELECT sha256 FROM features")}
+    have = {s for (s,) in _query(coll, "SELECT sha256 FROM images WHERE slot IS NOT NULL")}
     expected = len({_sha(p) for p in pending} - have) if pending else 0
     if not pending and _ok_count(coll) == 0:  # killed before the file list was synced
         expected = TOTAL
@@ -108,7 +109,7 @@ def _assert_resumes(images: Path, coll: Path) -> None:
     assert _query(coll, "SELECT path FROM images GROUP BY path HAVING COUNT(*) > 1") == []
     assert _query(coll, "SELECT COUNT(*) FROM images") == [(TOTAL,)]
     with Collection.open(coll) as c:
-        idx, _ = c._searchable()
+        idx = c.derived.snapshot().store.faiss_index
         assert np.array_equal(np.sort(index.ids_of(idx)), c.catalog.ok_ids()) and idx.ntotal == TOTAL
         target = sorted((images / "buddha").glob("*.jpg"))[4]
         assert c.search(str(target), k=1).matches[0].path == str(target)

@@ -19,11 +19,11 @@ def test_npy_folder_holds_vectors_ids_and_metadata(subset_collection: Path, tmp_
     out = tmp_path / "npy"
     proc = run_cli("export", "-c", str(subset_collection), "--format", "npy", "--out", str(out))
     assert f"exported {len(SUBSET_CLASSES) * PER_CLASS} images" in proc.stderr
-    features, raw, ids = (np.load(out / f"{n}.npy") for n in ("features", "raw_features", "ids"))
+    features, stored, ids = (np.load(out / f"{n}.npy") for n in ("features", "stored_vectors", "ids"))
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     n = len(SUBSET_CLASSES) * PER_CLASS
-    assert features.dtype == raw.dtype == np.float32 and ids.dtype == np.int64
-    assert len(features) == len(raw) == len(ids) == len(meta) == n
+    assert features.dtype == stored.dtype == np.float32 and ids.dtype == np.int64
+    assert len(features) == len(stored) == len(ids) == len(meta) == n
     assert [m["id"] for m in meta] == ids.tolist()
     assert all(set(m) == {"id", "path", "label", "sha256"} and len(m["sha256"]) == 64 for m in meta)
     assert {m["label"] for m in meta} == set(SUBSET_CLASSES)
@@ -32,8 +32,8 @@ def test_npy_folder_holds_vectors_ids_and_metadata(subset_collection: Path, tmp_
         rows, vectors = coll.vectors()
         assert [r.id for r in rows] == ids.tolist()
         assert np.allclose(features, vectors, atol=1e-6)
-        assert raw.shape[1] == coll.manifest.raw_dims
-        assert np.allclose(coll.reduce(raw), features, atol=1e-5)  # raw -> reduced as ris does it
+        assert stored.shape[1] == coll.catalog.width == coll.manifest.raw_dims  # a small collection keeps raw features
+        assert np.allclose(coll.reduce(stored), features, atol=1e-5)  # raw -> reduced as ris does it
         # an exported vector finds its own image in the index
         hit = coll.search_vectors(features[5:6], 1, ["q"])[0].matches[0]
     assert hit.path == meta[5]["path"] and not list(out.glob(".*.tmp"))

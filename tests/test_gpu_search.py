@@ -27,7 +27,7 @@ TORCH_DEVICES = ["torch:cpu"] + (["torch:cuda"] if torch.cuda.is_available() els
 def real(subset_collection: Path) -> tuple[faiss.Index, np.ndarray, np.ndarray, list[str]]:
     """The subset collection's IDMap2,Flat index (ids are catalogue ids), its vectors, their ids and labels."""
     with Collection.open(subset_collection) as coll:
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         rows, vectors = coll.vectors()
     return idx, vectors, np.array([r.id for r in rows], np.int64), [r.label for r in rows]
 

@@ -103,12 +103,12 @@ def test_ivf_collection_of_real_images(subset_collection: Path, subset_dir: Path
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     path = _copy_collection(subset_collection, tmp_path / "ivf.ris")
     with Collection.open_or_create(path, index_factory="IVF4,SQ8", nprobe=4) as coll:
-        coll.rebuild_index()  # no re-extraction: from the stored raw features
+        coll.reindex()  # no re-extraction: from the stored raw features
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["index_factory"], manifest["index_built"], manifest["nprobe"]) == ("IVF4,SQ8", "IVF4,SQ8", 4)
     monkeypatch.setattr(index, "MMAP_FROM_BYTES", 0)  # search the memory-mapped index, as large collections do
     with Collection.open(path) as coll:
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         assert index.is_approximate(idx) and idx.ntotal == 60
         image = sorted((subset_dir / "sunflower").glob("*.jpg"))[2]
         hits = coll.search(str(image), k=3).matches
@@ -118,7 +118,7 @@ def test_ivf_collection_of_real_images(subset_collection: Path, subset_dir: Path
         found = coll.search_vectors(vectors[:10], 1, ["v"] * 10, nprobe=1)
         assert sum(r.matches[0].path == row.path for r, row in zip(found, rows[:10], strict=True)) >= 8
         coll.remove([str(subset_dir / "panda")])
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         assert idx.ntotal == 50 and "panda" not in {m.label for m in coll.search(str(image), k=50).matches}
 
 
@@ -128,13 +128,13 @@ def test_auto_switches_to_ivf_and_back_by_size(subset_collection: Path, subset_d
     monkeypatch.setattr(index, "APPROX_FROM", 40)
     with Collection.open(path) as coll:
         assert coll.manifest.index_factory == index.AUTO
-        coll.rebuild_index()
-        assert coll.manifest.index_built == "IVF1,SQ6" and index.is_approximate(coll._searchable()[0])
+        coll.reindex()
+        assert coll.manifest.index_built == "IVF1,SQ6" and coll.derived.snapshot().store.approximate()
         coll.remove([str(subset_dir / c) for c in ("panda", "cup")])  # 40 left: stays IVF
         assert coll.manifest.index_built == "IVF1,SQ6"
         coll.remove([str(subset_dir / c) for c in ("scissors", "sunflower", "Motorbikes")])  # 10 left
         assert coll.manifest.index_built == index.EXACT_FACTORY
-        idx, _ = coll._searchable()
+        idx = coll.derived.snapshot().store.faiss_index
         assert not index.is_approximate(idx) and idx.ntotal == 10
 
 

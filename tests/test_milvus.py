@@ -75,7 +75,7 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
     first, second = SUBSET_CLASSES[:2], SUBSET_CLASSES[2:]
     with Collection.create(tmp_path / "c.ris", dims=16, store=f"milvus-lite://{tmp_path / 'v.db'}") as coll:
         coll.add([subset_dir / c for c in first])
-        store = coll._vector_store()
+        store = coll._milvus_client()
         assert store.ntotal == 20 and store.describe() == (11520, "FLAT") and coll.info()["dims"] == 11520
         coll.add([subset_dir / c for c in second])
         assert store.ntotal == 60 and store.describe() == (16, "FLAT") and coll.info()["dims"] == 16
@@ -88,13 +88,13 @@ def test_add_remove_and_pca_reach_milvus(subset_dir: Path, tmp_path: Path) -> No
         assert all(len(r.matches) == 50 for r in found)
         assert not {m.path for r in found for m in r.matches} & {str(p) for p in gone}
 
-        coll.refit_pca()
+        coll.reindex(refit_pca=True)
         assert store.ntotal == 50 and store.describe() == (16, "FLAT")
     probe = sorted((subset_dir / SUBSET_CLASSES[-1]).glob("*.jpg"))[0]
     # another index type is recorded now and built by the next write (here a removal of nothing)
     with Collection.open_or_create(tmp_path / "c.ris", index_factory="HNSW", nprobe=32) as coll:
         assert coll.remove([str(tmp_path / "nothing.jpg")]) == 0
-        store = coll._vector_store()
+        store = coll._milvus_client()
         assert store.describe() == (16, "HNSW") and store.ntotal == 50 and coll.info()["index_built"] == "HNSW"
         assert store.search_params(5, 32)["params"] == {"ef": 32}
         assert coll.search(probe, k=1).matches[0].path == str(probe)
@@ -157,7 +157,7 @@ def test_serve_on_milvus_lite(subset_dir: Path, tmp_path: Path) -> None:
         assert res.status_code == 200, res.text
         matches = res.json()["matches"]
         assert [m["rank"] for m in matches] == [1, 2, 3, 4] and matches[0]["path"] == str(query)
-        assert set(matches[0]) >= {"rank", "path", "score", "label", "id", "thumbnail"} and matches[0]["score"] > 0.99
+        assert set(matches[0]) >= {"rank", "path", "score", "similarity", "label", "id", "thumbnail"} and matches[0]["similarity"] > 0.99
         assert client.get(matches[0]["thumbnail"]).status_code == 200
         similar = client.get("/api/search", params={"id": matches[0]["id"], "k": 3}).json()["matches"]
         assert similar[0]["id"] == matches[0]["id"]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from ris import dba, evaluate, index
-from ris.collection import ANCHOR_POOL, Collection
-from tests.conftest import SUBSET_CLASSES, copy_classes, run_cli
+from ris.collection import Collection
+from ris.ranking import ANCHOR_POOL
+from tests.conftest import SUBSET_CLASSES, copy_classes, derived_file, run_cli
 
 N = 5
 
@@ -28,7 +29,7 @@ def fresh_dba(coll: Collection) -> tuple[np.ndarray, np.ndarray]:
 
 
 def held(coll: Collection, ids: np.ndarray) -> np.ndarray:
-    idx, _ = coll._searchable()
+    idx = coll.derived.snapshot().store.faiss_index
     return np.vstack([idx.reconstruct(int(i)) for i in ids])
 
 
@@ -104,10 +105,11 @@ def test_the_first_result_is_the_plain_nearest_and_the_rest_keep_the_served_orde
         swapped = evaluate.anchor_first(order[:, [2, 1, *range(3, n)]], x[:3], x, n)
         np.testing.assert_array_equal(swapped, order[:, 1:])
         # a search of an image's own vector: itself first (plain cosine 1), then the served ranking
-        idx, reducer = coll._searchable()
-        served_scores, served, _ = coll._nearest(idx, reducer, x[:1], 8, None)
+        served_scores, served, _ = coll.ranker.nearest(coll.derived.snapshot(), x[:1], 8, None)
         result = coll.search_vectors(x[:1], 5, ["q"])[0]
-    assert result.matches[0].id == rows[0].id and result.matches[0].score == pytest.approx(1.0, abs=1e-4)
+    assert result.matches[0].id == rows[0].id and result.matches[0].similarity == pytest.approx(1.0, abs=1e-4)
+    scores = [m.score for m in result.matches]  # what ranked them: never increasing down the list
+    assert scores == sorted(scores, reverse=True)
     assert [m.id for m in result.matches[1:]] == [int(i) for i in served[0] if i != rows[0].id][:4]
 
 
@@ -119,11 +121,11 @@ def test_verification_is_a_collection_setting(dba_collection: Path, subset_dir: 
     run_cli("index", str(subset_dir), "-c", str(path), "--no-verify", "--json")  # a resync: nothing extracted
     assert json.loads(run_cli("info", "-c", str(path), "--json").stdout)["verify"] is False
     with Collection.open(path) as coll:
-        assert coll.manifest.verify is False and coll._verifier is None
+        assert coll.manifest.verify is False and coll.ranker._verifier is None
         coll.search(str(sorted((subset_dir / "panda").glob("*.jpg"))[0]), k=3)
-        assert coll._verifier is None  # not verified
+        assert coll.ranker._verifier is None  # not verified
         coll.search(str(sorted((subset_dir / "panda").glob("*.jpg"))[0]), k=3, verify=True)
-        assert coll._verifier is not None
+        assert coll.ranker._verifier is not None
 
 
 def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,9 +134,9 @@ def test_dba_switches_off_above_its_size_limit(subset_dir: Path, tmp_path: Path,
     path = tmp_path / "c.ris"
     with Collection.create(path, dba=N) as coll:
         coll.index([subset_dir / "cup"])  # 10 images: DBA on
-        assert (path / "dba.npz").exists() and coll.info()["dba_active"] == N
+        assert derived_file(path, "dba").exists() and coll.info()["dba_active"] == N
         coll.add([subset_dir / "panda"])  # 20: off, the index back to plain vectors
-        assert not (path / "dba.npz").exists() and coll.info()["dba_active"] == 0
+        assert not derived_file(path, "dba").exists() and coll.info()["dba_active"] == 0
         rows, plain = coll.vectors()
         np.testing.assert_allclose(held(coll, [r.id for r in rows]), plain, atol=1e-5)
 
@@ -146,18 +148,18 @@ def test_the_graph_keeps_plain_vectors_and_starts_over_for_another_pca(dba_colle
     shutil.copytree(dba_collection, path)
     with Collection.open(path) as coll:
         rows, plain = coll.vectors()
-        graph = dba.Graph.load(path / "dba.npz")
+        graph = dba.Graph.load(derived_file(path, "dba"))
         np.testing.assert_array_equal(graph.ids, [r.id for r in rows])
         np.testing.assert_allclose(graph.x, plain, atol=1e-6)
-        _, reducer = coll._searchable()  # searches read candidates' plain vectors from that copy
+        snap = coll.derived.snapshot()  # searches read candidates' plain vectors from that copy
         some = np.array([r.id for r in rows[::7]])
-        np.testing.assert_allclose(coll._plain_of(reducer, some), coll._read_reduced(reducer, some), atol=1e-6)
+        np.testing.assert_allclose(coll.ranker.plain(snap, some), coll.derived.reduced(snap.space, some), atol=1e-6)
         graph.x[0], graph.pca = -graph.x[0], "another pca"
-        graph.save(path / "dba.npz")
+        graph.save(derived_file(path, "dba"))
         coll.remove_ids([])  # a write: the graph is rebuilt from the catalogue, not from the stale rows
         ids, want = fresh_dba(coll)
         np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
-        np.testing.assert_allclose(dba.Graph.load(path / "dba.npz").x, plain, atol=1e-6)
+        np.testing.assert_allclose(dba.Graph.load(derived_file(path, "dba")).x, plain, atol=1e-6)
 
 
 def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None:
@@ -179,18 +181,17 @@ def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None
             assert not np.isin(gone, ids).any()
             if factory == index.EXACT_FACTORY:
                 np.testing.assert_allclose(held(coll, ids), want, atol=1e-5)
-            graph = dba.Graph.load(path / "dba.npz")
+            graph = dba.Graph.load(derived_file(path, "dba"))
             np.testing.assert_array_equal(graph.ids, ids)
             # the served ranking (IVF: candidates re-scored with the augmented vectors) scores what a fresh DBA gives
-            idx, reducer = coll._searchable()
-            scores, found, _ = coll._nearest(idx, reducer, want[:3], 3, None)
+            scores, found, _ = coll.ranker.nearest(coll.derived.snapshot(), want[:3], 3, None)
             for row, s, f in zip(want[:3], scores, found, strict=True):
                 assert f[0] == ids[int(np.argmax(want @ row))] and s[0] == pytest.approx(1.0, abs=1e-4)
         # switched off: the index goes back to the plain vectors, the graph file goes
         with Collection.open_or_create(path, dba=0) as coll:
             coll.remove_ids([])
             rows, plain = coll.vectors()
-            assert not (path / "dba.npz").exists()
+            assert not derived_file(path, "dba").exists()
             if factory == index.EXACT_FACTORY:
                 np.testing.assert_allclose(held(coll, np.array([r.id for r in rows])), plain, atol=1e-5)
 

@@ -61,7 +61,7 @@ def local_features(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 def _features_by_path(coll: Collection) -> dict[str, np.ndarray]:
     rows = coll.catalog.all_rows()
-    raw = coll.catalog.features([r.id for r in rows], coll.manifest.raw_dims).astype(np.float32)
+    raw = coll.catalog.vectors([r.id for r in rows])
     return {r.path: v for r, v in zip(rows, raw, strict=True)}
 
 
@@ -93,8 +93,7 @@ def test_ray_matches_the_local_pipeline(ray_local: None, images: Path, local_fea
     coll, items = _ray_collection(tmp_path / "ray.ris", images)
     with coll:
         times = _extract(coll, items)
-        coll.catalog.drop_orphan_features()
-        coll._finish()
+        coll.derived.update()
         assert (times.images, times.extracted, times.skipped) == (len(items), len(CLASSES) * PER_CLASS, 3)
         assert times.model > 0 and times.decode > 0
         _assert_same(coll, local_features)
@@ -132,11 +131,11 @@ def test_a_crash_resumes_from_the_written_shards(
         pending = coll.catalog.pending()
         assert len(pending) == len(items) - len(computed[0].items)
         times = _extract(coll, pending)
-        written_shard = next(s for s in plan_shards(pending, SHARD, distributed._identity(coll.model_settings())) if s.name in written)
+        planned = plan_shards(pending, SHARD, distributed._identity(coll.model_settings()))
+        written_shard = next(s for s in planned if s.name in written)
         assert rows == [len(pending) - len(written_shard.items)]  # the written shard was merged, not recomputed
         assert times.images == len(pending)
-        coll.catalog.drop_orphan_features()
-        coll._finish()
+        coll.derived.update()
         _assert_same(coll, local_features)
 
 

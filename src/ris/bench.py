@@ -154,7 +154,7 @@ def run_bench(
     dev = runtime.resolve_device(device)
     precision = precision or ("int8" if dev == "cpu" else "fp32")
     with tempfile.TemporaryDirectory(prefix="ris-bench-") as tmp:
-        coll = Collection.create(Path(tmp) / "bench.ris", model, pooling, precision, weights)
+        coll = Collection.create(Path(tmp) / "bench.ris", weights, model=model, pooling=pooling, precision=precision)
         load_start = time.perf_counter()
         ext = coll.extractor(dev)  # export / quantize / upload once, outside the timed run
         size = models.get_spec(model).input_size

@@ -142,7 +142,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     if must_exist:
         coll = Collection.open(collection, weights)
     else:
-        coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
+        coll = Collection.open_or_create(collection, weights, model=model, pooling=pooling, precision=precision, dims=dims,
                                          index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
                                          verify=verify)  # fmt: skip
     with coll, progress_bar(enabled=not json_out) as bar:
@@ -167,13 +167,16 @@ def remove(
 @app.command()
 def reindex(
     collection: CollectionOpt = Path("collection.ris"),
-    refit_pca: Annotated[bool, typer.Option("--refit-pca", help="Refit PCA on the stored raw features.")] = False,
+    refit_pca: Annotated[
+        bool, typer.Option("--refit-pca", help="Refit PCA on the stored vectors (seconds; no re-extraction).")
+    ] = False,
 ) -> None:
-    """Rebuild the index from stored features (no re-extraction); --refit-pca refits PCA first."""
+    """Rebuild every derived file (PCA, DBA graph, index) from the catalogue, beside the current ones: searches keep
+    working meanwhile, and damaged or missing derived files are healed. --refit-pca refits PCA too."""
     from .collection import Collection
 
     with Collection.open(collection) as coll:
-        coll.refit_pca() if refit_pca else coll.rebuild_index()
+        coll.reindex(refit_pca)
         info = coll.info()
         err.print(f"index rebuilt: {info['images']} images, {info['dims']} dims")
 
@@ -289,7 +292,8 @@ def evaluate(
 
     from . import dba as dba_mod
     from . import evaluate as ev
-    from .collection import ANCHOR_POOL, Collection
+    from .collection import Collection
+    from .ranking import ANCHOR_POOL
     from .sources import scan
 
     ks = sorted({1, 5, 10, k})
@@ -437,6 +441,12 @@ def export(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("ris").addHandler(handler)
+    logging.getLogger("ris").setLevel(logging.INFO)
     try:
         app()
     except RisError as exc:

@@ -16,13 +16,13 @@ build is n^2 (9,145 Lite0 images: see benchmarks/RESULTS.md), a later add of m i
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import index
+from .atomic import write_with
 
 #: Neighbour weight exponent (sim^α; the vector's own weight is 1). Chosen on Caltech-101 (RESULTS.md).
 DBA_ALPHA = 3.0
@@ -99,18 +99,25 @@ class Graph:
         return self.nbrs.shape[1]
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
         extra = {} if self.x is None else {"x": self.x}
-        np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca), **extra)
-        os.replace(tmp, path)
+        write_with(path, lambda tmp: np.savez(tmp, ids=self.ids, nbrs=self.nbrs, sims=self.sims, pca=np.array(self.pca), **extra),
+                   suffix=".npz")  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> Graph | None:
+        """The saved graph (None: none saved); ValueError when the file is damaged or inconsistent."""
         if not path.exists():
             return None
-        with np.load(path) as data:
-            x = data["x"] if "x" in data.files else None  # older files: no vectors
-            return cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x)
+        try:
+            with np.load(path) as data:
+                x = data["x"] if "x" in data.files else None  # older files: no vectors
+                graph = cls(data["ids"], data["nbrs"], data["sims"], str(data["pca"]), x)
+        except Exception as exc:  # truncated or foreign: zipfile.BadZipFile, OSError, EOFError, KeyError...
+            raise ValueError(f"{path} is damaged: {type(exc).__name__}") from None
+        n = len(graph.ids)
+        if graph.nbrs.shape != graph.sims.shape or len(graph.nbrs) != n or (graph.x is not None and len(graph.x) != n):
+            raise ValueError(f"{path} is inconsistent")
+        return graph
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(each id's row in the graph, whether the graph holds it); rows of ids it lacks are meaningless."""

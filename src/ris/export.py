@@ -1,7 +1,8 @@
 """`ris export`: a collection's vectors and metadata in formats other tools read without ris.
 
-npy: a folder with features.npy (the reduced float32 vectors the index compares), raw_features.npy
-(the model's float32 output), ids.npy, metadata.jsonl (id, path, label, sha256; one line per row, in
+npy: a folder with features.npy (the reduced float32 vectors the index compares), stored_vectors.npy
+(what the catalogue keeps per image, float32: the model's raw features in a small collection, their
+stage-1 projection in a larger one; see ris.reduce), ids.npy, metadata.jsonl (id, path, label, sha256; one line per row, in
 the arrays' order) and a copy of manifest.json. parquet: one file with columns id, path, label,
 sha256, vector (list<float32>), the manifest in the schema metadata. Files are written to a
 temporary name and renamed, so an interrupted export never leaves a half-written file behind.
@@ -16,19 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_with
 from .errors import RisError
 
 FORMATS = ("npy", "parquet")
-
-
-def _replace_into(path: Path, write) -> None:
-    """Write via `write(tmp_path)` then rename over path (atomic on one filesystem)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -36,7 +28,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
 
-    _replace_into(path, write)
+    write_with(path, write)
 
 
 def export_npy(coll, out: Path) -> Path:
@@ -45,14 +37,14 @@ def export_npy(coll, out: Path) -> Path:
         raise RisError(f"{out} exists and is not a folder (npy export writes a folder)")
     rows, vectors = coll.vectors()
     ids = np.array([r.id for r in rows], dtype=np.int64)
-    raw = coll.catalog.features(ids, coll.manifest.raw_dims)
+    stored = coll.catalog.vectors(ids)
     out.mkdir(parents=True, exist_ok=True)
     _save_npy(out / "features.npy", np.ascontiguousarray(vectors, dtype=np.float32))
-    _save_npy(out / "raw_features.npy", raw.astype(np.float32, copy=False))
+    _save_npy(out / "stored_vectors.npy", stored)
     _save_npy(out / "ids.npy", ids)
     lines = "".join(json.dumps({"id": r.id, "path": r.path, "label": r.label, "sha256": r.sha256}) + "\n" for r in rows)
-    _replace_into(out / "metadata.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-    _replace_into(out / "manifest.json", lambda tmp: shutil.copyfile(coll.path / "manifest.json", tmp))
+    write_with(out / "metadata.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    write_with(out / "manifest.json", lambda tmp: shutil.copyfile(coll.path / "manifest.json", tmp))
     return out
 
 
@@ -78,7 +70,7 @@ def export_parquet(coll, out: Path) -> Path:
     })  # fmt: skip
     table = table.replace_schema_metadata({"ris_manifest": (coll.path / "manifest.json").read_text()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    _replace_into(out, lambda tmp: pq.write_table(table, tmp))
+    write_with(out, lambda tmp: pq.write_table(table, tmp))
     return out
 
 

@@ -75,6 +75,21 @@ class StageTimes:
 
 
 @dataclass
+class IndexReport:
+    """What one `index`/`add` run did."""
+
+    scanned: int
+    new: int
+    changed: int
+    removed: int
+    extracted: int
+    skipped: int
+    images: int
+    times: StageTimes
+    skipped_files: list[dict[str, str]]
+
+
+@dataclass
 class Batch:
     """One batch's outcome: decoded images (id, sha) with their stacked pixels, and failures (id, reason).
 

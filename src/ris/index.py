@@ -38,7 +38,6 @@ Asking for cuda without a GPU is a one-line RisError, like the extractor's `--de
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 import warnings
@@ -51,6 +50,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .atomic import write_with
+from .config import env
 from .errors import RisError
 
 #: The index described FAISS-style (see faiss.index_factory); stored in the manifest.
@@ -224,11 +225,7 @@ def save(index: faiss.Index, path: Path) -> None:
 
     A reader that memory-mapped the old file keeps reading it (the rename leaves its inode alive).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def load(path: Path, mmap: bool | None = None) -> faiss.Index:
@@ -369,7 +366,7 @@ def range_search(
 
 def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None = None) -> str:
     """Where a search of n_queries runs: "faiss-cpu", "faiss-gpu", "torch:cuda" or "torch:cpu"."""
-    asked = device or os.environ.get("RIS_SEARCH_DEVICE") or "auto"
+    asked = device or env("RIS_SEARCH_DEVICE")
     if asked in ("torch:cpu", "torch:cuda"):
         if asked == "torch:cuda" and not _cuda():
             raise RisError("search device torch:cuda asked for, but PyTorch sees no CUDA GPU")
@@ -404,7 +401,7 @@ def _cuda() -> bool:
 
 
 def _dtype(dtype: str | None) -> str:
-    dtype = dtype or os.environ.get("RIS_SEARCH_DTYPE") or "float32"
+    dtype = dtype or env("RIS_SEARCH_DTYPE")
     if dtype not in ("float32", "float16"):
         raise RisError(f"unknown search dtype {dtype!r}; choose float32 or float16")
     return dtype

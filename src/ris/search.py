@@ -14,14 +14,20 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Match:
+    """One result. `score`: what ranked it (never increases down a list); `similarity`: the plain cosine
+    similarity of query and image (equal to score unless the collection re-ranks: DBA, αQE, verification)."""
+
     rank: int
     path: str
-    score: float  # cosine similarity, higher is closer
+    score: float
     label: str | None
     id: int
+    similarity: float | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "path": self.path, "score": round(self.score, 6), "label": self.label}
+        sim = self.score if self.similarity is None else self.similarity
+        return {"rank": self.rank, "path": self.path, "score": round(self.score, 6), "similarity": round(sim, 6),
+                "label": self.label}  # fmt: skip
 
 
 @dataclass
@@ -39,7 +45,8 @@ class SearchResult:
     def __str__(self) -> str:
         lines = [f"query: {self.query}"]
         for m in self.matches:
-            lines.append(f"  {m.rank:>3}  {m.score:6.3f}  {m.label or '-':<20}  {m.path}")
+            sim = m.score if m.similarity is None else m.similarity
+            lines.append(f"  {m.rank:>3}  {m.score:6.3f}  {sim:6.3f}  {m.label or '-':<20}  {m.path}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

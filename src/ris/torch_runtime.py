@@ -4,13 +4,14 @@ and the eager baseline on CPUs. Imported only when PyTorch runs the model.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .config import env
 
 
 @dataclass
@@ -25,13 +26,13 @@ class TorchExtractor:
     precision: str = "fp32"
     #: On a GPU, JPEGs can be decoded there (nvJPEG, RIS_DECODE=device); measured on an H200 with 16 cores,
     #: CPU worker processes fed the model faster (3,108 vs 1,276 img/s end to end), so they are the default.
-    decode_on_device: bool = field(default_factory=lambda: os.environ.get("RIS_DECODE", "cpu") == "device")
-    channels_last: bool = field(default_factory=lambda: os.environ.get("RIS_CHANNELS_LAST", "1") == "1")
+    decode_on_device: bool = field(default_factory=lambda: env("RIS_DECODE") == "device")
+    channels_last: bool = field(default_factory=lambda: env("RIS_CHANNELS_LAST") == "1")
 
     #: On a GPU the forward pass is captured once per batch shape as a CUDA graph and replayed: eager
     #: launching of Lite0's ~200 modules took ~15 ms of CPU a batch (more than the GPU's 13 ms for 256
     #: images) and held the GIL the writer thread needs. RIS_CUDA_GRAPHS=0 runs eagerly.
-    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("RIS_CUDA_GRAPHS", "1") == "1")
+    cuda_graphs: bool = field(default_factory=lambda: env("RIS_CUDA_GRAPHS") == "1")
 
     def __post_init__(self) -> None:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

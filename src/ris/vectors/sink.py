@@ -1,0 +1,59 @@
+"""Where extraction engines deliver features: the catalogue, through the stage-1 projection once it exists."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import reduce
+from ..reduce import Projection, projects
+from ..store import Catalog
+
+log = logging.getLogger("ris")
+
+
+class CatalogSink:
+    """The extraction engines' Sink (ris.extract.Sink) over the catalogue: raw features in, stored vectors kept.
+
+    A collection with wide raw features keeps them raw until it holds FIT_SAMPLE images, then fits the
+    projection on them (on the writer's thread, ~1 s once), rewrites them projected, and projects the rest
+    as they come (ris.reduce). `sample_first` orders a run so those first images are a random sample of it.
+    """
+
+    def __init__(self, catalog: Catalog, raw_dims: int, projection: Projection | None):
+        self.catalog, self.raw_dims, self.projection = catalog, raw_dims, projection
+        self._raw = projects(raw_dims) and projection is None  # still keeping raw features
+        self._live = len(catalog.live_slots()) if self._raw else 0
+
+    def sample_first(self, todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """These pending images, a random FIT_SAMPLE of them first when the projection will be fitted in this run."""
+        room = reduce.FIT_SAMPLE - self._live
+        if not self._raw or len(todo) <= room or room <= 0:
+            return todo
+        first = np.zeros(len(todo), bool)
+        first[np.random.default_rng(0).choice(len(todo), room, replace=False)] = True
+        return [t for t, f in zip(todo, first, strict=True) if f] + [t for t, f in zip(todo, first, strict=True) if not f]
+
+    def known(self, hashes: Sequence[str]) -> set[str]:
+        return self.catalog.known_hashes(hashes)
+
+    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
+        if features and self.projection is not None:
+            x = np.stack(list(features.values()))
+            if x.shape[1] == self.raw_dims:  # an engine may have projected them already (a GPU does it on the device)
+                features = dict(zip(features, self.projection(x), strict=True))
+        self.catalog.commit_batch(done, features, failed)
+        if self._raw and features:
+            self._live += len(features)
+            if self._live >= reduce.FIT_SAMPLE:
+                self._project()
+
+    def _project(self) -> None:
+        """Fit the projection on the raw features kept so far and store every vector projected from now on."""
+        raw = self.catalog.live_vectors()
+        proj = Projection.fit(raw, reduce.PROJECTED_DIMS)
+        self.catalog.rewrite(proj, proj.dims, (proj.mean, proj.components))
+        self.projection, self._raw = proj, False
+        log.debug("the collection stores %d-d projected vectors from now on (fitted on its first %d images)", proj.dims, len(raw))
