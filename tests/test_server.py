@@ -61,7 +61,8 @@ def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collect
     api = client.post("/api/search", files=upload(query), data={"k": "5"}).json()
     with Collection.open(collection_path) as coll:
         expected = coll.search(query, k=5).as_json()
-    assert [{key: m[key] for key in ("rank", "path", "score", "label")} for m in api["matches"]] == expected["matches"]
+    keys = ("rank", "path", "score", "similarity", "label")
+    assert [{key: m[key] for key in keys} for m in api["matches"]] == expected["matches"]
 
 
 def test_search_with_verification_answers_as_the_library(client: httpx.Client, collection_path: Path, tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_more_like_this_by_id(client: httpx.Client) -> None:
     res = client.get("/api/search", params={"id": other["id"], "k": 3})
     assert res.status_code == 200, res.text
     body = res.json()
-    assert body["matches"][0]["id"] == other["id"] and body["matches"][0]["score"] > 0.99
+    assert body["matches"][0]["id"] == other["id"] and body["matches"][0]["similarity"] > 0.99
     assert len(body["matches"]) == 3
 
 
@@ -208,7 +209,7 @@ def test_add_then_remove_with_the_token(client: httpx.Client, collection_path: P
     assert client.get("/api/health").json()["images"] == before + 1
 
     found = client.post("/api/search", files=upload(new), data={"k": "1"}).json()["matches"][0]
-    assert found["id"] == added["id"] and found["score"] > 0.99
+    assert found["id"] == added["id"] and found["similarity"] > 0.99
 
     again = client.post("/api/images", files=upload(new), data={"label": "new ones"}, headers=AUTH).json()
     assert again["id"] == added["id"] and again["added"] is False  # the same bytes are not added twice

@@ -197,7 +197,11 @@ def search(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Find the k most similar indexed images for each query image."""
+    """Find the k most similar indexed images for each query image.
+
+    Each match shows its score (what ranked it: never increases down the list) and its similarity (the plain
+    cosine similarity of query and image, 1 = identical); they differ where DBA, query expansion or
+    verification re-rank."""
     from .collection import Collection
     from .render import grid_png, results_html
 
@@ -209,10 +213,10 @@ def search(
     else:
         for r in results:
             table = Table(title=f"query: {r.query}", title_justify="left")
-            for col in ("rank", "score", "label", "path"):
+            for col in ("rank", "score", "similarity", "label", "path"):
                 table.add_column(col, overflow="fold")
             for m in r.matches:
-                table.add_row(str(m.rank), f"{m.score:.3f}", m.label or "-", m.path)
+                table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
             out.print(table)
     if grid:
         err.print(f"grid written to {grid_png(results, grid)}")

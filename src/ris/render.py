@@ -59,7 +59,8 @@ def results_html(results: Sequence[SearchResult], out: str | Path, title: str = 
         figures = [thumbnail_figure(result.query, f"<b>query</b><br>{html.escape(Path(result.query).name)}")]
         figures += [
             thumbnail_figure(
-                m.path, f"#{m.rank} · {m.score:.3f}<br>{html.escape(m.label or '')}<br>"
+                m.path, f"#{m.rank} · {m.score:.3f} <small>(similarity {m.cosine:.3f})</small><br>"
+                f"{html.escape(m.label or '')}<br>"
                 f"<small>{html.escape(Path(m.path).name)}</small>",
             )
             for m in result.matches

@@ -24,8 +24,13 @@ class Match:
     id: int
     similarity: float | None = None
 
+    @property
+    def cosine(self) -> float:
+        """The plain cosine similarity (the score where no re-ranking happened)."""
+        return self.score if self.similarity is None else self.similarity
+
     def as_json(self) -> dict[str, Any]:
-        sim = self.score if self.similarity is None else self.similarity
+        sim = self.cosine
         return {"rank": self.rank, "path": self.path, "score": round(self.score, 6), "similarity": round(sim, 6),
                 "label": self.label}  # fmt: skip
 
@@ -45,7 +50,7 @@ class SearchResult:
     def __str__(self) -> str:
         lines = [f"query: {self.query}"]
         for m in self.matches:
-            sim = m.score if m.similarity is None else m.similarity
+            sim = m.cosine
             lines.append(f"  {m.rank:>3}  {m.score:6.3f}  {sim:6.3f}  {m.label or '-':<20}  {m.path}")
         return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -101,7 +101,8 @@ Bearer = Annotated[
 class MatchOut(BaseModel):
     rank: int
     path: str
-    score: float
+    score: float = Field(description="What ranked the match (DBA-served similarity); never increases down the list")
+    similarity: float = Field(description="Plain cosine similarity of query and image (1 = identical)")
     label: str | None
     id: int
     thumbnail: str

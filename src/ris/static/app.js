@@ -74,7 +74,8 @@ function card(item, withScore) {
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = item.score.toFixed(3);
-    score.title = "cosine similarity (1 = identical)";
+    score.dataset.similarity = item.similarity.toFixed(3);
+    score.title = `score: what ranked it (never increases down the list); cosine similarity ${item.similarity.toFixed(3)} (1 = identical)`;
     top.append(rank, score);
     caption.append(top);
   }
