@@ -748,10 +748,10 @@ class Collection:
         """Which of each query's 5 plain nearest geometric verification puts first (ris.verify; candidates'
         keypoints cached), the queries spread over the CPU threads."""
         from . import runtime
-        from .verify import TOP, Verifier
+        from .verify import MAX_SIDE, TOP, Verifier
 
         self._verifier = self._verifier or Verifier()
-        jobs = [(lambda q=q: self.query_image(q), [row.path for _, row in cands[:TOP]])
+        jobs = [(lambda q=q: self.query_image(q, draft_size=MAX_SIDE), [row.path for _, row in cands[:TOP]])
                 for q, cands in zip(queries, ranked, strict=True)]  # fmt: skip
         return self._verifier.firsts(jobs, runtime.cpu_threads())
 
