@@ -266,6 +266,8 @@ class Collection:
         """Become the one writer, or fail at once naming the process that is."""
         if self._lock_fd is not None:
             return
+        if self.catalog.readonly:
+            raise RisError(f"collection {self.path} is read-only here: it can be searched, not changed")
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -372,9 +374,9 @@ class Collection:
         return self.index(paths, resync=False, **kwargs)
 
     def remove(self, patterns: Iterable[str]) -> int:
-        """Drop images by path, folder or glob; returns how many went."""
-        pats = [str(Path(p).expanduser().absolute()) if not any(c in str(p) for c in "*?[") else str(p)
-                for p in patterns]  # fmt: skip
+        """Drop images by path, folder or glob; returns how many went. A path that names indexed images is
+        taken literally even when it holds glob characters (file names may: "[1].jpg")."""
+        pats = [(os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(p)))), os.fspath(p)) for p in patterns]
         return self._write(lambda: self.catalog.remove(pats))
 
     def remove_ids(self, ids: Iterable[int]) -> int:
