@@ -226,8 +226,15 @@ def test_api_search_answers_every_upload_without_a_5xx(generated: list[Case], co
 
 @pytest.mark.parametrize(
     "args",
-    [("dupes",), ("dupes", "--json"), ("eval",), ("map", "--method", "pca"), ("map",), ("export",),
-     ("export", "--format", "parquet")],  # fmt: skip
+    [
+        ("dupes",),
+        ("dupes", "--json"),
+        ("eval",),
+        ("map", "--method", "pca"),
+        ("map",),
+        ("export",),
+        ("export", "--format", "parquet"),
+    ],  # fmt: skip
     ids=lambda a: "-".join(a),
 )
 def test_collection_commands_run_clean(args: tuple[str, ...], generated: list[Case], collection: Path, tmp_path: Path) -> None:
