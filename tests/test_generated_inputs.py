@@ -84,9 +84,13 @@ def _encode(img: Image.Image, fmt: str) -> tuple[bytes, str]:
     raise AssertionError(f"cannot encode {img.mode} {img.size}")
 
 
-def _size(rng: np.random.Generator, n: int) -> tuple[int, int]:
+def _size(rng: np.random.Generator, n: int, large: bool) -> tuple[int, int]:
+    """Special sizes first, then ~20% extreme aspects, else log-uniform sides of 8-2000 px; large: 3% of
+    images get sides of 2000-8000 px (up to ~64 MP, the decode budget's order), in long runs only."""
     if n < len(SPECIAL_SIZES):
         return SPECIAL_SIZES[n]
+    if large and rng.random() < 0.03:
+        return int(rng.integers(2000, 8001)), int(rng.integers(2000, 8001))
     if rng.random() < 0.2:  # extreme aspect
         long, short = int(rng.integers(200, 4001)), int(rng.integers(1, 16))
         return (long, short) if rng.random() < 0.5 else (short, long)
@@ -120,7 +124,7 @@ def generate(root: Path, count: int, seed: int) -> list[Case]:
     cases = []
     for n in range(count):
         mode, fmt = str(rng.choice(MODES)), str(rng.choice(list(EXTENSIONS)))
-        size = (10_000, 10_000) if n == len(SPECIAL_SIZES) else _size(rng, n)
+        size = (10_000, 10_000) if n == len(SPECIAL_SIZES) else _size(rng, n, large=count > 100)
         if n == len(SPECIAL_SIZES):
             data, fmt = _encode(Image.new("L", size, 128), "PNG")
         else:
