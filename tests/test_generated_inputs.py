@@ -223,7 +223,8 @@ def test_cli_search_with_verification_finds_each_image_first(generated: list[Cas
 def test_api_search_answers_every_upload_without_a_5xx(generated: list[Case], collection: Path) -> None:
     from ris.server import create_app, serve_in_thread
 
-    with serve_in_thread(create_app(collection)) as url, httpx.Client(base_url=url, timeout=120) as client:
+    app = create_app(collection, max_upload_bytes=max_file_bytes())  # the CLI's cap: the same files searchable
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         for case in generated:  # one keep-alive connection: an error must leave it usable
             data = case.path.read_bytes()
             r = client.post("/api/search", files={"file": (case.path.name, data)}, data={"k": "5", "verify": "true"})
