@@ -19,8 +19,9 @@ from .errors import RisError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Reverse image search: index folders of images, find the most similar ones.")  # fmt: skip
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Markup and emoji codes off: paths and reasons are printed, and "[bold red]" or ":smile:" are file names too.
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+out = Console(soft_wrap=True, markup=False, emoji=False)
 
 CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collection directory.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
@@ -63,7 +64,7 @@ def _print_report(report, as_json: bool) -> None:
     if as_json:
         data = {k: v for k, v in report.__dict__.items() if k != "times"}
         data["times"] = report.times.as_dict()
-        out.print_json(json.dumps(data))
+        out.print_json(json.dumps(data), ensure_ascii=True)  # non-UTF-8 names as \udcXX escapes
         return
     t = report.times
     rate = f", {t.extracted / t.wall:.0f} img/s" if t.wall and t.extracted else ""
@@ -443,10 +444,19 @@ def export(
     export_command(collection, out_path, fmt=fmt)
 
 
+def _bytes_safe_streams() -> None:
+    """File names that are not UTF-8 (held as surrogate escapes) are written as their original bytes, as
+    `ls` does, instead of failing the print; JSON output escapes them (as \\udcXX) and stays ASCII."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") == "utf8":
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     import logging
 
+    _bytes_safe_streams()
     handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("ris").addHandler(handler)

@@ -28,7 +28,7 @@ from .lock import WriterLock
 from .manifest import FORMAT_VERSION, Manifest, Options
 from .migrate import upgrade
 from .milvus_store import MilvusStore
-from .query import Query, query_image, query_name, query_pixels
+from .query import Query, query_name, query_pixels
 from .ranking import Ranker
 from .runtime import cpu_runtime
 from .search import SearchResult
@@ -145,6 +145,8 @@ class Collection:
 
     def lock(self) -> None:
         """Become the one writer (or fail at once naming the process that is), connected to the vector store."""
+        if self.catalog.readonly:
+            raise RisError(f"collection {self.path} is read-only here: it can be searched, not changed")
         self._lock.acquire()
         try:  # a writer connects to its vector store now: one out of reach fails the run before any change
             self._milvus_client()
@@ -255,9 +257,9 @@ class Collection:
         return self.index(paths, resync=False, **kwargs)
 
     def remove(self, patterns: Iterable[str]) -> int:
-        """Drop images by path, folder or glob; returns how many went."""
-        pats = [str(Path(p).expanduser().absolute()) if not any(c in str(p) for c in "*?[") else str(p)
-                for p in patterns]  # fmt: skip
+        """Drop images by path, folder or glob; returns how many went. A path that names indexed images is
+        taken literally even when it holds glob characters (file names may: "[1].jpg")."""
+        pats = [(os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(p)))), os.fspath(p)) for p in patterns]
         return self._write(lambda: self.catalog.remove(pats))
 
     def remove_ids(self, ids: Iterable[int]) -> int:
@@ -300,8 +302,8 @@ class Collection:
         if k < 1:
             raise RisError("k must be at least 1")
         verify = self.manifest.verify if verify is None else verify
-        loaders = [lambda q=q: query_image(q) for q in queries] if verify else None
-        return self.search_vectors(self.embed(queries, device), k, [query_name(q) for q in queries], qe, nprobe, loaders)
+        verify_with = queries if verify else None
+        return self.search_vectors(self.embed(queries, device), k, [query_name(q) for q in queries], qe, nprobe, verify_with)
 
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
                        nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
@@ -310,9 +312,9 @@ class Collection:
         image (or a loader of it), to verify the first result geometrically."""
         from . import runtime
 
-        loaders = None if verify_with is None else [q if callable(q) else (lambda q=q: query_image(q)) for q in verify_with]
         qe = self.manifest.query_expansion if qe is None else qe
-        return self.ranker.search(vectors, k, names, qe, nprobe or self.manifest.nprobe or None, loaders, runtime.cpu_threads())
+        nprobe = nprobe or self.manifest.nprobe or None
+        return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads())
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (ris.ranking.Ranker.expand)."""

@@ -2,12 +2,19 @@
 
 Runs in worker processes while the model runs, so it must be cheap: JPEGs are decoded at a
 reduced scale directly (libjpeg's DCT scaling through PIL's draft mode) before the final resize.
+
+Bounded before any work: a file is read only when it is a regular file of at most RIS_MAX_FILE_MB
+(default 100), and an image is decoded only when its pixels fit a memory budget (MAX_DECODE_BYTES;
+a JPEG over it is decoded at the reduced scale that fits): a 20 KB PNG can declare 13000 x 13000 px.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -15,12 +22,18 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DecodeError
+from .errors import DecodeError, RisError
 
 #: Formats we accept, recognised by content (magic bytes), never by extension.
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 #: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
 MAX_PIXELS = 178_956_970
+
+#: Files larger than this many megabytes are refused before they are read (the environment variable wins).
+MAX_FILE_ENV = "RIS_MAX_FILE_MB"
+DEFAULT_MAX_FILE_MB = 100.0
+#: Memory one decode may use (decoded pixels plus the working copies of the conversion to RGB): ~65 MP of RGB.
+MAX_DECODE_BYTES = 768 * 2**20
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 cv2.setNumThreads(1)  # one decode worker = one core; the model's threads get the rest
@@ -50,17 +63,57 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode bytes to an upright RGB image; raise DecodeError with a short reason otherwise."""
+def decode_cost(mode: str, size: tuple[int, int]) -> int:
+    """Bytes decoding an image of this mode and size holds at its peak: PIL keeps 1 byte a pixel for
+    1/L/P, 2 for I;16, 4 for I/F and every multi-band mode; the conversion to RGB adds two 4-byte copies
+    (e.g. RGBA composited on white, then RGB)."""
+    if mode.startswith("I;16"):
+        per_pixel = 2
+    elif mode in ("1", "L", "P"):
+        per_pixel = 1
+    else:
+        per_pixel = 4
+    return size[0] * size[1] * (per_pixel + 8)
+
+
+def check_budget(img: Image.Image, max_bytes: int = MAX_DECODE_BYTES) -> None:
+    """Refuse (DecodeError "image too large ...") an opened, not yet loaded image whose decoding would
+    take more than max_bytes; call it after Image.open (which reads the header only)."""
+    cost = decode_cost(img.mode, img.size)
+    if cost > max_bytes:
+        raise DecodeError(
+            f"image too large to decode: {img.width}x{img.height} px {img.format or ''} {img.mode} needs about "
+            f"{cost / 2**20:,.0f} MB (limit {max_bytes / 2**20:,.0f} MB)"
+        )
+
+
+def _draft(img: Image.Image, draft_size: int | None, max_bytes: int) -> None:
+    """Let libjpeg decode a JPEG reduced (by 1/2, 1/4 or 1/8): to at least draft_size pixels a side when
+    asked, and in any case small enough for the memory budget when the full size is not."""
+    over = decode_cost(img.mode, img.size) / max_bytes
+    if img.format != "JPEG" or (not draft_size and over <= 1):
+        return
+    want = (draft_size, draft_size) if draft_size else img.size
+    if over > 1:  # the largest of libjpeg's scales within budget, whatever draft_size asked for
+        scale = next((s for s in (2, 4, 8) if over <= s * s), 8)
+        want = (min(want[0], img.width // scale), min(want[1], img.height // scale))
+    img.draft("RGB", want)
+
+
+def open_image(data: bytes, draft_size: int | None = None, max_bytes: int = MAX_DECODE_BYTES) -> Image.Image:
+    """Decode bytes to an upright RGB image; raise DecodeError with a short reason otherwise.
+
+    draft_size: JPEGs may be decoded reduced, keeping at least this many pixels a side. max_bytes: the
+    memory the decode may take (check_budget); a JPEG over it is decoded reduced, anything else refused.
+    """
     if not data:
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
-            if draft_size and img.format == "JPEG":
-                # libjpeg scales by 1/2, 1/4, 1/8 while decoding; keep at least draft_size pixels.
-                img.draft("RGB", (draft_size, draft_size))
+            _draft(img, draft_size, max_bytes)
+            check_budget(img, max_bytes)
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
@@ -94,12 +147,45 @@ def decode_bytes(data: bytes, size: int) -> Decoded:
     return Decoded(digest, resize(open_image(data, draft_size=size), size))
 
 
-def read_file(path: str) -> bytes:
+def max_file_bytes() -> int:
+    """The largest file read, from RIS_MAX_FILE_MB (megabytes; default 100)."""
+    raw = os.environ.get(MAX_FILE_ENV, "").strip()
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        mb = float(raw) if raw else DEFAULT_MAX_FILE_MB
+    except ValueError:
+        mb = -1.0
+    if not (mb > 0 and math.isfinite(mb)):
+        raise RisError(f"{MAX_FILE_ENV} must be a positive number of megabytes, not {raw!r}")
+    return int(mb * 2**20)
+
+
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file of at most max_bytes (default: max_file_bytes()), else DecodeError.
+
+    Checked before reading (fstat of the opened file, so a swapped-in path cannot slip past), and the
+    read itself stops one byte past the cap (a file that grows meanwhile). Devices (/dev/zero), FIFOs
+    and sockets are refused; O_NONBLOCK keeps a FIFO without a writer from blocking the open.
+    """
+    cap = max_file_bytes() if max_bytes is None else max_bytes
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise DecodeError(f"unreadable: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise DecodeError("not a regular file (a folder, device, FIFO or socket)")
+    with os.fdopen(fd, "rb") as fh:
+        limit = f"limit {cap / 2**20:,.6g} MB; set {MAX_FILE_ENV} to change it"
+        if st.st_size > cap:
+            raise DecodeError(f"file too large: {st.st_size / 2**20:,.1f} MB ({limit})")
+        try:
+            data = fh.read(cap + 1)
+        except OSError as exc:
+            raise DecodeError(f"unreadable: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise DecodeError(f"file too large: it grew while read ({limit})")
+    return data
 
 
 def decode_file(path: str, size: int) -> Decoded:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .atomic import write_with
 from .errors import RisError
+from .store import displayed
 
 FORMATS = ("npy", "parquet")
 
@@ -63,8 +64,8 @@ def export_parquet(coll, out: Path) -> Path:
     offsets = pa.array(np.arange(0, n * dims + 1, dims, dtype=np.int32) if n else np.zeros(1, np.int32))
     table = pa.table({
         "id": pa.array([r.id for r in rows], type=pa.int64()),
-        "path": pa.array([r.path for r in rows], type=pa.string()),
-        "label": pa.array([r.label for r in rows], type=pa.string()),
+        "path": pa.array([displayed(r.path) for r in rows], type=pa.string()),  # names that are not UTF-8: \xNN
+        "label": pa.array([displayed(r.label) for r in rows], type=pa.string()),
         "sha256": pa.array([r.sha256 for r in rows], type=pa.string()),
         "vector": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel(), type=pa.float32())),
     })  # fmt: skip

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import index
 from .evaluate import QE_ALPHA
+from .query import Query, query_image
 from .search import Match, SearchResult
 from .store import Catalog, ImageRow
 from .vectors.derived import Derived, Snapshot
@@ -94,13 +95,13 @@ class Ranker:
         names: Sequence[str],
         qe: int = 0,
         nprobe: int | None = None,
-        verify_with: Sequence[Callable[[], Image.Image]] | None = None,
+        verify_with: Sequence[Query | Callable[[], Image.Image]] | None = None,
         threads: int = 1,
     ) -> list[SearchResult]:
         """The k nearest indexed images per query vector, ordered and scored as the module docstring says.
 
-        verify_with: a loader of each query's image; the first place then goes to the one of the 5 plain
-        nearest that geometric verification confirms.
+        verify_with: each query's image (or a loader of it); the first place then goes to the one of the 5
+        plain nearest that geometric verification confirms.
         """  # fmt: skip
         from .verify import TOP
 
@@ -128,11 +129,14 @@ class Ranker:
             results.append(SearchResult(name, _matches(cands[:k], similarity)))
         return results
 
-    def _verified_firsts(self, loaders: Sequence[Callable[[], Image.Image]], ranked: list[Candidates], threads: int) -> list[int]:
-        """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached)."""
-        from .verify import TOP, Verifier
+    def _verified_firsts(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
+                         threads: int) -> list[int]:  # fmt: skip
+        """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached);
+        queries are decoded at verification's working size."""
+        from .verify import MAX_SIDE, TOP, Verifier
 
         self._verifier = self._verifier or Verifier()
+        loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
         return self._verifier.firsts(jobs, threads)
 

@@ -55,7 +55,7 @@ from .decode import open_image, resize
 from .errors import CollectionLocked, DecodeError, RisError
 from .runtime import cpu_threads
 from .search import Match, SearchResult
-from .store import ImageRow
+from .store import ImageRow, displayed
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_SIZE = 256
@@ -604,7 +604,7 @@ def _links(image_id: int) -> dict[str, str]:
 
 
 def _match_out(m: Match) -> dict[str, Any]:
-    return {**m.as_json(), "id": m.id, **_links(m.id)}
+    return {**m.as_json(), "path": displayed(m.path), "label": displayed(m.label), "id": m.id, **_links(m.id)}
 
 
 def _search_out(result: SearchResult) -> dict[str, Any]:
@@ -612,7 +612,7 @@ def _search_out(result: SearchResult) -> dict[str, Any]:
 
 
 def _image_out(row: ImageRow) -> dict[str, Any]:
-    return {"id": row.id, "label": row.label, "path": row.path, **_links(row.id)}
+    return {"id": row.id, "label": displayed(row.label), "path": displayed(row.path), **_links(row.id)}
 
 
 def create_app(
@@ -753,7 +753,7 @@ def create_app(
         """Drop an image from the collection (files under uploads/ are deleted too; needs the token)."""
         row = service.row(image_id)
         service.remove(row)
-        return {"removed": image_id, "path": row.path}
+        return {"removed": image_id, "path": displayed(row.path)}
 
     @app.get("/", include_in_schema=False)
     def index_page() -> Response:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .decode import max_file_bytes
 from .errors import RisError
 
 
@@ -54,8 +55,8 @@ def _walk(root: str) -> Iterator[str]:
 
 def read_list_file(list_file: str | os.PathLike) -> list[str]:
     """Paths from a file with one path per line; blank lines and '#' comments are ignored."""
-    try:
-        text = Path(list_file).read_text(encoding="utf-8")
+    try:  # names that are not UTF-8 come through as os.walk gives them (surrogate escapes)
+        text = Path(list_file).read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise RisError(f"cannot read list file {list_file}: {exc.strerror or exc}") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -67,6 +68,7 @@ def scan(paths: Iterable[str | os.PathLike]) -> list[SourceFile]:
     A missing path is an error (the user mistyped), an empty result too: indexing nothing
     would silently drop every image of an existing collection.
     """
+    max_file_bytes()  # a bad RIS_MAX_FILE_MB fails the run here, not every file in the decode workers
     found: dict[str, SourceFile] = {}
     for raw in paths:
         root = os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(raw))))

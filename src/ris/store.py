@@ -24,6 +24,7 @@ import fnmatch
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,35 @@ class SyncReport:
     removed: int
 
 
+def to_db(name: str | None) -> str | bytes | None:
+    """A path or label as the catalogue stores it: the text itself when it is valid UTF-8 (so older
+    catalogues read unchanged), else the file name's raw bytes as a BLOB. Names that are not UTF-8 come
+    from os.walk (and argv) with lone surrogates, which SQLite TEXT cannot hold."""
+    if name is None:
+        return None
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
+
+
+def from_db(value: str | bytes | None) -> str | None:
+    """The inverse of to_db: the name as os functions take it (surrogate escapes for non-UTF-8 bytes)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def displayed(name: str | None) -> str | None:
+    """A file name as UTF-8 text (JSON, Arrow) can carry it: bytes that are not UTF-8 (surrogate escapes) shown
+    as \\xNN, the way Python prints them. Not reversible: where a name must round-trip, use the image's id."""
+    return None if name is None else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _image_row(row: tuple) -> ImageRow:
+    image_id, path, label, sha256 = row
+    return ImageRow(image_id, from_db(path), from_db(label), sha256)
+
+
 def _marks(n: int) -> str:
     """'?, ?, ?' for an IN (...) list of n bound values."""
     return ", ".join("?" * n)
@@ -126,6 +156,25 @@ def _chunks(items: Sequence, size: int = 900) -> Iterator[Sequence]:
     """SQLite caps the number of bound parameters; IN (...) lists go in slices."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _writable(path: Path) -> bool:
+    """Whether SQLite could write here: the file, and its folder (WAL creates -wal and -shm beside it)."""
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. mode=ro reads a WAL catalogue where its -shm exists or can be made;
+    on read-only media neither holds once the writer is gone, and immutable=1 reads the file as it is
+    (nobody can be writing to it there)."""
+    uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+    conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=30, check_same_thread=False)
 
 
 class VectorFile:
@@ -179,7 +228,9 @@ class Catalog:
     """A typed wrapper over the collection's SQLite file and its vector file."""
 
     def __init__(self, path: Path, readonly: bool = False):
-        self.path, self.readonly = path, readonly
+        """readonly: never write (nor create the schema); also chosen when the file or its folder cannot be
+        written (a read-only mount, a shared copy): such a collection is searched, not changed."""
+        self.path, self.readonly = path, readonly or not _writable(path)
         self._local = threading.local()
         self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._guard = threading.Lock()
@@ -189,7 +240,7 @@ class Catalog:
             version = int(self.meta("schema_version") or 0) if self._has_meta() else 0
             if version > SCHEMA_VERSION:
                 raise RisError(f"{path} was written by a newer ris (schema {version}); upgrade ris to open it")
-            if not readonly and version == 0:
+            if not self.readonly and version == 0:
                 with self.db:
                     self.db.executescript(SCHEMA)
                     self._set_meta("schema_version", str(SCHEMA_VERSION))
@@ -209,7 +260,7 @@ class Catalog:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self.readonly:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+                conn = _connect_readonly(self.path)
             else:
                 conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -327,18 +378,19 @@ class Catalog:
             removed = 0
             if drop_under:
                 folders = [r for r in drop_under if r not in scanned]  # file roots are in the scan itself
-                self.db.executemany("UPDATE images SET seen = 0 WHERE path = ?", ((r,) for r in drop_under if r in scanned))
-                for root in folders:
-                    prefix = root.rstrip("/") + "/"
-                    self.db.execute("UPDATE images SET seen = 0 WHERE path = ? OR substr(path, 1, ?) = ?",
-                                    (root, len(prefix), prefix))  # fmt: skip
+                self.db.executemany("UPDATE images SET seen = 0 WHERE path = ?",
+                                    ((to_db(r),) for r in drop_under if r in scanned))  # fmt: skip
+                for root in folders:  # compared as bytes: a BLOB (non-UTF-8) path never equals a TEXT prefix
+                    prefix = os.fsencode(root.rstrip("/") + "/")
+                    self.db.execute("UPDATE images SET seen = 0 WHERE path = ? OR substr(CAST(path AS BLOB), 1, ?) = ?",
+                                    (to_db(root), len(prefix), prefix))  # fmt: skip
                 kept = unchanged + [f.path for f in changed]
-                self.db.executemany("UPDATE images SET seen = 1 WHERE path = ?", ((p,) for p in kept))
+                self.db.executemany("UPDATE images SET seen = 1 WHERE path = ?", ((to_db(p),) for p in kept))
                 removed = self.db.execute("DELETE FROM images WHERE seen = 0").rowcount
                 self.db.execute("UPDATE images SET seen = 1")
             for chunk in _chunks([f.path for f in changed]):
-                self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", list(chunk))
-            rows = [(first + n, f.path, f.size, f.mtime_ns, f.label) for n, f in enumerate(new + changed)]
+                self.db.execute(f"DELETE FROM images WHERE path IN ({_marks(len(chunk))})", [to_db(p) for p in chunk])
+            rows = [(first + n, to_db(f.path), f.size, f.mtime_ns, to_db(f.label)) for n, f in enumerate(new + changed)]
             self.db.executemany("INSERT INTO images (id, path, size, mtime_ns, label, status) VALUES (?, ?, ?, ?, ?, 'pending')",
                                 rows)  # fmt: skip
             if rows:
@@ -347,8 +399,8 @@ class Catalog:
 
     def _stat_of(self, paths: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(size, mtime_ns) of the catalogued ones among these paths."""
-        rows = self._select_in("SELECT path, size, mtime_ns FROM images WHERE path IN ({})", paths)
-        return {path: (size, mtime) for path, size, mtime in rows}
+        rows = self._select_in("SELECT path, size, mtime_ns FROM images WHERE path IN ({})", [to_db(p) for p in paths])
+        return {from_db(path): (size, mtime) for path, size, mtime in rows}
 
     def _select_in(self, query: str, values: Sequence) -> Iterator[tuple]:
         """The rows of `query` for these values (its IN list written `{}`), asked a slice at a time."""
@@ -362,7 +414,8 @@ class Catalog:
         return max(largest, int(self.meta(LAST_ID) or 0)) + 1
 
     def pending(self) -> list[tuple[int, str]]:
-        return self.db.execute("SELECT id, path FROM images WHERE status = 'pending' ORDER BY id").fetchall()
+        rows = self.db.execute("SELECT id, path FROM images WHERE status = 'pending' ORDER BY id")
+        return [(image_id, from_db(path)) for image_id, path in rows]
 
     def _slots_of(self, hashes: Sequence[str]) -> dict[str, int]:
         """The stored vector's slot of each of these contents that has one."""
@@ -454,13 +507,16 @@ class Catalog:
 
     # --- removing ------------------------------------------------------------------------------
 
-    def remove(self, patterns: Iterable[str]) -> int:
-        """Delete images whose path equals, lies under, or glob-matches one of the patterns."""
-        rows = self.db.execute("SELECT id, path FROM images").fetchall()
+    def remove(self, patterns: Iterable[tuple[str, str]]) -> int:
+        """Delete images by (path, glob) pairs: those at or under the path, or when there are none, those the
+        glob matches. A name that exists wins over its reading as a glob: "[bold red].jpg" is that file,
+        not "b.jpg"."""
+        rows = [(i, from_db(p)) for i, p in self.db.execute("SELECT id, path FROM images")]
         doomed: set[int] = set()
-        for pattern in patterns:
-            folder = pattern.rstrip("/") + "/"
-            doomed.update(i for i, p in rows if p == pattern or p.startswith(folder) or fnmatch.fnmatch(p, pattern))
+        for path, glob in patterns:
+            folder = path.rstrip("/") + "/"
+            named = [i for i, p in rows if p == path or p.startswith(folder)]
+            doomed.update(named or (i for i, p in rows if fnmatch.fnmatchcase(p, glob)))
         return self.remove_ids(sorted(doomed))
 
     def remove_ids(self, ids: Sequence[int]) -> int:
@@ -496,19 +552,20 @@ class Catalog:
 
     def rows(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND id IN ({})"
-        return {row[0]: ImageRow(*row) for row in self._select_in(q, [int(i) for i in ids])}
+        return {row[0]: _image_row(row) for row in self._select_in(q, [int(i) for i in ids])}
 
     def page(self, offset: int, limit: int) -> list[ImageRow]:
         q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id LIMIT ? OFFSET ?"
-        return [ImageRow(*r) for r in self.db.execute(q, (limit, offset))]
+        return [_image_row(r) for r in self.db.execute(q, (limit, offset))]
 
     def row_by_path(self, path: str) -> ImageRow | None:
-        row = self.db.execute("SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND path = ?", (path,)).fetchone()
-        return ImageRow(*row) if row else None
+        q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' AND path = ?"
+        row = self.db.execute(q, (to_db(path),)).fetchone()
+        return _image_row(row) if row else None
 
     def all_rows(self) -> list[ImageRow]:
         q = "SELECT id, path, label, sha256 FROM images WHERE status = 'ok' ORDER BY id"
-        return [ImageRow(*r) for r in self.db.execute(q)]
+        return [_image_row(r) for r in self.db.execute(q)]
 
     def counts(self) -> dict[str, int]:
         counts = {"ok": 0, "pending": 0, "skipped": 0}
@@ -517,7 +574,7 @@ class Catalog:
 
     def skipped_files(self) -> list[dict[str, str]]:
         q = "SELECT path, error FROM images WHERE status = 'skipped' ORDER BY path"
-        return [{"path": p, "reason": r} for p, r in self.db.execute(q)]
+        return [{"path": from_db(p), "reason": r} for p, r in self.db.execute(q)]
 
     # --- upgrading older catalogues ----------------------------------------------------------
 

@@ -8,6 +8,9 @@ geometrically confirmed (`MIN_INLIERS`) and clearly better confirmed than the fi
 its inliers) moves to the top; otherwise the order is kept, so the set of the top 5 never changes.
 Costs ~20 ms a query on 2 cores with the candidates' keypoints cached, ~45 ms without (5 candidates
 decoded), nothing at indexing time. Measured in benchmarks/RESULTS.md.
+
+Any decoded image can arrive (1 x 1 px, 4000 x 12 px): one too small for ORB, or a candidate whose file
+can no longer be decoded, simply has no keypoints, so it confirms nothing and the plain order stands.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .errors import DecodeError, RisError
+
 #: Candidates checked per query, keypoints per image, longest side they are found at.
 TOP = 5
 FEATURES = 500
 MAX_SIDE = 480
+#: ORB finds no keypoint within its edge threshold (31 px) of a border: narrower images have none.
+MIN_SIDE = 2 * 31 + 1
 #: A candidate moves up with at least this many agreeing matches, and MARGIN x the first result's.
 MIN_INLIERS = 12
 MARGIN = 2.0
@@ -32,13 +39,19 @@ RATIO = 0.8
 REPROJ_PX = 5.0
 
 Features = tuple[np.ndarray, np.ndarray | None]  # (N x 2 keypoint positions, N x 32 descriptors)
+NO_FEATURES: Features = (np.zeros((0, 2), np.float32), None)
 
 
 def features(img: Image.Image) -> Features:
+    """ORB keypoints of the image, its longest side brought to MAX_SIDE; none when a side is under MIN_SIDE
+    (ORB's pyramid asserts on a 1-px side, and finds nothing that narrow anyway)."""
     grey = np.asarray(img.convert("L"))
     scale = MAX_SIDE / max(grey.shape)
     if scale < 1:
-        grey = cv2.resize(grey, (round(grey.shape[1] * scale), round(grey.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    if min(grey.shape) < MIN_SIDE:
+        return NO_FEATURES
     points, desc = cv2.ORB_create(nfeatures=FEATURES, fastThreshold=10).detectAndCompute(grey, None)
     return np.float32([p.pt for p in points]).reshape(-1, 2), desc
 
@@ -70,13 +83,17 @@ class Verifier:
         self.cache_size = cache_size
 
     def _candidate(self, path: str) -> Features:
+        """A candidate's keypoints (cached); none when its file can no longer be decoded."""
         from .decode import open_image, read_file
 
         with self._lock:
             if path in self._cache:
                 self._cache.move_to_end(path)
                 return self._cache[path]
-        feats = features(open_image(read_file(path)))  # outside the lock: another thread may do the same
+        try:  # outside the lock: another thread may do the same
+            feats = features(open_image(read_file(path), draft_size=MAX_SIDE))
+        except DecodeError:
+            return NO_FEATURES  # not cached: the file may come back
         with self._lock:
             self._cache[path] = feats
             if len(self._cache) > self.cache_size:
@@ -85,7 +102,16 @@ class Verifier:
 
     def firsts(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[int]:
         """`first` for many (query loader, candidate paths) pairs, on up to `threads` threads."""
-        run = lambda job: self.first(job[0](), job[1]) if len(job[1]) > 1 else 0  # noqa: E731
+
+        def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> int:
+            if len(job[1]) < 2:
+                return 0
+            try:
+                query = job[0]()
+            except (DecodeError, RisError):  # the query file changed since it was embedded: plain order
+                return 0
+            return self.first(query, job[1])
+
         if threads <= 1 or len(jobs) <= 1:
             return [run(job) for job in jobs]
         with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
