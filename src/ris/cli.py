@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import RisError
@@ -28,24 +28,71 @@ WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
+class PreparationDisplay:
+    """Says on stderr what a first run prepares (export, calibration, compilation of the model), each
+    step as it starts and, on a terminal, its own progress bar, so a first run never looks frozen."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from .models import cache_dir
+        from .runtime import STEP_TEXT
+
+        if event.step == "ready":
+            self._stop()
+            err.print(f"  {event.model} ready in {event.seconds:.1f} s", highlight=False, markup=False)
+            return
+        if event.done == 0:
+            if event.index == 1:
+                err.print(f"preparing {event.model} for this machine (once; cached in {cache_dir()}):",
+                          highlight=False, markup=False)  # fmt: skip
+            self._stop()
+            text = f"  {event.index}/{event.steps} {STEP_TEXT[event.step]}"
+            err.print(f"{text} …", highlight=False, markup=False)
+            if err.is_terminal:
+                self.bar = Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                    console=err, transient=True)  # fmt: skip
+                self.bar.start()
+                self.task = self.bar.add_task(event.step, total=event.total or None)
+        if self.bar is not None and self.task is not None and event.total:
+            self.bar.update(self.task, completed=event.done, total=event.total)
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = self.task = None
+
+
 @contextmanager
-def progress_bar(enabled: bool = True):
-    """A factory handing `Collection.index` a tick function; shows images/s and ETA on stderr."""
+def progress_bar(enabled: bool = True, before: Callable[[], object] | None = None):
+    """A factory handing `Collection.index` a tick function; shows images/s and ETA on stderr.
+
+    before: called once there is something to extract, before the bar appears (the model is loaded
+    there, so a first run's preparation is reported first instead of behind a bar stuck at 0).
+    """
     columns = [TextColumn("[bold]extracting"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, console=err, disable=not enabled, transient=False) as bar:
+    bar = Progress(*columns, console=err, disable=not enabled, transient=False)
 
-        def start(total: int, scanned: int) -> Callable[[int], None]:
-            task = bar.add_task("extract", total=total, rate="-")
+    def start(total: int, scanned: int) -> Callable[[int], None]:
+        if before is not None:
+            before()
+        bar.start()
+        task = bar.add_task("extract", total=total, rate="-")
 
-            def tick(n: int) -> None:
-                bar.advance(task, n)
-                speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.0f}" if speed else "-")
 
-            return tick
+        return tick
 
+    try:
         yield start
+    finally:
+        bar.stop()
 
 
 def _paths(paths: list[str] | None, from_list: Path | None) -> list[str]:
@@ -145,7 +192,9 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open_or_create(collection, model, pooling, precision, weights, dims,
                                          index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
                                          verify=verify)  # fmt: skip
-    with coll, progress_bar(enabled=not json_out) as bar:
+    # the model is loaded before the bar appears (Collection.index reuses it: same device, default threads)
+    before = None if ray is not None else (lambda: coll.extractor(device))
+    with coll, progress_bar(enabled=not json_out, before=before) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip
     _print_report(report, json_out)
@@ -242,14 +291,15 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo collection and results go.")] = Path("ris-demo"),
     k: Annotated[int, typer.Option("-k")] = 5,
 ) -> None:
-    """Run the whole job offline on photos bundled with scikit-image, with the bundled model."""
+    """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
     from .demo import make_queries, sample_paths
     from .render import grid_png, results_html
 
     files = [str(p) for p in sample_paths()]
-    err.print(f"indexing {len(files)} sample photos bundled with scikit-image …")
-    with Collection.open_or_create(out_dir / "collection.ris") as coll, progress_bar() as bar:
+    err.print(f"indexing {len(files)} sample photos bundled with ris …")
+    coll = Collection.open_or_create(out_dir / "collection.ris")
+    with coll, progress_bar(before=coll.extractor) as bar:
         report = coll.index(files, resync=True, progress=bar)
         _print_report(report, False)
         pairs = make_queries(out_dir / "queries")
@@ -430,8 +480,11 @@ def export(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    from .runtime import preparation_listener
+
     try:
-        app()
+        with preparation_listener(PreparationDisplay()):
+            app()
     except RisError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(1)

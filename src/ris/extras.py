@@ -1,0 +1,24 @@
+"""Optional features and the pip extra that installs each: a missing one is one clear line, not a traceback.
+
+The default install is what the default job needs (index, search, serve and the demo with the shipped
+model); the rest comes with extras declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import RisError
+
+
+def install_hint(extra: str) -> str:
+    return f'pip install "ris[{extra}]" (in a checkout: pip install -e ".[{extra}]")'
+
+
+def require(module: str, feature: str, extra: str) -> ModuleType:
+    """Import `module` for `feature`; when it is not installed, a RisError naming the extra that brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RisError(f"{feature} needs {module.split('.')[0]}, which is not installed: {install_hint(extra)}") from None
