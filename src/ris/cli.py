@@ -44,7 +44,7 @@ class PreparationDisplay:
             self._stop()
             err.print(f"  {event.model} ready in {event.seconds:.1f} s", highlight=False, markup=False)
             return
-        if event.done == 0:
+        if not event.total:  # a step starts
             if event.index == 1:
                 err.print(f"preparing {event.model} for this machine (once; cached in {cache_dir()}):",
                           highlight=False, markup=False)  # fmt: skip

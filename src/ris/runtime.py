@@ -82,8 +82,8 @@ def default_precision(device: str) -> str:
 class Preparing:
     """One step of a model's first-time preparation on this machine, for a progress display.
 
-    step is "export", "calibrate", "compile" or, last, "ready" (with the seconds it all took); done/total
-    count the step's units where it has them (calibration batches).
+    step is "export", "calibrate", "compile" or, last, "ready" (with the seconds it all took). A step's
+    start has total 0; then events with done/total follow where the step counts units (calibration batches).
     """
 
     model: str  # e.g. "efficientnet-lite0 (grid3, int8)"
@@ -290,9 +290,9 @@ def quantize_int8(fp32_path: Path, path: Path, input_size: int, progress: Callab
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
-            if batch is not None and progress:
-                progress(self.done, total)
-                self.done += 1
+            if progress:  # asked for batch n+1: n are done
+                progress(self.done if batch is not None else total, total)
+            self.done += 1
             return None if batch is None else {"pixels": batch}
 
     pre = _atomic_target(path)
