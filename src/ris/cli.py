@@ -443,13 +443,18 @@ def serve(
 def map_(
     collection: CollectionOpt = Path("collection.ris"),
     out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("map.png"),
-    method: Annotated[str, typer.Option(help="tsne or pca.")] = "tsne",
+    html_out: Annotated[Path | None, typer.Option("--html", help="Also write the map as a self-contained page.")] = None,
+    method: Annotated[str, typer.Option(help="tsne (neighbours side by side) or pca (the two main axes).")] = "tsne",
     limit: Annotated[int, typer.Option(help="At most this many images (a random sample beyond).")] = 2000,
+    thumb: Annotated[int | None, typer.Option(help="Thumbnail size in px (default: fits ~2,400 px across).")] = None,
 ) -> None:
-    """Draw a 2-D map of the collection: thumbnails placed at their t-SNE coordinates."""
+    """Draw a map of the collection: thumbnails on a grid, similar images side by side, folder labels.
+
+    Needs the map extra (scikit-learn's t-SNE, SciPy): pip install "ris[map]".
+    """
     from .maps import map_command
 
-    map_command(collection, out_file, method=method, limit=limit)
+    map_command(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
 
 
 @app.command()

