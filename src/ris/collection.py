@@ -260,6 +260,16 @@ class Collection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        """What it is at a glance: Collection('photos.ris', model='efficientnet-lite0', pooling='grid3', …, images=9144)."""
+        m = self.manifest
+        try:
+            images: object = self.catalog.counts()["ok"]
+        except Exception:  # a repr must not fail: a damaged or vanished catalogue still prints
+            images = "?"
+        return (f"Collection({str(self.path)!r}, model={m.model!r}, pooling={m.pooling!r}, precision={m.precision!r}, "
+                f"images={images})")  # fmt: skip
+
     # --- writer lock ---------------------------------------------------------------------------
 
     def lock(self) -> None:
