@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ris.demo import sample_paths
 from ris.errors import RisError
 
-from .conftest import SUBSET_CLASSES, run_cli
+from .conftest import SUBSET_CLASSES, caltech_files, run_cli
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "reverse_image_search.ipynb"
 
@@ -22,7 +24,6 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "reverse_image_se
 def sample_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample photos, indexed once with the default model."""
     from ris.collection import Collection
-    from ris.demo import sample_paths
 
     path = tmp_path_factory.mktemp("samples") / "samples.ris"
     with Collection.open_or_create(path) as coll:
@@ -34,37 +35,69 @@ def _outputs(nb) -> list[dict]:
     return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
 
 
-@pytest.mark.timeout(300)
-def test_notebook_runs_on_the_bundled_photos(monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_notebook(monkeypatch: pytest.MonkeyPatch, data: str | None):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    monkeypatch.delenv("RIS_NOTEBOOK_DATA", raising=False)  # the default: no data of the user's
-    monkeypatch.delenv("LIMIT_PER_CLASS", raising=False)
-    monkeypatch.delenv("RIS_NOTEBOOK_LIMIT_PER_CLASS", raising=False)
+    for name in ("RIS_NOTEBOOK_DATA", "RIS_NOTEBOOK_CLASSES", "RIS_NOTEBOOK_LIMIT_PER_CLASS"):
+        monkeypatch.delenv(name, raising=False)
+    if data:
+        monkeypatch.setenv("RIS_NOTEBOOK_DATA", data)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # A failing cell raises CellExecutionError with the cell's traceback.
     nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # fmt: skip
-
     outputs = _outputs(nb)
     assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    markdown = "".join(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     results = [h for h in html if "data:image/jpeg;base64" in h]
     assert results and results[0].count("<img") == 6  # the query and K=5 matches
-    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 2  # the explained-variance plot and the map
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    markdown = "".join(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert re.search(r"\d+ images searchable", text)
-    assert "original first: True" in text
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 2  # the explained-variance plot and the map
+    assert re.search(r"\d+ images searchable", text) and "original first: True" in text
     assert "tutorial loop" in markdown and "| crop |" in markdown
+    # what the text says about the model comes from the collection
+    assert "pooling gives 11,520-d features per image" in text and "int8 on OpenVINO (CPU)" in text
+    assert "ris model only: OpenVINO fp32" in markdown
+    work = Path(re.search(r"removed (\S+): True", text).group(1))
+    assert work.name.startswith("ris-notebook-") and not work.exists()  # nothing left behind
+    return text, markdown
+
+
+@pytest.mark.timeout(300)
+def test_notebook_tells_the_story_on_caltech(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default run, with Caltech-101 next to the checkout: a dozen classes, evaluated as `ris eval` does."""
+    caltech_files("panda", 1)  # skips without the data
+    text, markdown = _run_notebook(monkeypatch, None)
+    assert re.search(r"96 files in 12 folders from .*101_ObjectCategories", text)
+    assert "as `ris eval` ranks: DBA 10 neighbours" in text
+    figures = re.search(r"\| 96 \| 12 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", markdown)
+    assert figures and 0.7 < float(figures.group(4)) <= 1  # mAP of 12 distinct categories
+    assert "hardest classes" in markdown and "precision@k is not meaningful" not in markdown
+
+
+@pytest.mark.timeout(300)
+def test_notebook_runs_on_the_bundled_photos(monkeypatch: pytest.MonkeyPatch) -> None:
+    text, markdown = _run_notebook(monkeypatch, "samples")
+    assert f"{len(sample_paths())} files in 1 folders" in text
     assert "precision@k is not meaningful" in markdown  # the bundled photos carry one label only
+
+
+def test_notebook_evaluates_as_ris_eval(subset_collection: Path) -> None:
+    """`ris eval` and the notebook's evaluation are one library function (figures agree exactly)."""
+    from ris import evaluate
+    from ris.collection import Collection
+
+    cli = json.loads(run_cli("eval", "-c", str(subset_collection), "--json").stdout)
+    with Collection.open(subset_collection) as coll:
+        lib = evaluate.evaluate_collection(coll, ks=(1, 5, 10)).as_json()
+    assert cli == lib and cli["images"] == 60
+    assert "evaluate.evaluate_collection(coll)" in NOTEBOOK.read_text()
 
 
 def test_result_prints_as_table_and_renders_thumbnails(sample_collection: Path) -> None:
     from ris.collection import Collection
-    from ris.demo import sample_paths
 
     query = str(sample_paths()[3])
     with Collection.open(sample_collection) as coll:
@@ -116,7 +149,6 @@ def test_map_cli_draws_a_labelled_grid(subset_collection: Path, tmp_path: Path) 
 
 
 def test_map_command_samples_with_a_fixed_seed(sample_collection: Path, tmp_path: Path, capsys) -> None:
-    from ris.demo import sample_paths
     from ris.maps import map_command
 
     n = len(sample_paths())
@@ -144,7 +176,6 @@ def _assert_one_line_error(proc, needle: str) -> None:
 
 def test_map_cli_errors(tmp_path: Path) -> None:
     from ris.collection import Collection
-    from ris.demo import sample_paths
 
     proc = run_cli("map", "--collection", str(tmp_path / "missing.ris"), "--out", str(tmp_path / "m.png"), check=False)
     _assert_one_line_error(proc, "no collection at")

@@ -335,12 +335,8 @@ def evaluate(
     A collection with --dba is evaluated as it serves: an augmented database, plain queries; in
     leave-one-out no database vector holds the query itself (ris.dba.without_query).
     """
-    import numpy as np
-
-    from . import dba as dba_mod
     from . import evaluate as ev
-    from .collection import ANCHOR_POOL, Collection
-    from .sources import scan
+    from .collection import Collection
 
     ks = sorted({1, 5, 10, k})
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
@@ -356,28 +352,9 @@ def evaluate(
         for name, scores in report.items():
             out.print(f"{name:>10}: " + "  ".join(f"{key} {v:.3f}" for key, v in scores.items()), highlight=False)
         return
-    with Collection.open(collection) as coll:
-        rows, vecs = coll.vectors()
-        keep = ev.labelled([r.label for r in rows], excluded)
-        if len(keep) < 2:
-            raise RisError("evaluation needs at least two labelled images (labels are folder names)")
-        labels = [rows[i].label for i in keep]
-        n_dba = dba_mod.active(coll.manifest.dba if dba is None else dba, len(rows))
-        if n_dba < 0:
-            raise RisError("--dba is a number of neighbours (0 = off)")
-        n_qe = coll.manifest.query_expansion if qe is None else qe
-        anchor = ANCHOR_POOL if n_dba or n_qe else 0  # the first result as served (Collection.search_vectors)
-        if queries:
-            files = [f for f in scan([queries]) if f.label and f.label not in excluded]
-            qvecs = coll.embed([f.path for f in files])
-            db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
-            report = ev.queries_against(qvecs, [f.label for f in files], db[keep], labels, ks, plain_vectors=vecs[keep],
-                                        anchor=ANCHOR_POOL if n_dba else 0)  # fmt: skip
-        else:
-            others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
-            with progress_bar(enabled=not json_out) as bar:
-                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe,
-                                          dba=n_dba, others=others, anchor=anchor)  # fmt: skip
+    with Collection.open(collection) as coll, progress_bar(enabled=not json_out) as bar:
+        report = ev.evaluate_collection(coll, ks, excluded, qe=qe, dba=dba, queries=str(queries) if queries else None,
+                                        progress=bar)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return
