@@ -94,3 +94,29 @@ def test_demo_runs_without_any_extra(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("(found the original)") == 4 and "MISSED" not in proc.stdout
     assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
+
+
+def test_cli_reference_is_current() -> None:
+    """docs/cli.md is the commands' own --help (scripts/gen_cli_docs.py writes it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", ROOT / "scripts" / "gen_cli_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), "run: python scripts/gen_cli_docs.py"
+
+
+def test_readme_first_screen_and_its_two_commands() -> None:
+    """The README opens with what it is (a picture), install, three lines for one's own photos, then the demo;
+    its two commands stay exactly as .ci/run runs the second."""
+    readme = (ROOT / "README.md").read_text()
+    demo_cmd = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e . && ris demo"
+    test_cmd = 'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e ".[test]" && python -m pytest'
+    assert demo_cmd in readme and test_cmd in readme and test_cmd in (ROOT / ".ci" / "run").read_text()
+    picture = re.search(r"!\[[^\]]*\]\((docs/[^)]+)\)", readme)
+    assert picture and (ROOT / picture.group(1)).stat().st_size > 50_000
+    marks = (picture.group(0), "## Install", "ris index ~/Pictures", "ris search", "ris serve", demo_cmd)
+    order = [readme.index(s) for s in marks]
+    assert order == sorted(order) and order[-1] < 3000  # all of it on the first screen or two
+    for doc in re.findall(r"\((docs/[\w-]+\.md)\)", readme):
+        assert (ROOT / doc).is_file(), doc

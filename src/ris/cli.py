@@ -298,9 +298,9 @@ def demo(
 
     files = [str(p) for p in sample_paths()]
     err.print(f"indexing {len(files)} sample photos bundled with ris …")
-    coll = Collection.open_or_create(out_dir / "collection.ris")
-    with coll, progress_bar(before=coll.extractor) as bar:
-        report = coll.index(files, resync=True, progress=bar)
+    with Collection.open_or_create(out_dir / "collection.ris") as coll:
+        with progress_bar(before=coll.extractor) as bar:
+            report = coll.index(files, resync=True, progress=bar)
         _print_report(report, False)
         pairs = make_queries(out_dir / "queries")
         results = coll.search_many([str(q) for q, _ in pairs], k=k)
