@@ -246,6 +246,7 @@ def test_default_model_runs_without_pytorch(tmp_path: Path) -> None:
     script = (
         "import sys, numpy as np\n"
         "from ris import runtime\n"
+        "from ris.models import cache_dir  # a from-import must not pull in the networks (PyTorch)\n"
         "for attempt in (1, 2):\n"
         "    seen = []\n"
         "    with runtime.preparation_listener(seen.append):\n"

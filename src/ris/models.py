@@ -249,7 +249,11 @@ def weights_digest(name: str, weights: str | None = None) -> str:
 
 
 def __getattr__(name: str):
-    """The networks' names (VGG16, FeatureNet, …) stay reachable as models.X, importing PyTorch then."""
+    """The networks' names (VGG16, FeatureNet, …) stay reachable as models.X, importing PyTorch then.
+
+    Dunder probes (`from ris.models import x` asks for __path__) are plain misses: they must not import PyTorch."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import networks
 
     try:
