@@ -135,3 +135,19 @@ def test_a_cpu_search_does_not_import_pytorch(subset_collection: Path, subset_di
               "print(m[0].path, 'torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == [query, "False"]
+
+
+def test_first_run_says_what_it_prepares_before_the_bar(subset_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """With an empty model cache, `ris index` names the model it prepares and each step, before the
+    extraction bar; a second run on the warm cache prepares nothing."""
+    monkeypatch.setenv("RIS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    files = sorted(subset_dir.glob("*/*.jpg"))[:4]
+    proc = run_cli("index", *map(str, files), "-c", str(tmp_path / "first.ris"))
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    first = next(i for i, line in enumerate(lines) if line.startswith("preparing efficientnet-lite0 (grid3, int8)"))
+    step = next(i for i, line in enumerate(lines) if line.startswith("1/1 compiling for this CPU"))
+    ready = next(i for i, line in enumerate(lines) if line.startswith("efficientnet-lite0 (grid3, int8) ready in"))
+    bar = next(i for i, line in enumerate(lines) if line.startswith("extracting"))
+    assert first < step < ready < bar, proc.stderr
+    again = run_cli("index", *map(str, files), "-c", str(tmp_path / "second.ris"))
+    assert "preparing" not in again.stderr and "extracting" in again.stderr

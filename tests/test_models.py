@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -195,3 +198,74 @@ def test_gpu_decode_path_degrades_to_the_cpu_decoder(pixels) -> None:
     assert np.array_equal(batch.numpy(), pixels)  # same pixels as the worker decoder makes
     image_id, sha, data, error, _ = extract._read_job((7, str(files[0]), 224))
     assert (image_id, error) == (7, None) and data == files[0].read_bytes() and sha == hashlib.sha256(data).hexdigest()
+
+
+def _hide_prebuilt(monkeypatch: pytest.MonkeyPatch, empty: Path) -> None:
+    monkeypatch.setattr(models, "PREBUILT_DIR", empty)
+    models.prebuilt_models.cache_clear()
+
+
+@pytest.mark.timeout(900)
+def test_shipped_model_matches_a_fresh_export(monkeypatch, tmp_path: Path) -> None:
+    """A first run without the shipped file exports, calibrates and compiles (reporting each step), and
+    gives the same features as the shipped file, which is therefore what this code would build today."""
+    shipped = models.prebuilt_models()
+    assert [(p.model, p.pooling, p.precision) for p in shipped] == [("efficientnet-lite0", "grid3", "int8")]
+    assert shipped[0].export_version == runtime.EXPORT_VERSION  # a bumped export version needs a rebuild
+    assert shipped[0].weights_sha256 == models.file_sha256(models.lite_weights_path("efficientnet-lite0"))
+    files = [f for cls in ("panda", "airplanes", "sunflower", "cup") for f in caltech_files(cls, 4)]
+    pixels = np.stack([decode_file(str(f), 224).pixels for f in files])
+
+    monkeypatch.setenv("RIS_CACHE_DIR", str(tmp_path / "cache"))
+    _hide_prebuilt(monkeypatch, tmp_path / "nothing-shipped")
+    events: list[runtime.Preparing] = []
+    try:
+        with runtime.preparation_listener(events.append):
+            fresh, digest = runtime.load_extractor(device="cpu", precision="int8")
+    finally:
+        monkeypatch.undo()
+        models.prebuilt_models.cache_clear()
+    assert digest == shipped[0].weights_sha256
+    starts = [(e.step, e.index, e.steps) for e in events if e.total == 0 and e.step != "ready"]
+    assert starts == [("export", 1, 3), ("calibrate", 2, 3), ("compile", 3, 3)]
+    assert [(e.done, e.total) for e in events if e.step == "calibrate"] == [(0, 0), *((n, 4) for n in range(5))]
+    assert events[-1].step == "ready" and events[-1].seconds > 0
+
+    monkeypatch.setenv("RIS_CACHE_DIR", str(tmp_path / "cache2"))
+    with runtime.preparation_listener(events.append):
+        events.clear()
+        ours, _ = runtime.load_extractor(device="cpu", precision="int8")
+    assert [e.step for e in events] == ["compile", "ready"]  # nothing exported: the shipped file is used
+    cos = _cos(fresh(pixels), ours(pixels))
+    assert cos.min() >= 0.99, cos
+
+
+def test_default_model_runs_without_pytorch(tmp_path: Path) -> None:
+    """The default job's model (shipped, int8, OpenVINO) loads and runs without importing PyTorch, and says
+    it is compiling only the first time."""
+    script = (
+        "import sys, numpy as np\n"
+        "from ris import runtime\n"
+        "from ris.models import cache_dir  # a from-import must not pull in the networks (PyTorch)\n"
+        "for attempt in (1, 2):\n"
+        "    seen = []\n"
+        "    with runtime.preparation_listener(seen.append):\n"
+        "        ext, _ = runtime.load_extractor(device='cpu', precision='int8')\n"
+        "    print(attempt, [e.step for e in seen], ext(np.zeros((2, 224, 224, 3), np.uint8)).shape)\n"
+        "print('torch' in sys.modules, 'efficientnet_lite_pytorch' in sys.modules)\n"
+    )
+    env = {**os.environ, "RIS_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["1 ['compile', 'ready'] (2, 11520)", "2 [] (2, 11520)", "False False"]
+
+
+def test_missing_extra_is_one_clear_line(monkeypatch) -> None:
+    from ris import extras
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    with pytest.raises(RisError, match=r'needs onnxruntime, which is not installed: pip install "ris\[models\]"'):
+        extras.require("onnxruntime.quantization", "int8 calibration", "models")
+    with pytest.raises(RisError, match=r"ONNX Runtime .*needs onnxruntime.*ris\[models\]"):
+        runtime.OnnxExtractor(Path("any.onnx"), "efficientnet-lite0", 224, 11520, 1)

@@ -28,6 +28,7 @@ from PIL import Image
 from ris.collection import Collection
 from ris.search import Match, SearchResult
 from ris.server import create_app, serve_in_thread
+from tests.conftest import derived_file
 from tests.server_fixtures import AUTH, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)
 
 INTERNALS = ("Traceback", "faiss", "sqlite", "cv2", "File \"", "Error in ")
@@ -276,10 +277,10 @@ def test_a_body_that_never_arrives_times_out(configured_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def damaged_url(collection_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A copy of the collection whose index.faiss was cut in half (as a full disk or a bad copy leaves it)."""
+    """A copy of the collection whose index file was cut in half (as a full disk or a bad copy leaves it)."""
     copy = tmp_path_factory.mktemp("damaged") / "c.ris"
     shutil.copytree(collection_path, copy, ignore=shutil.ignore_patterns("lock", "uploads", "thumbs"))
-    index_file = copy / "index.faiss"
+    index_file = derived_file(copy, "index")
     index_file.write_bytes(index_file.read_bytes()[: index_file.stat().st_size // 2])
     with serve_in_thread(create_app(copy)) as url:
         yield url

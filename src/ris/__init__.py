@@ -4,6 +4,8 @@
     >>> coll = Collection.open_or_create("photos.ris")
     >>> coll.index(["~/Pictures"])
     >>> coll.search("query.jpg", k=5)
+
+The public API is `__all__`; docs/python-api.md describes it.
 """
 
 __version__ = "0.1.0"
@@ -26,4 +28,10 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+#: The public API (README, docs/python-api.md). Everything else lives in submodules (ris.maps, ris.evaluate, …),
+#: importable but not promised to stay as it is.
 __all__ = ["Collection", "IndexReport", "Manifest", "Match", "RisError", "SearchResult", "__version__"]

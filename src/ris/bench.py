@@ -40,7 +40,6 @@ def machine() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    import onnxruntime
 
     return {
         "cpu": cpu,
@@ -48,9 +47,19 @@ def machine() -> dict[str, Any]:
         "cores": runtime.cpu_threads(),
         "gpu": gpu,
         "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **{name: _version(name) for name in ("openvino", "onnxruntime")},
         "python": platform.python_version(),
     }
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version; None when it is not installed (onnxruntime is an extra)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 class GpuUtilisation:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import RisError
@@ -29,24 +29,71 @@ WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
+class PreparationDisplay:
+    """Says on stderr what a first run prepares (export, calibration, compilation of the model), each
+    step as it starts and, on a terminal, its own progress bar, so a first run never looks frozen."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __call__(self, event) -> None:
+        from .models import cache_dir
+        from .runtime import STEP_TEXT
+
+        if event.step == "ready":
+            self._stop()
+            err.print(f"  {event.model} ready in {event.seconds:.1f} s", highlight=False, markup=False)
+            return
+        if not event.total:  # a step starts
+            if event.index == 1:
+                err.print(f"preparing {event.model} for this machine (once; cached in {cache_dir()}):",
+                          highlight=False, markup=False)  # fmt: skip
+            self._stop()
+            text = f"  {event.index}/{event.steps} {STEP_TEXT[event.step]}"
+            err.print(f"{text} …", highlight=False, markup=False)
+            if err.is_terminal:
+                self.bar = Progress(TextColumn(text), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                    console=err, transient=True)  # fmt: skip
+                self.bar.start()
+                self.task = self.bar.add_task(event.step, total=event.total or None)
+        if self.bar is not None and self.task is not None and event.total:
+            self.bar.update(self.task, completed=event.done, total=event.total)
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = self.task = None
+
+
 @contextmanager
-def progress_bar(enabled: bool = True):
-    """A factory handing `Collection.index` a tick function; shows images/s and ETA on stderr."""
+def progress_bar(enabled: bool = True, before: Callable[[], object] | None = None):
+    """A factory handing `Collection.index` a tick function; shows images/s and ETA on stderr.
+
+    before: called once there is something to extract, before the bar appears (the model is loaded
+    there, so a first run's preparation is reported first instead of behind a bar stuck at 0).
+    """
     columns = [TextColumn("[bold]extracting"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, console=err, disable=not enabled, transient=False) as bar:
+    bar = Progress(*columns, console=err, disable=not enabled, transient=False)
 
-        def start(total: int, scanned: int) -> Callable[[int], None]:
-            task = bar.add_task("extract", total=total, rate="-")
+    def start(total: int, scanned: int) -> Callable[[int], None]:
+        if before is not None:
+            before()
+        bar.start()
+        task = bar.add_task("extract", total=total, rate="-")
 
-            def tick(n: int) -> None:
-                bar.advance(task, n)
-                speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.0f}" if speed else "-")
 
-            return tick
+        return tick
 
+    try:
         yield start
+    finally:
+        bar.stop()
 
 
 def _paths(paths: list[str] | None, from_list: Path | None) -> list[str]:
@@ -146,7 +193,9 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         coll = Collection.open_or_create(collection, weights, model=model, pooling=pooling, precision=precision, dims=dims,
                                          index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
                                          verify=verify)  # fmt: skip
-    with coll, progress_bar(enabled=not json_out) as bar:
+    # the model is loaded before the bar appears (Collection.index reuses it: same device, default threads)
+    before = None if ray is not None else (lambda: coll.extractor(device))
+    with coll, progress_bar(enabled=not json_out, before=before) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip
     _print_report(report, json_out)
@@ -250,15 +299,16 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo collection and results go.")] = Path("ris-demo"),
     k: Annotated[int, typer.Option("-k")] = 5,
 ) -> None:
-    """Run the whole job offline on photos bundled with scikit-image, with the bundled model."""
+    """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
     from .demo import make_queries, sample_paths
     from .render import grid_png, results_html
 
     files = [str(p) for p in sample_paths()]
-    err.print(f"indexing {len(files)} sample photos bundled with scikit-image …")
-    with Collection.open_or_create(out_dir / "collection.ris") as coll, progress_bar() as bar:
-        report = coll.index(files, resync=True, progress=bar)
+    err.print(f"indexing {len(files)} sample photos bundled with ris …")
+    with Collection.open_or_create(out_dir / "collection.ris") as coll:
+        with progress_bar(before=coll.extractor) as bar:
+            report = coll.index(files, resync=True, progress=bar)
         _print_report(report, False)
         pairs = make_queries(out_dir / "queries")
         results = coll.search_many([str(q) for q, _ in pairs], k=k)
@@ -293,13 +343,8 @@ def evaluate(
     A collection with --dba is evaluated as it serves: an augmented database, plain queries; in
     leave-one-out no database vector holds the query itself (ris.dba.without_query).
     """
-    import numpy as np
-
-    from . import dba as dba_mod
     from . import evaluate as ev
     from .collection import Collection
-    from .ranking import ANCHOR_POOL
-    from .sources import scan
 
     ks = sorted({1, 5, 10, k})
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
@@ -315,28 +360,9 @@ def evaluate(
         for name, scores in report.items():
             out.print(f"{name:>10}: " + "  ".join(f"{key} {v:.3f}" for key, v in scores.items()), highlight=False)
         return
-    with Collection.open(collection) as coll:
-        rows, vecs = coll.vectors()
-        keep = ev.labelled([r.label for r in rows], excluded)
-        if len(keep) < 2:
-            raise RisError("evaluation needs at least two labelled images (labels are folder names)")
-        labels = [rows[i].label for i in keep]
-        n_dba = dba_mod.active(coll.manifest.dba if dba is None else dba, len(rows))
-        if n_dba < 0:
-            raise RisError("--dba is a number of neighbours (0 = off)")
-        n_qe = coll.manifest.query_expansion if qe is None else qe
-        anchor = ANCHOR_POOL if n_dba or n_qe else 0  # the first result as served (Collection.search_vectors)
-        if queries:
-            files = [f for f in scan([queries]) if f.label and f.label not in excluded]
-            qvecs = coll.embed([f.path for f in files])
-            db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
-            report = ev.queries_against(qvecs, [f.label for f in files], db[keep], labels, ks, plain_vectors=vecs[keep],
-                                        anchor=ANCHOR_POOL if n_dba else 0)  # fmt: skip
-        else:
-            others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
-            with progress_bar(enabled=not json_out) as bar:
-                report = ev.leave_one_out(vecs[keep], labels, ks, progress=bar(len(keep), len(keep)), qe=n_qe,
-                                          dba=n_dba, others=others, anchor=anchor)  # fmt: skip
+    with Collection.open(collection) as coll, progress_bar(enabled=not json_out) as bar:
+        report = ev.evaluate_collection(coll, ks, excluded, qe=qe, dba=dba, queries=str(queries) if queries else None,
+                                        progress=bar)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return
@@ -409,13 +435,18 @@ def serve(
 def map_(
     collection: CollectionOpt = Path("collection.ris"),
     out_file: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("map.png"),
-    method: Annotated[str, typer.Option(help="tsne or pca.")] = "tsne",
+    html_out: Annotated[Path | None, typer.Option("--html", help="Also write the map as a self-contained page.")] = None,
+    method: Annotated[str, typer.Option(help="tsne (neighbours side by side) or pca (the two main axes).")] = "tsne",
     limit: Annotated[int, typer.Option(help="At most this many images (a random sample beyond).")] = 2000,
+    thumb: Annotated[int | None, typer.Option(help="Thumbnail size in px (default: fits ~2,400 px across).")] = None,
 ) -> None:
-    """Draw a 2-D map of the collection: thumbnails placed at their t-SNE coordinates."""
+    """Draw a map of the collection: thumbnails on a grid, similar images side by side, folder labels.
+
+    Needs the map extra (scikit-learn's t-SNE, SciPy): pip install "ris[map]".
+    """
     from .maps import map_command
 
-    map_command(collection, out_file, method=method, limit=limit)
+    map_command(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
 
 
 @app.command()
@@ -456,13 +487,16 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     import logging
 
+    from .runtime import preparation_listener
+
     _bytes_safe_streams()
     handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("ris").addHandler(handler)
     logging.getLogger("ris").setLevel(logging.INFO)
     try:
-        app()
+        with preparation_listener(PreparationDisplay()):
+            app()
     except RisError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(1)

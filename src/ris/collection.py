@@ -3,12 +3,7 @@
 It ties the stages together and holds no stage's logic: files (ris.sources) -> images (ris.decode) ->
 model (ris.runtime) -> extraction engines (ris.extract locally, ris.distributed on Ray) -> the catalogue
 (ris.store) -> derived vectors (ris.vectors.derived: PCA, DBA, the FAISS or Milvus store) -> ranking
-(ris.ranking). On disk (docs/collections.md):
-    manifest.json        options and what the collection was built with (ris.manifest)
-    catalog.sqlite       images (path, size, mtime, hash, label, status, error, vector slot), the projection
-    vectors.G.f16        one stored vector per distinct content (ris.store)
-    pca.G.npz, dba.G.npz, index.G.faiss    the current generation of derived files (ris.vectors.derived)
-    lock                 held (flock) by the one writer; it holds the writer's PID
+(ris.ranking). The files on disk: docs/collections.md.
 """
 
 from __future__ import annotations
@@ -50,15 +45,21 @@ class Collection:
         self._milvus: MilvusStore | None = None
 
     def __repr__(self) -> str:
-        m, n = self.manifest, self.catalog.counts()["ok"]
-        return f"<ris.Collection {str(self.path)!r}: {m.model}/{m.pooling}, {n} images>"
+        """What it is at a glance: Collection('photos.ris', model='efficientnet-lite0', pooling='grid3', …, images=9144)."""
+        m = self.manifest
+        try:
+            images: object = self.catalog.counts()["ok"]
+        except Exception:  # a repr must not fail: a damaged or vanished catalogue still prints
+            images = "?"
+        return (f"Collection({str(self.path)!r}, model={m.model!r}, pooling={m.pooling!r}, precision={m.precision!r}, "
+                f"images={images})")  # fmt: skip
 
     # --- opening -----------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | os.PathLike, weights: str | None = None, **options: Any) -> Collection:
-        """A new, empty collection with these options (ris.manifest.Options). Loads the model once to record
-        its weights' hash; a Milvus store that cannot be reached fails here, before anything is written."""
+        """A new, empty collection with these options (ris.manifest.Options), recording its weights' hash; a
+        Milvus store that cannot be reached fails here, before anything is written."""
         root = Path(path)
         if (root / "manifest.json").exists():
             raise RisError(f"{root} already holds a collection; open it instead")
@@ -68,7 +69,7 @@ class Collection:
         spec = models.get_spec(opts.model)
         if not spec.pooled:
             opts = dataclasses.replace(opts, pooling="fc2")
-        _, digest = models.build(opts.model, opts.pooling, weights)
+        digest = models.weights_digest(opts.model, weights)  # no network built, no PyTorch imported
         connected = MilvusStore(opts.store, milvus_store.collection_name(root)) if opts.store else None
         try:
             root.mkdir(parents=True, exist_ok=True)

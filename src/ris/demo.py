@@ -1,36 +1,27 @@
-"""The embedded default: sample photos that ship inside scikit-image, and transformed copies of them.
+"""The embedded default: sample photos that ship inside ris, and transformed copies of them.
 
 `ris demo` needs no network and no data of the user's: it indexes these photos with the bundled
-model and queries the collection with cropped, flipped, re-encoded and rescaled copies.
+model and queries the collection with cropped, flipped, re-encoded and rescaled copies. The photos
+come from scikit-image's data (public domain or CC0; samples/CREDITS.md), shipped here so that the
+default install needs no scikit-image (and its SciPy) for them.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
-SAMPLE_FILES = (
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
-    "coins.png", "color.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg",
-    "ihc.png", "logo.png", "moon.png", "motorcycle_left.png", "page.png", "phantom.png",
-    "retina.jpg", "rocket.jpg", "text.png",
-)  # fmt: skip
-
 
 def sample_dir() -> Path:
-    import skimage
-
-    return Path(os.path.dirname(skimage.__file__)) / "data"
+    return Path(__file__).parent / "samples"
 
 
 def sample_paths() -> list[Path]:
-    """The bundled photos present in this scikit-image install (a few may move between versions)."""
-    root = sample_dir()
-    return [root / name for name in SAMPLE_FILES if (root / name).is_file()]
+    """The bundled photos, sorted by name."""
+    return sorted(p for p in sample_dir().iterdir() if p.suffix in (".jpg", ".png"))
 
 
 def sample_images() -> list[tuple[Path, Image.Image]]:
@@ -78,21 +69,18 @@ def _caption(img: Image.Image) -> Image.Image:
               stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0))  # fmt: skip
     return out
 
-DEMO_QUERIES = (("chelsea.png", "crop"), ("rocket.jpg", "flip"), ("coffee.png", "jpeg30"),
-                ("motorcycle_left.png", "half"))  # fmt: skip
+
+DEMO_QUERIES = (("chelsea.jpg", "crop"), ("rocket.jpg", "flip"), ("coffee.jpg", "jpeg30"), ("astronaut.jpg", "half"))
 
 
 def make_queries(out_dir: Path) -> list[tuple[Path, Path]]:
     """Write the demo's query images; returns (query path, original path) pairs."""
+    from .decode import open_image
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = sample_dir()
     pairs = []
     for name, transform in DEMO_QUERIES:
-        original = root / name
-        if not original.is_file():
-            continue
-        from .decode import open_image
-
+        original = sample_dir() / name
         img = TRANSFORMS[transform](open_image(original.read_bytes()))
         query = out_dir / f"{Path(name).stem}-{transform}.jpg"
         img.convert("RGB").save(query, "JPEG", quality=90)

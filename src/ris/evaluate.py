@@ -161,6 +161,48 @@ def labelled(rows_labels: Sequence[str | None], exclude: Sequence[str] = DEFAULT
     return np.array([i for i, lab in enumerate(rows_labels) if lab and lab not in exclude], dtype=np.int64)
 
 
+def evaluate_collection(
+    coll,
+    ks: Sequence[int] = (1, 5, 10),
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    qe: int | None = None,
+    dba: int | None = None,
+    queries: str | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> EvalReport:
+    """What `ris eval` reports: a Collection evaluated as it serves, by folder label.
+
+    Leave-one-out over its labelled images (or, with `queries`, a folder of labelled query images
+    against it). qe/dba: None takes the collection's own settings; with DBA the database is augmented as
+    the index holds it, and in leave-one-out no database vector holds the query itself (dba.without_query).
+    progress: as for Collection.index, a factory (total, total) -> tick.
+    """
+    from . import dba as dba_mod
+    from .errors import RisError
+    from .ranking import ANCHOR_POOL
+    from .sources import scan
+
+    rows, vecs = coll.vectors()
+    keep = labelled([r.label for r in rows], exclude)
+    if len(keep) < 2:
+        raise RisError("evaluation needs at least two labelled images (labels are folder names)")
+    labels = [rows[i].label for i in keep]
+    n_dba = dba_mod.active(coll.manifest.dba if dba is None else dba, len(rows))
+    if n_dba < 0:
+        raise RisError("--dba is a number of neighbours (0 = off)")
+    n_qe = coll.manifest.query_expansion if qe is None else qe
+    if queries:
+        files = [f for f in scan([queries]) if f.label and f.label not in exclude]
+        qvecs = coll.embed([f.path for f in files])
+        db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
+        return queries_against(qvecs, [f.label for f in files], db[keep], labels, ks, plain_vectors=vecs[keep],
+                               anchor=ANCHOR_POOL if n_dba else 0)  # fmt: skip
+    others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
+    anchor = ANCHOR_POOL if n_dba or n_qe else 0  # the first result as served (Collection.search_vectors)
+    return leave_one_out(vecs[keep], labels, ks, progress=progress(len(keep), len(keep)) if progress else None,
+                         qe=n_qe, dba=n_dba, others=others, anchor=anchor)  # fmt: skip
+
+
 def queries_against(
     query_vectors: np.ndarray, query_labels: Sequence[str], db_vectors: np.ndarray, db_labels: Sequence[str],
     ks: Sequence[int] = (1, 5, 10), block: int = 512, device: str | None = None,

@@ -19,6 +19,7 @@ import numpy as np
 
 from .atomic import write_with
 from .errors import RisError
+from .extras import install_hint
 from .store import displayed
 
 FORMATS = ("npy", "parquet")
@@ -55,7 +56,7 @@ def export_parquet(coll, out: Path) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise RisError("parquet export needs pyarrow (pip install pyarrow)") from None
+        raise RisError(f"parquet export needs pyarrow, which is not installed: {install_hint('parquet')}") from None
     if out.is_dir():
         raise RisError(f"{out} is a folder; parquet export writes one file (e.g. --out vectors.parquet)")
     rows, vectors = coll.vectors()

