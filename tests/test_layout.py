@@ -75,3 +75,12 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_the_facade_stays_small() -> None:
     assert len((PACKAGE / "collection.py").read_text().splitlines()) <= 350
+
+
+def test_environment_knobs_are_read_in_one_place_and_documented_from_it() -> None:
+    from ris.config import SETTINGS, markdown
+
+    readers = [p.name for p in PACKAGE.rglob("*.py") if p.name != "config.py" and "os.environ.get(\"RIS_" in p.read_text()]
+    assert readers == []
+    docs = (PACKAGE.parents[1] / "docs" / "configuration.md").read_text()
+    assert markdown() in docs and len(SETTINGS) >= 10

@@ -36,6 +36,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RIS_SEARCH_DTYPE", "float32", "Vectors resident on the GPU: float32 (exact) or float16 (half the memory).",
             ("float32", "float16")),  # fmt: skip
     Setting("RIS_MILVUS_TOKEN", "", "user:password (or token) of a Milvus server; never written to the manifest."),
+    Setting("RIS_MAX_FILE_MB", "100", "The largest file read, in megabytes (checked before reading; larger files are skipped "
+            "with a reason, a larger query is refused)."),  # fmt: skip
+    Setting("RIS_TOKEN", "", "`ris serve --token`: enables add/remove over the REST API."),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import env
 from .errors import DecodeError, RisError
 
 #: Formats we accept, recognised by content (magic bytes), never by extension.
@@ -149,7 +150,7 @@ def decode_bytes(data: bytes, size: int) -> Decoded:
 
 def max_file_bytes() -> int:
     """The largest file read, from RIS_MAX_FILE_MB (megabytes; default 100)."""
-    raw = os.environ.get(MAX_FILE_ENV, "").strip()
+    raw = env(MAX_FILE_ENV).strip()
     try:
         mb = float(raw) if raw else DEFAULT_MAX_FILE_MB
     except ValueError:

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .config import env
 from .errors import RisError
 from .store import ImageRow
 
@@ -166,7 +167,7 @@ class MilvusStore:
         else:
             address = "http://" + uri[len(SERVER) :]
             with _errors(uri):
-                self.client = pymilvus.MilvusClient(address, token=os.environ.get(TOKEN_ENV, ""), timeout=timeout)
+                self.client = pymilvus.MilvusClient(address, token=env(TOKEN_ENV), timeout=timeout)
         self._loaded = False
 
     def _lite_error(self, exc: Exception) -> str:

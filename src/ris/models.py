@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from . import extras
+from .config import env
 from .errors import RisError
 
 POOLINGS = ("avg", "gem", "rmac", "grid", "grid3")
@@ -30,7 +31,7 @@ RMAC_LEVELS = 3
 
 def cache_dir() -> Path:
     """Where exported models and downloaded weights live ($RIS_CACHE_DIR, else ~/.cache/ris)."""
-    root = os.environ.get("RIS_CACHE_DIR") or os.path.join(
+    root = env("RIS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ris"
     )
     path = Path(root)

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from . import extras, models
+from .config import env
 from .errors import RisError
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
@@ -75,7 +76,7 @@ def resolve_device(device: str) -> str:
 
 def default_precision(device: str) -> str:
     """fp32 on CPUs (int8 is a collection's choice); bf16 autocast on GPUs, RIS_GPU_PRECISION overrides."""
-    return os.environ.get("RIS_GPU_PRECISION", "bf16") if device == "cuda" else "fp32"
+    return env("RIS_GPU_PRECISION") if device == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,7 @@ def cpu_runtime() -> str:
     RIS_CPU_RUNTIME=onnx|openvino chooses. A collection records its runtime and keeps it, so its
     queries get features from the same kernels as its images.
     """
-    wanted = os.environ.get("RIS_CPU_RUNTIME")
-    if wanted and wanted not in ("openvino", "onnx"):
-        raise RisError(f"RIS_CPU_RUNTIME={wanted!r}: choose openvino or onnx")
+    wanted = env("RIS_CPU_RUNTIME")
     return wanted or ("openvino" if has_openvino() else "onnx")
 
 
