@@ -444,9 +444,12 @@ def map_(
 
     Needs the map extra (scikit-learn's t-SNE, SciPy): pip install "ris[map]".
     """
-    from .maps import map_command
+    from .maps import make_map
 
-    map_command(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
+    written, drawn, total = make_map(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
+    err.print(f"wrote {written[0]} ({drawn} of {total} images, {method})", highlight=False, markup=False)
+    for extra in written[1:]:
+        err.print(f"wrote {extra}", highlight=False, markup=False)
 
 
 @app.command()
@@ -470,9 +473,13 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="parquet or npy.")] = "npy",
 ) -> None:
     """Write features and metadata for other tools."""
-    from .export import export_command
+    from .collection import Collection
+    from .export import export as write_export
 
-    export_command(collection, out_path, fmt=fmt)
+    with Collection.open(collection) as coll:  # stdout stays clean: the note goes to stderr
+        n = coll.info()["images"]
+        written = write_export(coll, out_path, fmt)
+    err.print(f"exported {n} images to {written} ({fmt})", highlight=False, markup=False)
 
 
 def _bytes_safe_streams() -> None:

@@ -82,14 +82,3 @@ def export(coll, out: str | os.PathLike, fmt: str = "npy") -> Path:
         raise RisError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return (export_npy if fmt == "npy" else export_parquet)(coll, Path(out))
 
-
-def export_command(collection: str | os.PathLike, out_path: str | os.PathLike, fmt: str = "npy") -> None:
-    """`ris export`: write the files and say where (on stderr, so stdout stays clean)."""
-    import sys
-
-    from .collection import Collection
-
-    with Collection.open(collection) as coll:
-        n = coll.info()["images"]
-        written = export(coll, out_path, fmt)
-    sys.stderr.write(f"exported {n} images to {written} ({fmt})\n")

@@ -268,15 +268,14 @@ def default_thumb(n: int) -> int:
     return int(min(128, max(40, 2400 // max(1, grid_shape(n)[0]))))
 
 
-def map_command(collection: str | os.PathLike, out_file: str | os.PathLike, method: str = "tsne",
-                limit: int = 2000, html_out: str | os.PathLike | None = None,
-                thumb: int | None = None) -> Path:  # fmt: skip
-    """`ris map`: the collection (at most `limit` images) as a PNG grid of thumbnails (and an HTML page)."""
-    from rich.console import Console
+def make_map(collection: str | os.PathLike, out_file: str | os.PathLike, method: str = "tsne",
+             limit: int = 2000, html_out: str | os.PathLike | None = None,
+             thumb: int | None = None) -> tuple[list[Path], int, int]:  # fmt: skip
+    """`ris map`: the collection (at most `limit` images) as a PNG grid of thumbnails (and an HTML page).
 
+    Returns (files written, images drawn, images in the collection)."""
     from .collection import Collection
 
-    err = Console(stderr=True, soft_wrap=True)
     if method not in METHODS:
         raise RisError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if limit < MIN_IMAGES:
@@ -297,9 +296,7 @@ def map_command(collection: str | os.PathLike, out_file: str | os.PathLike, meth
     size = thumb or default_thumb(len(pick))
     title = f"{Path(collection).name}: {len(pick)} of {len(rows)} images, {method.replace('tsne', 't-SNE')} on a grid"
     tiles = thumbnails(picked, size)
-    path = draw_map(picked, cells, out_file, thumb=size, title=title, tiles=tiles)
-    err.print(f"wrote {path} ({len(pick)} of {len(rows)} images, {method})", highlight=False, markup=False)
+    written = [draw_map(picked, cells, out_file, thumb=size, title=title, tiles=tiles)]
     if html_out is not None:
-        page = map_html(picked, cells, html_out, thumb=size, title=title, tiles=tiles)
-        err.print(f"wrote {page}", highlight=False, markup=False)
-    return path
+        written.append(map_html(picked, cells, html_out, thumb=size, title=title, tiles=tiles))
+    return written, len(pick), len(rows)
