@@ -1,7 +1,8 @@
 """How fast the catalogue takes extracted features: Catalog.commit_batch alone, batches of 256.
 
-Usage: python benchmarks/commit_throughput.py [--dims 11520] [--images 18000] [--dir /tmp]
-Random float features of `dims` dimensions (stored as float16) for fresh images, committed as the
+Usage: python benchmarks/commit_throughput.py [--dims 1024] [--images 18000] [--dir /tmp]
+Random float vectors of `dims` dimensions (the default descriptor's stored vector: grid3 features projected
+to 1,024-d, ris.reduce; stored as bfloat16; 11,520 = a small collection's raw grid3 features) for fresh images, committed as the
 extraction's writer thread commits them, then a final WAL checkpoint (the copy into the main file),
 timed together. Tells a slow disk (or fsync) from a slow pipeline: compare with `ris bench`'s write stage.
 """
@@ -27,7 +28,7 @@ def pooled_like(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dims", type=int, default=11520)
+    ap.add_argument("--dims", type=int, default=1024)
     ap.add_argument("--images", type=int, default=18000)
     ap.add_argument("--dir", default="/tmp")
     args = ap.parse_args()

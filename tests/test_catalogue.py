@@ -52,7 +52,7 @@ def test_a_collection_switches_to_projected_vectors_once_large_enough(subset_dir
         assert coll.info()["generation"] == before + 1 and _self_hits(coll) == 1.0
         assert sorted(p.name for p in coll.path.glob("*.[0-9]*.*")) == sorted(
             f"{kind}.{before + 1}.{ext}" for kind, ext in (("pca", "npz"), ("dba", "npz"), ("index", "faiss"))
-        ) + ["vectors.3.f16"]  # one generation of derived files; the vector file compacted by each reindex
+        ) + ["vectors.3.bf16"]  # one generation of derived files; the vector file compacted by each reindex
 
 
 def test_a_large_run_extracts_a_random_sample_first(subset_dir: Path, tmp_path: Path, small_thresholds) -> None:
@@ -160,7 +160,7 @@ def test_a_damaged_manifest_or_a_lost_catalogue_is_one_clear_line(subset_collect
     proc = run_cli("info", "-c", str(path), check=False)
     assert proc.returncode == 1 and "catalogue" in proc.stderr and "missing or empty" in proc.stderr
     proc = run_cli("reindex", "-c", str(path), check=False)  # never wipes what is left
-    assert proc.returncode == 1 and list(path.glob("index.*.faiss")) and list(path.glob("vectors.*.f16"))
+    assert proc.returncode == 1 and list(path.glob("index.*.faiss")) and list(path.glob("vectors.*.bf16"))
 
 
 def test_searches_keep_working_while_reindex_builds_the_next_generation(subset_collection: Path, tmp_path: Path) -> None:

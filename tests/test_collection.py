@@ -237,20 +237,21 @@ def test_features_keep_order_and_repeats(subset_collection: Path) -> None:
         assert np.isfinite(expanded).all() and np.allclose(np.linalg.norm(expanded, axis=1), 1, atol=1e-4)
 
 
-def test_vectors_are_stored_in_float16_with_subnormals_flushed(tmp_path: Path) -> None:
-    """ris.store.as_stored: float16, magnitudes under 2^-14 (float16 subnormals, which numpy converts
-    23x slower) stored as 0; a committed batch reads back as exactly that."""
-    from ris.store import FEATURE_TINY, Catalog, as_stored
+def test_vectors_are_stored_as_bfloat16_rounded_to_nearest(tmp_path: Path) -> None:
+    """ris.store.as_stored: bfloat16 bits (float32's top half, rounded to nearest even), float32's range kept
+    (GeM's ~1e-6 dark cells are not flushed); a committed batch reads back as exactly that."""
+    from ris.store import Catalog, as_stored, from_stored
 
-    x = np.array([[0.5, 1e-6, -3e-5, 2.0, 7e-5, -0.25]], np.float32)
+    x = np.array([[0.5, 1e-6, -3e-5, 2.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.25, 123.456]], np.float32)
     got = as_stored(x)
-    assert got.dtype == np.float16
-    np.testing.assert_array_equal(got[0], np.float16([0.5, 0, 0, 2.0, 7e-5, -0.25]))
-    assert as_stored([], 6).shape == (0, 6) and x[0, 1] < FEATURE_TINY < x[0, 4]
+    assert got.dtype == np.uint16 and as_stored([], 6).shape == (0, 6)
+    back = from_stored(got)[0]
+    np.testing.assert_allclose(back, x[0], rtol=2**-8)  # 8 bits of mantissa
+    assert back[1] > 0 and back[4] == 1.0 and back[5] == 1.0 + 4 * 2**-8  # ties to even, small values kept
     cat = Catalog(tmp_path / "c.sqlite")
     with cat.db:
         cat.db.execute("INSERT INTO images (path, size, mtime_ns, label, status) VALUES ('/a.jpg', 1, 1, 'a', 'pending')")
     (image_id,) = cat.db.execute("SELECT id FROM images").fetchone()
     cat.commit_batch([(image_id, "ab" * 32)], {"ab" * 32: x[0]}, [])
-    np.testing.assert_array_equal(cat.vectors([image_id]), got.astype(np.float32))
+    np.testing.assert_array_equal(cat.vectors([image_id]), from_stored(got))
     cat.close()

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DecodeError, RisError
 from .extract import ModelSettings, Sink, StageTimes
+from .store import from_stored
 
 SHARD_DIR = "ray-shards"
 LOCAL = "local"
@@ -88,7 +89,7 @@ def load_shard(shard: Shard, path: Path) -> Shard:
     with np.load(path, allow_pickle=False) as data:
         shard.ids = [int(i) for i in data["ids"]]
         shard.shas = [str(s) for s in data["shas"]]
-        shard.features = list(data["features"])
+        shard.features = list(from_stored(data["features"]))
         shard.failed = [(int(i), str(r)) for i, r in zip(data["failed_ids"], data["reasons"], strict=True)]
     return shard
 

@@ -19,7 +19,7 @@ from .atomic import write_text
 from .errors import RisError
 from .reduce import DEFAULT_DIMS
 
-#: 2: the compact catalogue (stored vectors in vectors.G.f16, derived files by generation); 1: raw features in SQLite.
+#: 2: the compact catalogue (stored vectors in vectors.G.bf16, derived files by generation); 1: raw features in SQLite.
 FORMAT_VERSION = 2
 
 

@@ -1,7 +1,7 @@
 """Upgrading collections written by older ris, one format step at a time (the ladder rclip's db.py keeps).
 
 Format 1 -> 2: raw features (23 KB an image for grid3) leave SQLite; each content keeps one stored vector
-in vectors.1.f16 (raw below reduce.FIT_SAMPLE images, else their projection, fitted on a random sample of
+in vectors.1.bf16 (raw below reduce.FIT_SAMPLE images, else their projection, fitted on a random sample of
 them), and the derived files are rebuilt as generation 1. Runs once, under the writer lock, when a writable
 collection is opened; a read-only one says how to upgrade it.
 """

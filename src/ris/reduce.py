@@ -2,7 +2,7 @@
 
 1. `Projection` (only for wide raw features, above PROJECT_ABOVE dimensions: grid3's 11,520, grid's 5,120,
    VGG16's 4,096): L2-normalised raw features projected onto the top PROJECTED_DIMS principal axes of the
-   collection's first FIT_SAMPLE images. This is what the catalogue stores per image (2 KB in float16
+   collection's first FIT_SAMPLE images. This is what the catalogue stores per image (2 KB in bfloat16
    instead of 23 KB), fitted once and kept in the catalogue; it keeps ~all the variance the final PCA
    uses, so PCA can be refitted at any size without re-extracting anything.
 2. `Reducer`: PCA to `dims` (256), fitted on the stored vectors (pca.npz), applied to every vector and
@@ -53,7 +53,7 @@ PROJECT_ABOVE = 2048
 #: Width of the stored projection: 4x the default PCA's, so refits choose among far more axes than they keep.
 PROJECTED_DIMS = 1024
 #: Raw features kept before the projection is fitted on them (and the images a new collection extracts
-#: first, drawn at random from everything it was given): 2,048 x 11,520 float16 = 47 MB at most.
+#: first, drawn at random from everything it was given): 2,048 x 11,520 bfloat16 = 47 MB at most.
 FIT_SAMPLE = 2048
 
 
