@@ -66,7 +66,7 @@ def open_page(browser, url: str, viewport: dict[str, int]):
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.goto(url)
-    page.wait_for_function("() => /\\d+ images/.test(document.querySelector('#collection-info').textContent)")
+    page.wait_for_function("() => /\\d+ images? ·/.test(document.querySelector('#collection-info').textContent)")
     return page
 
 
@@ -86,10 +86,10 @@ def desktop(browser, base_url: str):
     page.context.close()
 
 
-def shoot(page, tmp_path: Path, name: str) -> Path:
-    """A full-page screenshot under tmp_path, copied to $RIS_TEST_ARTIFACTS when set."""
+def shoot(page, tmp_path: Path, name: str, full_page: bool = True) -> Path:
+    """A screenshot (full page, or what is on screen) under tmp_path, copied to $RIS_TEST_ARTIFACTS when set."""
     shot = tmp_path / f"{name}.png"
-    page.screenshot(path=str(shot), full_page=True)
+    page.screenshot(path=str(shot), full_page=full_page)
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
     if artifacts := os.environ.get("RIS_TEST_ARTIFACTS"):
@@ -167,6 +167,7 @@ def test_more_like_this_scrolls_to_new_results_without_itself(phone, tmp_path: P
       return Math.abs(top) < 2;  // smooth scrolling ends with the results at the top of the screen
     }""")
     assert phone.evaluate("() => window.scrollY") > 0
+    shoot(phone, tmp_path, "phone-more-like-this-on-screen", full_page=False)
     shoot(phone, tmp_path, "phone-more-like-this")
 
 
@@ -265,6 +266,7 @@ def test_a_collection_of_one_shows_the_empty_state(browser, tmp_path: Path) -> N
             page.locator("#sample .card button").first.click()
             page.wait_for_function("() => document.body.dataset.state === 'empty'")
             assert "No matches" in page.locator("#results-title").text_content()
+            assert "1 image ·" in page.locator("#collection-info").text_content()
             assert page.locator("#results .empty").is_visible()
             shoot(page, tmp_path, "phone-empty")
             assert not page.errors

@@ -108,7 +108,8 @@ function renderResults(result, queryName, millis) {
     grid.append(empty);
   }
   $("#results-title").textContent = result.matches.length ? `${result.matches.length} most similar` : "No matches";
-  $("#results-note").textContent = `to ${queryName} · ${millis} ms · click one for more like it`;
+  const hint = result.matches.length ? " · click one for more like it" : "";
+  $("#results-note").textContent = `to ${queryName} · ${millis} ms${hint}`;
   document.body.dataset.state = result.matches.length ? "results" : "empty";
 }
 
@@ -240,7 +241,7 @@ async function loadCollection() {
     const info = await api(`/api/collection?offset=${state.offset}&limit=${state.limit}`);
     state.total = info.images;
     $("#collection-info").textContent =
-      `${info.images.toLocaleString()} images · ${info.model} (${info.pooling}, ${info.precision}) · ${info.dims}-d vectors`;
+      `${info.images.toLocaleString()} image${info.images === 1 ? "" : "s"} · ${info.model} (${info.pooling}, ${info.precision}) · ${info.dims}-d vectors`;
     $("#sample").replaceChildren(...info.sample.map((row) => card(row, false)));
     const last = Math.min(state.offset + info.sample.length, info.images);
     $("#page-info").textContent = info.images ? `${state.offset + 1}–${last} of ${info.images}` : "empty";
