@@ -32,6 +32,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
@@ -706,11 +707,18 @@ def create_app(
     def search_by_id(
         id: Annotated[int, Query(description="An image id of this collection")],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 5,
+        exclude_self: Annotated[
+            bool, Query(description="Leave the image itself out of its results (it would be its own #1)")
+        ] = False,
     ) -> dict[str, Any]:
         """More like this: search with an indexed image's own file."""
         row = service.row(id)
         pixels = resize(service.decode_stored(row, service.input_size), service.input_size)
-        return _search_out(service.search(pixels, k, row.path))
+        result = service.search(pixels, k + exclude_self, row.path)
+        if exclude_self:
+            others = [m for m in result.matches if m.id != id][:k]
+            result = SearchResult(result.query, [replace(m, rank=rank) for rank, m in enumerate(others, 1)])
+        return _search_out(result)
 
     @app.get("/api/images/{image_id}", tags=["images"], response_class=FileResponse, responses=NOT_FOUND)
     def get_image(image_id: int) -> StreamingResponse:

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { k: 20, offset: 0, limit: 24, total: 0, seq: 0, previewUrl: null };
+const state = { k: 20, offset: 0, limit: 24, total: 0, seq: 0, query: null, uploads: new Map(), nextUpload: 1 };
 
 // --- talking to the API ---------------------------------------------------------------------------
 
@@ -55,7 +55,7 @@ function card(item, withScore) {
   button.type = "button";
   button.title = `More like ${baseName(item.path)}`;
   const name = item.label ? `${item.label}/${baseName(item.path)}` : baseName(item.path);
-  button.addEventListener("click", () => searchById(item.id, name));
+  button.addEventListener("click", () => searchById(item.id, name, { scroll: true }));
   const img = document.createElement("img");
   img.src = item.thumbnail;
   img.alt = item.label ? `${item.label}: ${baseName(item.path)}` : baseName(item.path);
@@ -101,54 +101,137 @@ function card(item, withScore) {
 function renderResults(result, queryName, millis) {
   const grid = $("#results");
   grid.replaceChildren(...result.matches.map((m) => card(m, true)));
-  $("#results-title").textContent = `${result.matches.length} most similar`;
-  $("#results-note").textContent = `to ${queryName} · ${millis} ms · click one for more like it`;
+  if (!result.matches.length) {
+    const empty = document.createElement("p");
+    empty.className = "empty";
+    empty.textContent = "No matches: the collection has no other images to compare with yet.";
+    grid.append(empty);
+  }
+  $("#results-title").textContent = result.matches.length ? `${result.matches.length} most similar` : "No matches";
+  const hint = result.matches.length ? " · click one for more like it" : "";
+  $("#results-note").textContent = `to ${queryName} · ${millis} ms${hint}`;
+  document.body.dataset.state = result.matches.length ? "results" : "empty";
 }
 
-function setPreview(url, isBlob) {
-  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
-  state.previewUrl = isBlob ? url : null;
-  const img = $("#query-preview");
-  img.src = url;
-  img.hidden = false;
-  $("#dropzone").classList.add("has-image");
+/** The query's picture, in the drop zone and beside the results' title (a phone shows one or the other). */
+function showQuery(url) {
+  const preview = $("#query-preview");
+  const small = $("#results-query");
+  for (const img of [preview, small]) {
+    img.hidden = !url;
+    if (url) img.src = url;
+    else img.removeAttribute("src");
+  }
+  $("#dropzone").classList.toggle("has-image", Boolean(url));
+}
+
+/** The page as first opened: no query, no results. */
+function showStart() {
+  state.seq++; // a search still under way is dropped
+  state.query = null;
+  setBusy(false);
+  clearMessage();
+  showQuery(null);
+  $("#results").replaceChildren();
+  $("#results-title").textContent = "Search by image";
+  $("#results-note").textContent = "Results appear here. Click a result to see more like it.";
+  document.body.dataset.state = "start";
+}
+
+function setBusy(on) {
+  document.body.classList.toggle("busy", on);
+  $("#loading").hidden = !on;
+  $("#results-section").setAttribute("aria-busy", String(on));
+  if (on) document.body.dataset.state = "loading";
 }
 
 // --- searching ------------------------------------------------------------------------------------
 
-async function runSearch(request, queryName) {
+/** The address and history entry of a query: a search by id lives in the URL; an upload cannot, so its
+ * entry is the bare page (its file is kept in memory for Back/Forward while the page stays open). */
+function remember(query, how) {
+  if (!how) return;
+  const entry = { k: state.k, name: query.name, ...(query.kind === "id" ? { id: query.id } : { upload: query.key }) };
+  const url = query.kind === "id" ? `?id=${query.id}&k=${state.k}` : location.pathname;
+  if (how === "push") history.pushState(entry, "", url);
+  else history.replaceState(entry, "", url);
+}
+
+/** Run one search; on success it becomes the page's query (shown, remembered in history), on failure the
+ * previous query and its results stay and the error is said above them. */
+async function runSearch(query, request, { history: how = "push", scroll = false } = {}) {
   const seq = ++state.seq; // a newer search wins over a slower older one
   clearMessage();
-  document.body.classList.add("busy");
+  setBusy(true);
   const started = performance.now();
   try {
     const result = await request();
-    if (seq === state.seq) renderResults(result, queryName, Math.round(performance.now() - started));
+    if (seq !== state.seq) return;
+    state.query = query;
+    showQuery(query.url);
+    renderResults(result, query.name, Math.round(performance.now() - started));
+    remember(query, how);
+    if (scroll) $("#results-section").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (error) {
-    if (seq === state.seq) showMessage(error.message);
+    if (seq !== state.seq) return;
+    showMessage(error.message);
+    document.body.dataset.state = "error";
   } finally {
-    if (seq === state.seq) document.body.classList.remove("busy");
+    if (seq === state.seq) setBusy(false);
   }
 }
 
-function searchFile(file) {
+function searchFile(file, options = {}) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
     showMessage(`Not an image — ${file.name || "this file"} is ${file.type}; choose a photo (JPEG, PNG, WebP, …)`);
+    document.body.dataset.state = "error";
     return;
   }
+  let key = [...state.uploads].find(([, kept]) => kept.file === file)?.[0];
+  if (key === undefined) {
+    key = state.nextUpload++;
+    state.uploads.set(key, { file, url: URL.createObjectURL(file) });
+  }
   const name = file.name || "pasted image";
-  setPreview(URL.createObjectURL(file), true);
   const form = new FormData();
   form.append("file", file, name);
   form.append("k", String(state.k));
-  runSearch(() => api("/api/search", { method: "POST", body: form }), name);
+  const query = { kind: "file", key, name, url: state.uploads.get(key).url, file };
+  runSearch(query, () => api("/api/search", { method: "POST", body: form }), options);
 }
 
-function searchById(id, name) {
-  setPreview(`/api/images/${id}/thumbnail`, false);
-  window.scrollTo({ top: 0, behavior: "smooth" });
-  runSearch(() => api(`/api/search?id=${encodeURIComponent(id)}&k=${state.k}`), name);
+function searchById(id, name, options = {}) {
+  const query = { kind: "id", id, name, url: `/api/images/${id}/thumbnail` };
+  const url = `/api/search?id=${encodeURIComponent(id)}&k=${state.k}&exclude_self=true`;
+  runSearch(query, () => api(url), options);
+}
+
+/** Search again for the current query (another k), replacing its history entry. */
+function rerun() {
+  const query = state.query;
+  if (!query) return;
+  if (query.kind === "id") searchById(query.id, query.name, { history: "replace" });
+  else searchFile(query.file, { history: "replace" });
+}
+
+function setK(k) {
+  const select = $("#k");
+  if (![...select.options].some((o) => Number(o.value) === k)) select.append(new Option(String(k)));
+  select.value = String(k);
+  state.k = k;
+}
+
+/** Show what the address and history entry say (first load, Back, Forward). */
+function restore(entry) {
+  const params = new URLSearchParams(location.search);
+  const k = Number(params.get("k") || entry?.k);
+  if (Number.isInteger(k) && k >= 1 && k <= 100) setK(k);
+  const id = params.get("id");
+  const upload = entry?.upload !== undefined && state.uploads.get(entry.upload);
+  if (id !== null && /^\d+$/.test(id)) searchById(Number(id), entry?.name || `image ${id}`, { history: null });
+  else if (upload) searchFile(upload.file, { history: null });
+  else showStart();
 }
 
 // --- the collection -------------------------------------------------------------------------------
@@ -158,7 +241,7 @@ async function loadCollection() {
     const info = await api(`/api/collection?offset=${state.offset}&limit=${state.limit}`);
     state.total = info.images;
     $("#collection-info").textContent =
-      `${info.images.toLocaleString()} images · ${info.model} (${info.pooling}, ${info.precision}) · ${info.dims}-d vectors`;
+      `${info.images.toLocaleString()} image${info.images === 1 ? "" : "s"} · ${info.model} (${info.pooling}, ${info.precision}) · ${info.dims}-d vectors`;
     $("#sample").replaceChildren(...info.sample.map((row) => card(row, false)));
     const last = Math.min(state.offset + info.sample.length, info.images);
     $("#page-info").textContent = info.images ? `${state.offset + 1}–${last} of ${info.images}` : "empty";
@@ -208,10 +291,13 @@ function wire() {
   });
   $("#k").addEventListener("change", (event) => {
     state.k = Number(event.target.value);
+    rerun();
   });
+  window.addEventListener("popstate", (event) => restore(event.state));
   $("#prev").addEventListener("click", () => page(-1));
   $("#next").addEventListener("click", () => page(1));
   state.k = Number($("#k").value);
+  restore(history.state);
   loadCollection();
 }
 
