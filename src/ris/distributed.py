@@ -8,6 +8,10 @@ after a crash written shards are merged again without recomputing, and merged on
 
 Every node must read the image files at the same paths (a shared filesystem) and have ris installed;
 only the driver touches the collection.
+
+Two ways to reach a cluster: on one of its nodes (`auto`, `HOST:PORT`) the pipeline runs in this process;
+from elsewhere (`ray://HOST:PORT`, Ray Client) it runs in a driver actor on the cluster, since Ray Data's
+streaming executor needs a real Ray worker, and finished shards come back to this process to be merged.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from .extract import ModelSettings, Sink, StageTimes
 
 SHARD_DIR = "ray-shards"
 LOCAL = "local"
+CLIENT = "ray://"  # Ray Client: this process is outside the cluster
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray get-auth-token --generate` writes the token
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -119,7 +125,15 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
         "error": np.asarray([r[3] or "" for r in results], dtype=object),
         "pixels": np.stack([r[2] if r[2] is not None else blank for r in results]),
         "decode_s": np.asarray([r[4] for r in results], np.float64),
+        "decode_node": np.full(len(results), node_name(), dtype=object),
     }
+
+
+def node_name() -> str:
+    """This worker's node: its IP and the start of its node id (nodes of one machine share the IP)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
 
 
 class ModelActor:
@@ -135,6 +149,7 @@ class ModelActor:
         if digest != settings["weights_sha256"]:
             raise RisError(f"the weights on this node differ from the collection's (sha256 {digest[:12]}…)")
         self.dim = int(settings["raw_dims"])
+        self.node = node_name()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray([e == "" for e in batch["error"]], bool)
@@ -144,10 +159,24 @@ class ModelActor:
             features[ok] = self.extractor(np.ascontiguousarray(batch["pixels"][ok]))
         seconds = time.perf_counter() - start
         return {"id": batch["id"], "sha": batch["sha"], "error": batch["error"], "features": features,
-                "decode_s": batch["decode_s"], "model_s": np.full(len(ok), seconds / max(1, len(ok)))}  # fmt: skip
+                "decode_s": batch["decode_s"], "model_s": np.full(len(ok), seconds / max(1, len(ok))),
+                "decode_node": batch["decode_node"], "model_node": np.full(len(ok), self.node, dtype=object)}  # fmt: skip
 
 
 # --- the driver ---------------------------------------------------------------------------------
+
+
+def is_client(address: str | None) -> bool:
+    return bool(address) and str(address).startswith(CLIENT)
+
+
+def check_address(address: str | None) -> None:
+    """The forms ris can use; a dashboard (Ray Jobs) URL is a common mix-up, told apart before connecting."""
+    if address and "://" in address and not is_client(address):
+        raise RisError(
+            f"--ray {address}: not a Ray address; give ray://HEAD:10001 (Ray Client, from any machine), "
+            "HEAD:6379 or auto (on a cluster node), or local"
+        )
 
 
 def connect(address: str | None) -> bool:
@@ -161,9 +190,33 @@ def connect(address: str | None) -> bool:
         # local workers inherit the model cache, so the export/calibration done on the driver is reused
         env = {k: v for k, v in os.environ.items() if k.startswith("RIS_")}
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        return True
+    _use_token_if_given()
+    try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        raise RisError(_connect_error(address, exc)) from exc
     return True
+
+
+def _use_token_if_given() -> None:
+    """Ray 2.60 clusters require a token by default (RAY_AUTH_MODE=token). A driver on a node turns token mode
+    on by itself when it finds a token; Ray Client does not, so do it here for every cluster address."""
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or TOKEN_FILE.exists()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _connect_error(address: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "auth" in text.lower() or "token" in text.lower() or "UNAUTHENTICATED" in text:
+        return (
+            f"the Ray cluster at {address} refused this process's token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or "
+            "~/.ray/auth_token) to the head's token (`ray get-auth-token` on the head), with RAY_AUTH_MODE=token"
+        )
+    hint = "" if is_client(address) else "; from a machine outside the cluster use ray://HEAD:10001 (Ray Client)"
+    return f"cannot join the Ray cluster at {address}: {_first_line(exc)}{hint}"
 
 
 def actor_settings(m: ModelSettings, gpus: float, threads: int) -> dict[str, Any]:
@@ -181,7 +234,8 @@ def _identity(m: ModelSettings) -> str:
 
 
 def _build_dataset(shards: Sequence[Shard], settings: ModelSettings, batch_size: int, actors: int | None, threads: int | None):
-    """files → decode tasks (CPU) → model actors (one GPU each when the cluster has GPUs)."""
+    """files → decode tasks (CPU, spread over the nodes: Ray Data's default) → model actors (one GPU each when the
+    cluster has GPUs)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -189,25 +243,22 @@ def _build_dataset(shards: Sequence[Shard], settings: ModelSettings, batch_size:
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
-        size, remote = actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+        size, gpu = actors or gpus, 1
     else:
         # one CPU reserved per actor, two model threads each: the split measured best locally (ORT 2 threads + decode)
-        size, remote = actors or max(1, cpus // 2), {"num_cpus": 1}
+        size, gpu = actors or max(1, cpus // 2), 0
     rows = [{"id": i, "path": p} for shard in shards for i, p in shard.items]
+    # A decode task reserves the memory of its batch's pixels (in and out). Its resources then differ from the
+    # model actors', which keeps Ray from fusing decoding into them (it would run serially with the model there).
+    pixels = 2 * batch_size * settings.input_size**2 * 3
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * cpus)))
         .map_batches(decode_batch, fn_kwargs={"size": settings.input_size}, batch_size=batch_size,
-                     batch_format="numpy", num_cpus=1, ray_remote_args_fn=_spread)
+                     batch_format="numpy", num_cpus=1, memory=pixels)
         .map_batches(ModelActor, fn_constructor_kwargs={"settings": actor_settings(settings, gpus, threads or 2)},
                      compute=ray.data.ActorPoolStrategy(size=size), batch_size=batch_size, batch_format="numpy",
-                     **remote)
+                     num_cpus=1, num_gpus=gpu)
     )  # fmt: skip
-
-
-def _spread() -> dict[str, str]:
-    """Decode tasks go wherever CPUs are free. A remote-args function also keeps Ray from fusing decoding
-    into the model actors, where it would run serially with the model instead of beside it."""
-    return {"scheduling_strategy": "SPREAD"}
 
 
 def ray_extract(
@@ -224,12 +275,15 @@ def ray_extract(
 ) -> StageTimes:
     """Extract features for pending `items` (id, path) on Ray and deliver them to `sink`, shard by shard.
 
-    directory: where shards wait to be merged (resumable state; the collection's ray-shards/). The caller
-    holds the writer lock and brings the derived vectors up to date afterwards, as `Collection.index` does.
+    directory: where shards wait to be merged (resumable state; the collection's ray-shards/, local to this
+    process: with ray://, shards come back over Ray Client). The caller holds the writer lock and brings the
+    derived vectors up to date afterwards, as `Collection.index` does.
     actors: model actors (default: one per GPU, else one per two CPUs); threads: model threads per CPU actor.
+    Returns the stage times, with `nodes`: images decoded and run through the model per cluster node.
     """
     if shard_size < 1 or batch_size < 1:
         raise RisError("batch and shard sizes must be at least 1")
+    check_address(address)
     try:
         import ray
     except ImportError:
@@ -261,7 +315,11 @@ def ray_extract(
             _check_weights(settings)  # and exports/calibrates once, before the actors
         started = connect(address)
         try:
-            _stream(_build_dataset(todo, settings, batch_size, actors, threads), todo, times, finish)
+            if is_client(address):
+                _from_driver_actor(todo, settings, batch_size, actors, threads, times, finish)
+            else:
+                for shard in completed_shards(_build_dataset(todo, settings, batch_size, actors, threads), todo, times):
+                    finish(shard)
         except ray.exceptions.RayError as exc:
             raise RisError(f"Ray extraction failed: {_first_line(exc)}") from exc
         finally:
@@ -281,14 +339,18 @@ def _check_weights(m: ModelSettings) -> None:
         raise RisError(f"these {m.model} weights differ from the collection's (sha256 {digest[:12]}…); pass the same --weights")
 
 
-def _stream(dataset, todo: Sequence[Shard], times: StageTimes, finish: Callable[[Shard], None]) -> None:
-    """Gather result rows into their shards; each shard is written and merged as soon as it is whole."""
+def completed_shards(dataset, todo: Sequence[Shard], times: StageTimes) -> Iterator[Shard]:
+    """Gather result rows into their shards; yield each shard as soon as it is whole. Adds the cluster's
+    decode/model seconds and per-node counts to `times`."""
     by_id = {image_id: shard for shard in todo for image_id, _ in shard.items}
     waited = time.perf_counter()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         times.wait += time.perf_counter() - waited
         times.decode += float(batch["decode_s"].sum())
         times.model += float(batch["model_s"].sum())
+        ok = np.asarray([e == "" for e in batch["error"]], bool)
+        _count(times.nodes, batch["decode_node"], "decoded")
+        _count(times.nodes, batch["model_node"][ok], "extracted")
         for image_id, sha, error, vec in zip(batch["id"], batch["sha"], batch["error"], batch["features"], strict=True):
             shard = by_id[int(image_id)]
             if error:
@@ -298,8 +360,51 @@ def _stream(dataset, todo: Sequence[Shard], times: StageTimes, finish: Callable[
                 shard.shas.append(str(sha))
                 shard.features.append(vec)
             if shard.complete:
-                finish(shard)
+                yield shard
         waited = time.perf_counter()
+
+
+def _count(nodes: dict[str, dict[str, int]], names: np.ndarray, what: str) -> None:
+    for name, n in zip(*np.unique(names.astype(str), return_counts=True), strict=True):
+        counts = nodes.setdefault(str(name), {"decoded": 0, "extracted": 0})
+        counts[what] += int(n)
+
+
+class DriverActor:
+    """The pipeline's driver on a cluster node, for a caller connected through Ray Client (where Ray Data's
+    streaming executor cannot run). It holds no CPU; each `next` call returns the next whole shard."""
+
+    def __init__(self, todo: list[Shard], settings: ModelSettings, batch_size: int, actors: int | None, threads: int | None):
+        self.raw_dims = settings.raw_dims
+        self.times = StageTimes()
+        self.shards = completed_shards(_build_dataset(todo, settings, batch_size, actors, threads), todo, self.times)
+
+    def next(self) -> tuple[Shard | None, StageTimes]:
+        """The next shard (features as stored: float16, half the bytes over the wire) and the times so far."""
+        from .store import as_stored
+
+        shard = next(self.shards, None)
+        if shard is not None:
+            shard.features = list(as_stored(shard.features, self.raw_dims))
+        return shard, self.times
+
+
+def _from_driver_actor(todo: list[Shard], settings: ModelSettings, batch_size: int, actors: int | None,
+                       threads: int | None, times: StageTimes, finish: Callable[[Shard], None]) -> None:  # fmt: skip
+    import ray
+
+    driver = ray.remote(num_cpus=0)(DriverActor).remote(todo, settings, batch_size, actors, threads)
+    try:
+        while True:
+            waited = time.perf_counter()
+            shard, remote = ray.get(driver.next.remote())
+            times.wait += time.perf_counter() - waited
+            times.decode, times.model, times.nodes = remote.decode, remote.model, remote.nodes
+            if shard is None:
+                return
+            finish(shard)
+    finally:
+        ray.kill(driver)
 
 
 def _drop_stale(directory: Path, wanted: set[str]) -> None:
