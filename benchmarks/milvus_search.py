@@ -3,8 +3,9 @@
     python benchmarks/milvus_search.py --collection PATH.ris [--queries 200] [-k 5]
 
 The catalogue and PCA of an existing collection (PATH.ris, left untouched) are copied into new collections
-that differ only in their store: the FAISS file (exact), milvus-lite FLAT (embedded), and a Milvus server
-(milvus-lite's own gRPC server on loopback, standing in for a cluster) with FLAT and with HNSW. Each is
+that differ only in their store: the FAISS file (exact), milvus-lite FLAT (embedded), milvus-lite's own gRPC
+server on loopback with FLAT and HNSW, and a real Milvus server (PyPI's `milvus` standalone, started as
+tests/test_milvus_server.py starts it, from .venv-milvus or RIS_MILVUS_SERVER) with FLAT and HNSW. Each is
 filled from the catalogue (`rebuild_index`, timed), then searched with --queries reduced vectors of indexed
 images, one at a time (latency percentiles) and as one batch, through `Collection.search_vectors` (what
 `ris search` and `ris serve` call after the model); top-k ids are compared with the FAISS answers.
@@ -79,8 +80,18 @@ def main() -> None:
                                "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)  # fmt: skip
     time.sleep(3)
     setups = [("faiss (index.faiss, exact)", "", "auto"), ("milvus-lite FLAT", f"milvus-lite://{work / 'lite.db'}", "auto"),
-              ("Milvus server FLAT", f"milvus://127.0.0.1:{port}", "FLAT"),
-              ("Milvus server HNSW", f"milvus://127.0.0.1:{port}", "auto")]  # fmt: skip
+              ("milvus-lite gRPC server FLAT", f"milvus://127.0.0.1:{port}", "FLAT"),
+              ("milvus-lite gRPC server HNSW", f"milvus://127.0.0.1:{port}", "auto")]  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_milvus_server import milvus_server_command, start_milvus, stop_milvus
+
+    real = None
+    if command := milvus_server_command():
+        (work / "real").mkdir()
+        start = time.perf_counter()
+        real, uri = start_milvus(command, work / "real")
+        print(f"Milvus server ({command}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        setups += [("Milvus 2.3.5 server FLAT", uri, "FLAT"), ("Milvus 2.3.5 server HNSW", uri, "auto")]
     report, reference = [], None
     try:
         for n, (name, store, index) in enumerate(setups):
@@ -102,6 +113,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        if real is not None:
+            stop_milvus(real)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": platform.processor() or platform.machine(), "queries": args.queries, "k": args.k,
                       "results": report}, indent=2))  # fmt: skip

@@ -143,7 +143,9 @@ def test_a_crash_resumes_from_the_written_shards(
         pending = coll.catalog.pending()
         assert len(pending) == len(items) - len(computed[0].items)
         times = _extract(coll, pending)
-        written_shard = next(s for s in plan_shards(pending, SHARD, distributed._identity(coll.model_settings())) if s.name in written)
+        written_shard = next(
+            s for s in plan_shards(pending, SHARD, distributed._identity(coll.model_settings())) if s.name in written
+        )
         assert rows == [len(pending) - len(written_shard.items)]  # the written shard was merged, not recomputed
         assert times.images == len(pending)
         coll.catalog.drop_orphan_features()

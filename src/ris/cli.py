@@ -139,6 +139,10 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
 
     if batch_size < 1:
         raise RisError("--batch-size must be at least 1")
+    if ray is not None:  # a wrong address form is told before a collection is created
+        from .distributed import check_address
+
+        check_address(ray)
     if must_exist:
         coll = Collection.open(collection, weights)
     else:

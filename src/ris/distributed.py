@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,11 +193,31 @@ def connect(address: str | None) -> bool:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
         return True
     _use_token_if_given()
+    heard = _Heard()  # Ray Client retries a refused token silently (debug log) until it times out
+    client_log = logging.getLogger("ray.util.client.worker")
+    client_log.addHandler(heard)
+    level, client_log.level = client_log.level, logging.DEBUG
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray Client's timeout warning: the error below says it in one line
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        raise RisError(_connect_error(address, exc)) from exc
+        raise RisError(_connect_error(address, exc, heard.text)) from exc
+    finally:
+        client_log.removeHandler(heard)
+        client_log.level = level
     return True
+
+
+class _Heard(logging.Handler):
+    """Keeps the messages a logger emits, to tell a refused token from an unreachable server."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage() + "\n"
 
 
 def _use_token_if_given() -> None:
@@ -208,14 +229,17 @@ def _use_token_if_given() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _connect_error(address: str, exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if "auth" in text.lower() or "token" in text.lower() or "UNAUTHENTICATED" in text:
+def _connect_error(address: str, exc: BaseException, log: str) -> str:
+    text = f"{exc}\n{log}".lower()
+    if "unauthenticated" in text or "token" in text:
         return (
             f"the Ray cluster at {address} refused this process's token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or "
             "~/.ray/auth_token) to the head's token (`ray get-auth-token` on the head), with RAY_AUTH_MODE=token"
         )
-    hint = "" if is_client(address) else "; from a machine outside the cluster use ray://HEAD:10001 (Ray Client)"
+    if is_client(address):
+        hint = "; is the head's --ray-client-server-port reachable from here, and RAY_AUTH_TOKEN the head's token?"
+    else:
+        hint = "; from a machine outside the cluster use ray://HEAD:10001 (Ray Client)"
     return f"cannot join the Ray cluster at {address}: {_first_line(exc)}{hint}"
 
 
@@ -244,6 +268,8 @@ def _build_dataset(shards: Sequence[Shard], settings: ModelSettings, batch_size:
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
         size, gpu = actors or gpus, 1
+    elif cpus < 2:  # the model actor would hold the only CPU and no decode task could ever run
+        raise RisError(f"the Ray cluster has {cpus} CPU and no GPU: extraction needs at least 2 CPUs (model + decoding)")
     else:
         # one CPU reserved per actor, two model threads each: the split measured best locally (ORT 2 threads + decode)
         size, gpu = actors or max(1, cpus // 2), 0
