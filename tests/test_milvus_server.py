@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -19,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from string import Template
 
 import httpx
 import pytest
@@ -29,8 +32,14 @@ pytest.importorskip("pymilvus", reason='needs pip install -e ".[milvus]"')
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "python3 -m venv .venv-milvus && .venv-milvus/bin/pip install milvus==2.3.5"
-PORTS = ("etcd", "root-coord", "proxy", "proxy-internal", "query-coord", "query-node", "index-coord", "index-node",
-         "data-coord", "data-node")  # fmt: skip
+# docs/scaling.md's command, verbatim: every component on a free port (only --data and --proxy-port are needed
+# on a machine of its own; free ports keep it clear of anything else running here)
+SERVER = (
+    "milvus-server --data $DATA --etcd-port $ETCD_PORT --root-coord-port $ROOT_COORD_PORT --proxy-port $PROXY_PORT "
+    "--proxy-internal-port $PROXY_INTERNAL_PORT --query-coord-port $QUERY_COORD_PORT --query-node-port $QUERY_NODE_PORT "
+    "--index-coord-port $INDEX_COORD_PORT --index-node-port $INDEX_NODE_PORT --data-coord-port $DATA_COORD_PORT "
+    "--data-node-port $DATA_NODE_PORT"
+)
 START_S = 180  # ≈ 40 s on a quiet 2-core machine
 
 
@@ -59,19 +68,19 @@ def ready(uri: str) -> bool:
 def start_milvus(command: str, data: Path) -> tuple[subprocess.Popen, str]:
     """`milvus-server --data DIR --proxy-port PORT` (free ports for its other components too) in its own process
     group; (process, milvus://127.0.0.1:PORT) once it answers, RuntimeError with its log's last lines if it does not."""
-    ports = {name: free_port() for name in PORTS}
-    args = [command, "--data", str(data), *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))]
+    ports = {name: str(free_port()) for name in re.findall(r"\$(\w+_PORT)", SERVER)}
+    args = [command, *shlex.split(Template(SERVER).substitute(ports, DATA=str(data)))[1:]]
     log = data / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_S
-    while not ready(f"http://127.0.0.1:{ports['proxy']}"):
+    while not ready(f"http://127.0.0.1:{ports['PROXY_PORT']}"):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_milvus(proc)
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise RuntimeError(f"the Milvus server did not start within {START_S} s: {tail}")
         time.sleep(1)
-    return proc, f"milvus://127.0.0.1:{ports['proxy']}"
+    return proc, f"milvus://127.0.0.1:{ports['PROXY_PORT']}"
 
 
 def stop_milvus(proc: subprocess.Popen) -> None:
@@ -111,14 +120,17 @@ def search_json(collection: Path, q: Path, k: int = 5) -> list[str]:
 
 def test_cli_index_add_remove_search(milvus: str, subset_dir: Path, subset_collection: Path, tmp_path: Path) -> None:
     """The same answers as the FAISS collection of the same images; adds and removes reach the server."""
+    from ris.collection import Collection
+
     c = tmp_path / "c.ris"
     run_cli("index", *(str(subset_dir / cls) for cls in SUBSET_CLASSES[:4]), "-c", str(c), "--store", milvus)
-    info = json.loads(run_cli("info", "-c", str(c), "--json").stdout)
-    assert (info["store"], info["index_built"], info["images"]) == (milvus, "HNSW", 40)
     run_cli("add", *(str(subset_dir / cls) for cls in SUBSET_CLASSES[4:]), "-c", str(c))
-    for cls in SUBSET_CLASSES:
-        got = search_json(c, query(subset_dir, cls))
-        assert got == search_json(subset_collection, query(subset_dir, cls)) and got[0] == str(query(subset_dir, cls))
+    queries = [query(subset_dir, cls) for cls in SUBSET_CLASSES]
+    with Collection.open(c) as coll, Collection.open(subset_collection) as faiss_coll:
+        info = coll.info()
+        assert (info["store"], info["index_built"], info["images"]) == (milvus, "HNSW", 60)
+        got, want = coll.search_many(queries, k=5), faiss_coll.search_many(queries, k=5)
+        assert [[m.path for m in r.matches] for r in got] == [[m.path for m in r.matches] for r in want]
     gone = SUBSET_CLASSES[0]
     assert "removed 10 images; 50 remain" in run_cli("remove", str(subset_dir / gone), "-c", str(c)).stderr
     found = search_json(c, query(subset_dir, gone), k=50)
@@ -159,7 +171,7 @@ def test_two_replicas_search_while_a_writer_changes_the_collection(milvus: str, 
     try:
         for proc, url in replicas:
             wait_up(proc, url)
-        steps = [("add", later[0]), ("remove", first[0]), ("add", later[1]), ("remove", first[1])]
+        steps = [("add", later[0]), ("remove", first[0])]
         failures: list[str] = []
 
         def writer() -> None:
@@ -176,7 +188,8 @@ def test_two_replicas_search_while_a_writer_changes_the_collection(milvus: str, 
             for client, cls in zip(clients, stable, strict=True):
                 res = upload(client, query(subset_dir, cls), 5)
                 assert res.status_code == 200, res.text
-                assert res.json()["matches"][0]["path"] == str(query(subset_dir, cls))  # never removed: always found
+                # never removed: always found (first or, with DBA's averaged vectors, next to a near-copy)
+                assert str(query(subset_dir, cls)) in [m["path"] for m in res.json()["matches"]]
                 searched += 1
         thread.join()
         assert not failures, failures
@@ -185,7 +198,8 @@ def test_two_replicas_search_while_a_writer_changes_the_collection(milvus: str, 
 
         with Collection.open(c) as coll:
             held = {row.path for row in coll.catalog.all_rows()}
-        assert {Path(p).parent.name for p in held} == {*stable, *later} and len(held) == 40
+        kept = {first[1], *stable, later[0]}
+        assert {Path(p).parent.name for p in held} == kept and len(held) == 40
         deadline = time.monotonic() + 30  # replicas read with Milvus' Bounded consistency: converge within seconds
         while True:
             answers = [[[m["path"] for m in upload(client, query(subset_dir, cls), 40).json()["matches"]]
@@ -197,8 +211,8 @@ def test_two_replicas_search_while_a_writer_changes_the_collection(milvus: str, 
             assert answer == answers[0]  # both replicas give the same lists
             for cls, paths in zip(SUBSET_CLASSES, answer, strict=True):
                 assert set(paths) == held, cls  # every image the catalogue holds, nothing it dropped
-                if cls not in first:
-                    assert paths[0] == str(query(subset_dir, cls))
+                if cls in kept:
+                    assert str(query(subset_dir, cls)) in paths[:5]
         for client in clients:
             assert client.get("/api/health").json()["images"] == 40
             client.close()
@@ -206,3 +220,8 @@ def test_two_replicas_search_while_a_writer_changes_the_collection(milvus: str, 
         for proc, _ in replicas:
             proc.terminate()
             proc.wait(30)
+
+
+def test_the_docs_give_these_commands() -> None:
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    assert INSTALL in text and SERVER in text

@@ -570,7 +570,7 @@ class Collection:
         if store.describe() is None:
             store.create(reducer.dims, target)
         if len(changed):
-            store.reconcile(np.setdiff1d(ids, changed), vectors_for, self.catalog.rows)
+            store.replace(changed, vectors_for, self.catalog.rows)  # by upsert: searches never miss them meanwhile
         store.reconcile(ids, vectors_for, self.catalog.rows)
         if m.dims != reducer.dims or m.index_built != target:
             self.manifest = Manifest(**{**asdict(m), "dims": reducer.dims, "index_built": target})

@@ -281,19 +281,40 @@ class MilvusStore:
         with _errors(self.uri):
             for start in range(0, len(extra), QUERY_BATCH):
                 self.client.delete(self.name, ids=[int(i) for i in extra[start : start + QUERY_BATCH]])
-            for start in range(0, len(missing), INSERT_ROWS):
-                chunk = missing[start : start + INSERT_ROWS]
+        self._write(missing, vectors_for, rows_for, self.client.insert)
+        if len(extra) or len(missing):
+            self._flush()
+        return len(missing), len(extra)
+
+    def replace(
+        self,
+        ids: np.ndarray,
+        vectors_for: Callable[[np.ndarray], np.ndarray],
+        rows_for: Callable[[Sequence[int]], dict[int, ImageRow]],
+    ) -> None:
+        """New vectors for these ids (DBA: a new neighbour) by upsert, so that a concurrent search sees each image
+        with its old or its new vector, never without one (a delete and then an insert left such a window)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self._write(ids, vectors_for, rows_for, self.client.upsert)
+        if len(ids):
+            self._flush()
+
+    def _write(self, ids: np.ndarray, vectors_for: Callable[[np.ndarray], np.ndarray],
+               rows_for: Callable[[Sequence[int]], dict[int, ImageRow]], send: Callable[..., Any]) -> None:  # fmt: skip
+        with _errors(self.uri):
+            for start in range(0, len(ids), INSERT_ROWS):
+                chunk = ids[start : start + INSERT_ROWS]
                 vectors = np.ascontiguousarray(vectors_for(chunk), dtype=np.float32)
                 rows = rows_for(chunk)
                 data = [{"id": int(i), "vector": v, "path": rows[int(i)].path, "label": rows[int(i)].label or ""}
                         for i, v in zip(chunk, vectors, strict=True) if int(i) in rows]  # fmt: skip
                 if data:
-                    self.client.insert(self.name, data)
-        if len(extra) or len(missing):
-            with _errors(self.uri):  # sealed: milvus-lite searched 9,145 unflushed vectors at 270 ms a query, 18 flushed
-                self.client.flush(self.name)
-            self._wrote = True
-        return len(missing), len(extra)
+                    send(self.name, data)
+
+    def _flush(self) -> None:
+        with _errors(self.uri):  # sealed: milvus-lite searched 9,145 unflushed vectors at 270 ms a query, 18 flushed
+            self.client.flush(self.name)
+        self._wrote = True
 
     # --- searching ---
 
