@@ -129,8 +129,11 @@ def fit(small: dict, full: dict) -> dict[str, float]:
 
 def clusters(args: argparse.Namespace) -> None:
     """Local pipeline vs real local clusters of 1 and 2 nodes (same CPUs in all), both --ray address forms."""
+    import secrets
     import sys
 
+    token = secrets.token_hex(32)  # one for every cluster of this run: Ray reads the mode and token once
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     import ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,10 +151,9 @@ def clusters(args: argparse.Namespace) -> None:
             for n in args.nodes:
                 start = time.perf_counter()
                 templates = [HEAD.replace("--num-cpus=1", "--num-cpus=2")] if n == 1 else [HEAD] + [NODE] * (n - 1)
-                cluster = start_cluster(templates)
+                cluster = start_cluster(templates, token)
                 started = time.perf_counter() - start
                 try:
-                    os.environ.update({k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
                     for form, address in (("on a node", f"127.0.0.1:{cluster.ports['GCS_PORT']}"),
                                           ("ray://", f"ray://127.0.0.1:{cluster.ports['CLIENT_PORT']}")):  # fmt: skip
                         start = time.perf_counter()

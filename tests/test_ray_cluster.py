@@ -118,10 +118,11 @@ def _has(proc: Path, marker: bytes) -> bool:
         return False
 
 
-def start_cluster(templates: list[str]) -> LocalCluster:
-    """Nodes from these `ray start` commands (the first the head), token authentication on; RuntimeError (with the
-    log's last lines) when one does not start, after stopping what did."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+def start_cluster(templates: list[str], token: str | None = None) -> LocalCluster:
+    """Nodes from these `ray start` commands (the first the head), token authentication on (a new token unless
+    given); RuntimeError (with the log's last lines) when one does not start, after stopping what did."""
+    token = token or secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     names = ("GCS_PORT", "CLIENT_PORT", "DASHBOARD_PORT", "AGENT_PORT", "AGENT_PORT2")
     c = LocalCluster(env, {name: str(free_port()) for name in names})
     try:
@@ -168,11 +169,11 @@ def local(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return where, local_build(images, where)
 
 
-def run_ris(c: LocalCluster, template: str, **values: str) -> subprocess.CompletedProcess:
+def run_ris(c: LocalCluster, template: str, env: dict[str, str] | None = None, **values: str) -> subprocess.CompletedProcess:
     cmd = c.command(template, **values)
     assert cmd[0] == "ris"
-    return subprocess.run([sys.executable, "-m", "ris", *cmd[1:]], env={**c.env, "COLUMNS": "200"}, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "ris", *cmd[1:]], env={**(env or c.env), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
 def check_against_local(collection: Path, proc: subprocess.CompletedProcess, images: Path, local) -> None:
@@ -193,8 +194,10 @@ def check_against_local(collection: Path, proc: subprocess.CompletedProcess, ima
 
 
 def test_ray_client_address(cluster: LocalCluster, images: Path, local, tmp_path: Path) -> None:
-    """ray://: the pipeline runs in a driver actor on the cluster, shards come back over Ray Client."""
-    proc = run_ris(cluster, INDEX_CLIENT, IMAGES=str(images), COLLECTION=str(tmp_path / "c.ris"))
+    """ray://: the pipeline runs in a driver actor on the cluster, shards come back over Ray Client. Only the token
+    is given: ris turns token mode on itself (Ray Client would not)."""
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    proc = run_ris(cluster, INDEX_CLIENT, env, IMAGES=str(images), COLLECTION=str(tmp_path / "c.ris"))
     check_against_local(tmp_path / "c.ris", proc, images, local)
 
 
@@ -207,7 +210,7 @@ def test_driver_on_a_node(cluster: LocalCluster, images: Path, local, tmp_path: 
 def test_a_wrong_token_is_one_error_line(cluster: LocalCluster, images: Path, tmp_path: Path) -> None:
     """Ray Client retries a refused token until it times out (shortened here); then one line says what to set."""
     env = {**cluster.env, "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1"}
-    proc = run_ris(LocalCluster(env, cluster.ports), INDEX_CLIENT, IMAGES=str(images / "cup"), COLLECTION=str(tmp_path / "c.ris"))
+    proc = run_ris(cluster, INDEX_CLIENT, env, IMAGES=str(images / "cup"), COLLECTION=str(tmp_path / "c.ris"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr  # (before it, only the progress bar)

@@ -192,7 +192,6 @@ def connect(address: str | None) -> bool:
         env = {k: v for k, v in os.environ.items() if k.startswith("RIS_")}
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
         return True
-    _use_token_if_given()
     heard = _Heard()  # Ray Client retries a refused token silently (debug log) until it times out
     client_log = logging.getLogger("ray.util.client.worker")
     client_log.addHandler(heard)
@@ -222,7 +221,8 @@ class _Heard(logging.Handler):
 
 def _use_token_if_given() -> None:
     """Ray 2.60 clusters require a token by default (RAY_AUTH_MODE=token). A driver on a node turns token mode
-    on by itself when it finds a token; Ray Client does not, so do it here for every cluster address."""
+    on by itself when it finds a token; Ray Client does not, so do it here for every cluster address, before
+    Ray is imported (it reads the mode once: a program that imported Ray already sets RAY_AUTH_MODE itself)."""
     if "RAY_AUTH_MODE" not in os.environ and (
         os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or TOKEN_FILE.exists()
     ):
@@ -310,6 +310,8 @@ def ray_extract(
     if shard_size < 1 or batch_size < 1:
         raise RisError("batch and shard sizes must be at least 1")
     check_address(address)
+    if address not in (None, "", LOCAL):
+        _use_token_if_given()
     try:
         import ray
     except ImportError:
