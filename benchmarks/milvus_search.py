@@ -8,7 +8,9 @@ server on loopback with FLAT and HNSW, and a real Milvus server (PyPI's `milvus`
 tests/test_milvus_server.py starts it, from .venv-milvus or RIS_MILVUS_SERVER) with FLAT and HNSW. Each is
 filled from the catalogue (`rebuild_index`, timed), then searched with --queries reduced vectors of indexed
 images, one at a time (latency percentiles) and as one batch, through `Collection.search_vectors` (what
-`ris search` and `ris serve` call after the model); top-k ids are compared with the FAISS answers.
+`ris search` and `ris serve` call after the model), by a reader that opened the collection afresh (as a `ris serve`
+replica does); top-k ids are compared with the FAISS answers. writer_p50_ms: the writing process's own searches
+right after its writes (20 queries; Milvus answers those with Strong consistency).
 """
 
 from __future__ import annotations
@@ -101,7 +103,13 @@ def main() -> None:
             fill = time.perf_counter() - start
             rows, vectors = coll.vectors()
             pick = np.random.default_rng(0).choice(len(rows), min(args.queries, len(rows)), replace=False)
+            # the writer's own searches (Milvus: Strong consistency after it wrote), then a reader's, as `ris serve`
+            # replicas search (a fresh open: Bounded consistency)
+            writer_p50 = measure(coll, vectors[pick[:20]], args.k)[0]["p50_ms"]
+            coll.close()
+            coll = Collection.open(work / f"c{n}.ris")
             figures, ids = measure(coll, vectors[pick], args.k)
+            figures["writer_p50_ms"] = writer_p50
             reference = reference or ids
             agree = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ids, reference, strict=True)])
             info = coll.info()

@@ -21,7 +21,10 @@ from .conftest import copy_classes
 CLASSES = ("airplanes", "panda", "cup")
 PER_CLASS = 8
 SHARD = 10  # ids 1..27: shards of ids 1-9, 10-19, 20-27
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray's own deprecated settings
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data"),  # Ray's own deprecated settings
+    pytest.mark.filterwarnings("error::DeprecationWarning:ris.distributed"),  # but ris calls no deprecated Ray API
+]
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from .extract import ModelSettings, Sink, StageTimes
 SHARD_DIR = "ray-shards"
 LOCAL = "local"
 CLIENT = "ray://"  # Ray Client: this process is outside the cluster
+DECODE_PROCESS_BYTES = 160 * 2**20
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray get-auth-token --generate` writes the token
 
 
@@ -274,13 +275,14 @@ def _build_dataset(shards: Sequence[Shard], settings: ModelSettings, batch_size:
         # one CPU reserved per actor, two model threads each: the split measured best locally (ORT 2 threads + decode)
         size, gpu = actors or max(1, cpus // 2), 0
     rows = [{"id": i, "path": p} for shard in shards for i, p in shard.items]
-    # A decode task reserves the memory of its batch's pixels (in and out). Its resources then differ from the
-    # model actors', which keeps Ray from fusing decoding into them (it would run serially with the model there).
-    pixels = 2 * batch_size * settings.input_size**2 * 3
+    # A decode task reserves its worker's memory: ≈ 130 MiB of process (Ray's issue detector saw up to 137 MiB at
+    # batch 32) and its batch's pixels in and out. Its resources then differ from the model actors', which keeps
+    # Ray from fusing decoding into them (it would run serially with the model there).
+    memory = DECODE_PROCESS_BYTES + 2 * batch_size * settings.input_size**2 * 3
     return (
         ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * cpus)))
         .map_batches(decode_batch, fn_kwargs={"size": settings.input_size}, batch_size=batch_size,
-                     batch_format="numpy", num_cpus=1, memory=pixels)
+                     batch_format="numpy", num_cpus=1, memory=memory)
         .map_batches(ModelActor, fn_constructor_kwargs={"settings": actor_settings(settings, gpus, threads or 2)},
                      compute=ray.data.ActorPoolStrategy(size=size), batch_size=batch_size, batch_format="numpy",
                      num_cpus=1, num_gpus=gpu)
