@@ -3,11 +3,14 @@
     python benchmarks/milvus_search.py --collection PATH.ris [--queries 200] [-k 5]
 
 The catalogue and PCA of an existing collection (PATH.ris, left untouched) are copied into new collections
-that differ only in their store: the FAISS file (exact), milvus-lite FLAT (embedded), and a Milvus server
-(milvus-lite's own gRPC server on loopback, standing in for a cluster) with FLAT and with HNSW. Each is
+that differ only in their store: the FAISS file (exact), milvus-lite FLAT (embedded), milvus-lite's own gRPC
+server on loopback with FLAT and HNSW, and a real Milvus server (PyPI's `milvus` standalone, started as
+tests/test_milvus_server.py starts it, from .venv-milvus or RIS_MILVUS_SERVER) with FLAT and HNSW. Each is
 filled from the catalogue (`rebuild_index`, timed), then searched with --queries reduced vectors of indexed
 images, one at a time (latency percentiles) and as one batch, through `Collection.search_vectors` (what
-`ris search` and `ris serve` call after the model); top-k ids are compared with the FAISS answers.
+`ris search` and `ris serve` call after the model), by a reader that opened the collection afresh (as a `ris serve`
+replica does); top-k ids are compared with the FAISS answers. writer_p50_ms: the writing process's own searches
+right after its writes (20 queries; Milvus answers those with Strong consistency).
 """
 
 from __future__ import annotations
@@ -79,8 +82,18 @@ def main() -> None:
                                "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)  # fmt: skip
     time.sleep(3)
     setups = [("faiss (index.faiss, exact)", "", "auto"), ("milvus-lite FLAT", f"milvus-lite://{work / 'lite.db'}", "auto"),
-              ("Milvus server FLAT", f"milvus://127.0.0.1:{port}", "FLAT"),
-              ("Milvus server HNSW", f"milvus://127.0.0.1:{port}", "auto")]  # fmt: skip
+              ("milvus-lite gRPC server FLAT", f"milvus://127.0.0.1:{port}", "FLAT"),
+              ("milvus-lite gRPC server HNSW", f"milvus://127.0.0.1:{port}", "auto")]  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_milvus_server import milvus_server_command, start_milvus, stop_milvus
+
+    real = None
+    if command := milvus_server_command():
+        (work / "real").mkdir()
+        start = time.perf_counter()
+        real, uri = start_milvus(command, work / "real")
+        print(f"Milvus server ({command}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        setups += [("Milvus 2.3.5 server FLAT", uri, "FLAT"), ("Milvus 2.3.5 server HNSW", uri, "auto")]
     report, reference = [], None
     try:
         for n, (name, store, index) in enumerate(setups):
@@ -90,7 +103,13 @@ def main() -> None:
             fill = time.perf_counter() - start
             rows, vectors = coll.vectors()
             pick = np.random.default_rng(0).choice(len(rows), min(args.queries, len(rows)), replace=False)
+            # the writer's own searches (Milvus: Strong consistency after it wrote), then a reader's, as `ris serve`
+            # replicas search (a fresh open: Bounded consistency)
+            writer_p50 = measure(coll, vectors[pick[:20]], args.k)[0]["p50_ms"]
+            coll.close()
+            coll = Collection.open(work / f"c{n}.ris")
             figures, ids = measure(coll, vectors[pick], args.k)
+            figures["writer_p50_ms"] = writer_p50
             reference = reference or ids
             agree = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ids, reference, strict=True)])
             info = coll.info()
@@ -102,6 +121,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        if real is not None:
+            stop_milvus(real)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"machine": platform.processor() or platform.machine(), "queries": args.queries, "k": args.k,
                       "results": report}, indent=2))  # fmt: skip

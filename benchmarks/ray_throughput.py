@@ -7,7 +7,13 @@ starting the model actors (each loads the model), as every `ris index --ray` run
 on a quarter of the images and on all of them: wall = fixed + n / marginal rate separates the start-up
 cost from the throughput a long run sees (Ray returns shards out of order, so per-shard progress cannot).
 
-    python benchmarks/ray_throughput.py [--images 300] [--rounds 2] [--cpus 2] [--address ray://host:10001]
+    python benchmarks/ray_throughput.py [--images 300] [--rounds 2] [--cpus 2] [--address HOST:PORT]
+
+With --nodes 1 2, each round instead starts real local clusters with `ray start` (tests/test_ray_cluster.py's
+commands: one node with 2 CPUs, then two nodes with 1 CPU each, token authentication on) and indexes through
+both address forms, on a node (HOST:PORT) and through Ray Client (ray://), beside the local pipeline:
+
+    python benchmarks/ray_throughput.py --nodes 1 2 --images 600 --rounds 1
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def ray_run(files: list[str], where: Path, batch_size: int, shard_size: int, add
         coll.derived.update()
         total = time.perf_counter() - start
     return {"extracted": t.extracted, "extract_s": t.wall, "total_s": total, "img_s": t.extracted / t.wall,
-            "model_s": t.model, "decode_s": t.decode, "driver_wait_s": t.wait,
+            "model_s": t.model, "decode_s": t.decode, "driver_wait_s": t.wait, "nodes": t.nodes,
             "catalog_bytes_per_image": (where / "catalog.sqlite").stat().st_size / t.extracted,
             "index_bytes_per_image": (where / "index.faiss").stat().st_size / t.extracted}  # fmt: skip
 
@@ -70,7 +76,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--root", type=Path, default=CALTECH)
+    ap.add_argument("--nodes", type=int, nargs="*", help="start local clusters of these many nodes (see above)")
     args = ap.parse_args()
+    if args.nodes:
+        return clusters(args)
 
     import ray
 
@@ -107,6 +116,63 @@ def main() -> None:
             print(f"round {r + 1}: {summary}", flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=2, default=lambda v: round(v, 3) if isinstance(v, float) else str(v)))
+
+
+def fit(small: dict, full: dict) -> dict[str, float]:
+    """wall = fixed + n / rate from a small and a full run."""
+    rate = (full["extracted"] - small["extracted"]) / (full["extract_s"] - small["extract_s"])
+    return {"marginal_img_s": rate, "fixed_s": small["extract_s"] - small["extracted"] / rate}
+
+
+def clusters(args: argparse.Namespace) -> None:
+    """Local pipeline vs real local clusters of 1 and 2 nodes (same CPUs in all), both --ray address forms."""
+    import secrets
+    import sys
+
+    token = secrets.token_hex(32)  # one for every cluster of this run: Ray reads the mode and token once
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_ray_cluster import HEAD, NODE, start_cluster
+
+    files = pick(args.root, args.images)
+    small = files[: len(files) // 4]
+    work = Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))
+    results: dict = {"machine": machine(), "ray": ray.__version__, "images": len(files), "rounds": []}
+    try:
+        for r in range(args.rounds):
+            row: dict = {}
+            a, b = local_run(small, work / f"l{r}s.ris", args.batch_size), local_run(files, work / f"l{r}.ris", args.batch_size)
+            row["local pipeline"] = {"small": a, "full": b, **fit(a, b)}
+            for n in args.nodes:
+                start = time.perf_counter()
+                templates = [HEAD.replace("--num-cpus=1", "--num-cpus=2")] if n == 1 else [HEAD] + [NODE] * (n - 1)
+                cluster = start_cluster(templates, token)
+                started = time.perf_counter() - start
+                try:
+                    for form, address in (("on a node", f"127.0.0.1:{cluster.ports['GCS_PORT']}"),
+                                          ("ray://", f"ray://127.0.0.1:{cluster.ports['CLIENT_PORT']}")):  # fmt: skip
+                        start = time.perf_counter()
+                        ray.init(address=address, log_to_driver=False)
+                        connect = time.perf_counter() - start
+                        try:
+                            a = ray_run(small, work / f"n{n}{r}{form[0]}s.ris", args.batch_size, args.shard_size, address)
+                            b = ray_run(files, work / f"n{n}{r}{form[0]}.ris", args.batch_size, args.shard_size, address)
+                        finally:
+                            ray.shutdown()
+                        row[f"{n} node(s), {form}"] = {"small": a, "full": b, **fit(a, b), "cluster_start_s": started,
+                                                        "connect_s": connect}  # fmt: skip
+                finally:
+                    cluster.stop()
+            results["rounds"].append(row)
+            for name, v in row.items():
+                print(f"round {r + 1}, {name}: {v['full']['img_s']:.0f} img/s end to end "
+                      f"({v['full']['extract_s']:.1f} s for {v['full']['extracted']}), marginal {v['marginal_img_s']:.0f} "
+                      f"img/s + fixed {v['fixed_s']:.1f} s; nodes {v['full'].get('nodes', {})}", flush=True)  # fmt: skip
+    finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2, default=lambda v: round(v, 3) if isinstance(v, float) else str(v)))
 

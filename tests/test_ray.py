@@ -21,7 +21,10 @@ from .conftest import copy_classes
 CLASSES = ("airplanes", "panda", "cup")
 PER_CLASS = 8
 SHARD = 10  # ids 1..27: shards of ids 1-9, 10-19, 20-27
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data")  # Ray's own deprecated settings
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data"),  # Ray's own deprecated settings
+    pytest.mark.filterwarnings("error::DeprecationWarning:ris.distributed"),  # but ris calls no deprecated Ray API
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +43,9 @@ def ray_local() -> Iterator[None]:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_classes(tmp_path_factory.mktemp("ray-images"), CLASSES, PER_CLASS)
+def make_images(root: Path) -> Path:
+    """CLASSES × PER_CLASS Caltech images and three bad files (not an image, empty, truncated)."""
+    copy_classes(root, CLASSES, PER_CLASS)
     good = next((root / "cup").glob("*.jpg")).read_bytes()
     (root / "bad").mkdir()
     (root / "bad" / "notes.jpg").write_text("not an image")
@@ -51,12 +54,21 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def local_features(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], list]:
-    """The reference: the same files through the local pipeline."""
-    with Collection.open_or_create(tmp_path_factory.mktemp("local") / "c.ris") as coll:
+def local_build(images: Path, where: Path) -> tuple[dict[str, np.ndarray], list]:
+    """The reference: the same files through the local pipeline (features by path, skipped files)."""
+    with Collection.open_or_create(where) as coll:
         coll.index([images])
         return _features_by_path(coll), coll.catalog.skipped_files()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("ray-images"))
+
+
+@pytest.fixture(scope="module")
+def local_features(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], list]:
+    return local_build(images, tmp_path_factory.mktemp("local") / "c.ris")
 
 
 def _features_by_path(coll: Collection) -> dict[str, np.ndarray]:
@@ -77,7 +89,7 @@ def _extract(coll: Collection, items: list[tuple[int, str]]):
                        batch_size=8, shard_size=SHARD)  # fmt: skip
 
 
-def _assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) -> None:
+def assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) -> None:
     ref, ref_skipped = local
     got = _features_by_path(coll)
     assert set(got) == set(ref) and len(got) == len(CLASSES) * PER_CLASS
@@ -96,7 +108,9 @@ def test_ray_matches_the_local_pipeline(ray_local: None, images: Path, local_fea
         coll.derived.update()
         assert (times.images, times.extracted, times.skipped) == (len(items), len(CLASSES) * PER_CLASS, 3)
         assert times.model > 0 and times.decode > 0
-        _assert_same(coll, local_features)
+        [(node, counts)] = times.nodes.items()  # one local node did everything
+        assert counts == {"decoded": len(items), "extracted": len(CLASSES) * PER_CLASS}, node
+        assert_same(coll, local_features)
         hits = coll.search(str(next((images / "panda").glob("*.jpg"))), k=1)
         assert hits.matches[0].label == "panda"
 
@@ -136,7 +150,7 @@ def test_a_crash_resumes_from_the_written_shards(
         assert rows == [len(pending) - len(written_shard.items)]  # the written shard was merged, not recomputed
         assert times.images == len(pending)
         coll.derived.update()
-        _assert_same(coll, local_features)
+        assert_same(coll, local_features)
 
 
 def test_shards_keep_their_names_when_other_shards_are_done() -> None:

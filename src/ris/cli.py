@@ -187,6 +187,10 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
 
     if batch_size < 1:
         raise RisError("--batch-size must be at least 1")
+    if ray is not None:  # a wrong address form is told before a collection is created
+        from .distributed import check_address
+
+        check_address(ray)
     if must_exist:
         coll = Collection.open(collection, weights)
     else:
@@ -199,6 +203,9 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
                             progress=bar, ray=ray)  # fmt: skip
     _print_report(report, json_out)
+    if ray is not None and not json_out:  # evidence that the cluster's nodes shared the work (JSON: times.nodes)
+        for node, counts in sorted(report.times.nodes.items()):
+            err.print(f"  node {node}: {counts['decoded']} decoded, {counts['extracted']} through the model", highlight=False)
 
 
 @app.command()

@@ -69,6 +69,8 @@ class StageTimes:
     extracted: int = 0
     skipped: int = 0
     wall: float = 0.0
+    # on Ray: images decoded and run through the model per node ("IP node-id"), {"decoded": n, "extracted": m}
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}

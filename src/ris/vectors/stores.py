@@ -143,8 +143,11 @@ class MilvusVectors:
             self.client.create(dims, kind)
 
     def reconcile(self, wanted: np.ndarray, vectors_for: VectorsFor, rows_for: RowsFor, replace: np.ndarray) -> bool:
-        replaced = any(self.client.reconcile(np.setdiff1d(wanted, replace), vectors_for, rows_for)) if len(replace) else False
-        return any(self.client.reconcile(wanted, vectors_for, rows_for)) or replaced
+        changed = any(self.client.reconcile(wanted, vectors_for, rows_for))
+        replace = np.intersect1d(replace, wanted)
+        if len(replace):  # by upsert: a replica searching meanwhile sees each image's old or new vector, never none
+            self.client.replace(replace, vectors_for, rows_for)
+        return changed or bool(len(replace))
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray, dict[int, ImageRow]]:
         return self.client.search(queries, k, nprobe)
