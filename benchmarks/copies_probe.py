@@ -35,13 +35,14 @@ def cache_db(coll: Collection, out: Path) -> None:
     (out / "db_paths.txt").write_text("\n".join(f"{r.path}\t{r.label or ''}" for r in rows) + "\n")
 
 
-def cache_copies(coll: Collection, out: Path, n: int, seed: int, copy_set: str) -> None:
+def cache_copies(coll: Collection, out: Path, n: int, seed: int, copy_set: str, only: list[str] | None = None) -> None:
+    """only: redo these edits (after changing them), whatever is cached."""
     rows = coll.catalog.all_rows()
     target = out / f"{copy_set}-s{seed}-n{n}"
-    if (target / "done").exists():
+    if (target / "done").exists() and not only:
         return
     target.mkdir(parents=True, exist_ok=True)
-    picked, copies = evaluate.make_copies(rows, n, seed, copy_set, lambda p: open_image(read_file(p)))
+    picked, copies = evaluate.make_copies(rows, n, seed, copy_set, lambda p: open_image(read_file(p)), only)
     np.save(target / "picked.npy", np.array([r.id for r in picked], np.int64))
     ext = coll.extractor("cpu")
     for name, imgs in copies.items():
@@ -62,12 +63,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="harsh,heldout,mild")
+    ap.add_argument("--only", default=None, help="comma-separated edits to redo")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with Collection.open(args.collection) as coll:
         cache_db(coll, args.out)
         for copy_set in args.sets.split(","):
-            cache_copies(coll, args.out, args.n, args.seed, copy_set)
+            cache_copies(coll, args.out, args.n, args.seed, copy_set, args.only.split(",") if args.only else None)
 
 
 if __name__ == "__main__":

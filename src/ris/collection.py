@@ -129,6 +129,9 @@ class Collection:
         self._graph: dba.Graph | None = None  # the DBA graph re-scoring reads (dba.npz), and its mtime
         self._graph_mtime: int | None = None
         self._fingerprint: tuple[Reducer, str] | None = None  # the searched PCA's dba.fingerprint, computed once
+        self._copies = None  # ris.copies.CopyStore, made on the first verified search; _copy_index as of _copies_key
+        self._copy_index = None
+        self._copies_key: int | None = None
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -640,10 +643,13 @@ class Collection:
 
     def embed(self, queries: Sequence[Query], device: str = "auto", batch_size: int = 32) -> np.ndarray:
         """Reduced, unit-norm vectors for the queries (what the index compares)."""
+        return self.reduce(self.embed_raw(queries, device, batch_size))
+
+    def embed_raw(self, queries: Sequence[Query], device: str = "auto", batch_size: int = 32) -> np.ndarray:
+        """The model's raw features of the queries (what `reduce` takes)."""
         ext = self.extractor(device)
         pixels = np.stack([self.query_pixels(q) for q in queries])
-        raw = np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
-        return self.reduce(raw)
+        return np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
 
     def search(
         self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None,
@@ -664,10 +670,10 @@ class Collection:
         """  # fmt: skip
         if k < 1:
             raise RisError("k must be at least 1")
-        vectors = self.embed(queries, device)
+        raw = self.embed_raw(queries, device)
         names = [_query_name(q) for q in queries]
         verify = self.manifest.verify if verify is None else verify
-        return self.search_vectors(vectors, k, names, qe, nprobe, verify_with=queries if verify else None)
+        return self.search_vectors(self.reduce(raw), k, names, qe, nprobe, verify_with=queries if verify else None, raw=raw)
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity).
@@ -695,7 +701,7 @@ class Collection:
 
     def search_vectors(
         self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None, nprobe: int | None = None,
-        verify_with: Sequence[Query] | None = None,
+        verify_with: Sequence[Query] | None = None, raw: np.ndarray | None = None,
     ) -> list[SearchResult]:
         """The k nearest indexed images per vector; qe (default: the collection's) expands queries first.
 
@@ -708,7 +714,9 @@ class Collection:
         served top ANCHOR_POOL, the rest follow in served order. Scores are then the plain cosines of query
         and image (the served ones compare with augmented vectors), so after the first they need not decrease.
         verify_with: the query images (one per vector); the first place goes to the one of the 5 plain
-        nearest that geometric verification confirms (ris.verify), else to the plain nearest.
+        nearest that geometric verification confirms (ris.verify), else to the plain nearest. With `raw` (the
+        queries' raw features) too, the verified candidates are copy candidates instead (ris.copies: plain +
+        edit-invariant descriptor, found over the whole collection).
         """  # fmt: skip
         from .verify import TOP
 
@@ -734,15 +742,50 @@ class Collection:
                 by_plain.append([cands[j] for j in np.argsort(-plain_scores, kind="stable")])
             else:
                 by_plain.append(cands)
-        firsts = self._verified_firsts(verify_with, by_plain) if verify_with is not None else [0] * len(candidates)
-        results = []
-        for name, cands, ranked, first in zip(names, candidates, by_plain, firsts, strict=True):
-            if cands and (reordered or verify_with is not None):
-                head = ranked[first]
-                cands = [head] + [c for c in cands if c[1].id != head[1].id]
-            matches = [Match(rank, row.path, score, row.label, row.id) for rank, (score, row) in enumerate(cands[:k], start=1)]
-            results.append(SearchResult(name, matches))
-        return results
+        if verify_with is not None and raw is not None:  # ris.copies: the first place to a verified copy candidate
+            candidates = self._copies_first(verify_with, raw, plain, candidates, reducer)
+        else:
+            firsts = self._verified_firsts(verify_with, by_plain) if verify_with is not None else [0] * len(candidates)
+            for q, (cands, ranked, first) in enumerate(zip(candidates, by_plain, firsts, strict=True)):
+                if cands and (reordered or verify_with is not None):
+                    candidates[q] = [ranked[first]] + [c for c in cands if c[1].id != ranked[first][1].id]
+        return [SearchResult(name, [Match(rank, row.path, score, row.label, row.id)
+                                    for rank, (score, row) in enumerate(cands[:k], start=1)])
+                for name, cands in zip(names, candidates, strict=True)]  # fmt: skip
+
+    def _copies_first(self, queries: Sequence[Query], raw: np.ndarray, plain: np.ndarray,
+                      served: list[list[tuple[float, Any]]], reducer: Reducer) -> list[list[tuple[float, Any]]]:  # fmt: skip
+        """ris.copies.rank over this collection: copy descriptors kept current (copies.npz), candidates'
+        plain vectors and rows from the catalogue, verification spread over the CPU threads."""
+        from . import copies, runtime
+        from .verify import Verifier
+
+        if self._copies is None:
+            self._copies = copies.CopyStore(self.path / "copies.npz", copies.cells_of(self.manifest.pooling))
+        if self._copies_key != self._index_mtime or self._copy_index is None:  # the index changed: ids may have
+            ids = self.catalog.ok_ids()
+            self._copy_index = self._copies.get(ids, lambda chunk: self.catalog.features(chunk, self.manifest.raw_dims))
+            self._copies_key = self._index_mtime
+        index = self._copy_index
+        self._verifier = self._verifier or Verifier()
+        verifier = self._verifier
+
+        def run(job: tuple[Query, list[str]]) -> list[int]:
+            query, paths = job
+            return verifier.counts(copies.query_views(self.query_image(query)), paths) if len(paths) > 1 else [0] * len(paths)
+
+        def verify(paths: list[list[str]]) -> list[list[int]]:
+            jobs = list(zip(queries, paths, strict=True))
+            threads = min(runtime.cpu_threads(), len(jobs))
+            if threads <= 1:
+                return [run(j) for j in jobs]
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                return list(pool.map(run, jobs))
+
+        return copies.rank(served, plain, index.query(raw, copies.cells_of(self.manifest.pooling)), index,
+                           lambda ids: self._plain_of(reducer, ids), self.catalog.rows, verify)  # fmt: skip
 
     def _verified_firsts(self, queries: Sequence[Query], ranked: list[list[tuple[float, Any]]]) -> list[int]:
         """Which of each query's 5 plain nearest geometric verification puts first (ris.verify; candidates'

@@ -57,8 +57,8 @@ def _busy(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
 
 
 def blur_bright(img, rng, other):
-    radius = rng.uniform(0.012, 0.025) * max(img.size)
-    factor = rng.uniform(0.45, 0.65) if rng.random() < 0.5 else rng.uniform(1.4, 1.8)
+    radius = rng.uniform(0.006, 0.012) * max(img.size)  # 2-4 px on a Caltech picture: recall@1 0.53 as served before
+    factor = rng.uniform(0.5, 0.7) if rng.random() < 0.5 else rng.uniform(1.3, 1.6)
     return ImageEnhance.Brightness(img.filter(ImageFilter.GaussianBlur(radius))).enhance(factor)
 
 

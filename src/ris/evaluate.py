@@ -210,11 +210,12 @@ def copy_edits(copy_set: str) -> dict[str, Callable]:
     return edits.SETS[copy_set]
 
 
-def make_copies(rows: Sequence, n: int, seed: int, copy_set: str, load: Callable[[str], Image.Image]):
+def make_copies(rows: Sequence, n: int, seed: int, copy_set: str, load: Callable[[str], Image.Image],
+                only: Sequence[str] | None = None):  # fmt: skip
     """(picked rows, {edit name: [copy of each picked row]}): n rows drawn at random, each edited every way.
 
     Each copy's parameters come from (seed, edit, item) (ris.edits.rng_for); pictures pasted around a copy
-    (backgrounds, collage tiles) are other rows than the original."""
+    (backgrounds, collage tiles) are other rows than the original. only: these edits of the set alone."""
     from .edits import rng_for
 
     rng = np.random.default_rng(seed)
@@ -223,6 +224,8 @@ def make_copies(rows: Sequence, n: int, seed: int, copy_set: str, load: Callable
     originals = [load(r.path) for r in picked]
     out: dict[str, list[Image.Image]] = {}
     for name, fn in copy_edits(copy_set).items():
+        if only is not None and name not in only:
+            continue
         copies = []
         for item, (i, img) in enumerate(zip(chosen, originals, strict=True)):
             r = rng_for(seed, name, item)

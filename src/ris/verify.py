@@ -91,6 +91,10 @@ class Verifier:
         with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
             return list(pool.map(run, jobs))
 
+    def counts(self, views: Sequence[Features], paths: Sequence[str]) -> list[int]:
+        """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate."""
+        return [max(inliers(v, self._candidate(p)) for v in views) for p in paths]
+
     def first(self, query: Image.Image, paths: Sequence[str]) -> int:
         """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
         if len(paths) < 2:
