@@ -347,3 +347,101 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
     torch.testing.assert_close(grid_gem(uneven, 3), want)
     assert models.feature_dims("efficientnet-lite0", "grid3") == 9 * 1280
     assert models.feature_dims("vgg16", "grid3") == 4096  # fc2 is not pooled
+
+
+# --- copies under harsh edits (ris.edits, ris.copies) -------------------------------------------
+
+
+def test_the_copy_descriptor_is_the_whole_map_gem_of_the_grid_cells() -> None:
+    """copies.copy_vectors of grid3 output = GeM of the whole 7x7 map with each position counted as often as
+    the overlapping cells hold it (the middle rows/columns 2 and 4 twice)."""
+    import torch
+
+    from ris.copies import copy_vectors
+    from ris.networks import grid_gem
+
+    fmap = torch.rand(3, 16, 7, 7) + 0.01
+    cover = torch.tensor([1.0, 1, 2, 1, 2, 1, 1])
+    weight = cover[:, None] * cover[None, :]
+    want = ((fmap**3 * weight).sum(dim=(2, 3)) / weight.sum()) ** (1 / 3)
+    got = copy_vectors(grid_gem(fmap, 3).numpy(), 3)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4)
+    flat = np.random.default_rng(0).random((2, 16)).astype(np.float32)
+    np.testing.assert_array_equal(copy_vectors(flat, 1), flat)  # gem/rmac/avg: global already
+
+
+def test_copy_store_reads_only_new_images_and_follows_removals(tmp_path: Path) -> None:
+    from ris.copies import CopyStore
+
+    rng = np.random.default_rng(1)
+    raw = {i: rng.random(9 * 4).astype(np.float32) for i in range(10)}
+    asked: list[int] = []
+
+    def raw_of(ids: np.ndarray) -> np.ndarray:
+        asked.extend(ids.tolist())
+        return np.stack([raw[int(i)] for i in ids])
+
+    store = CopyStore(tmp_path / "copies.npz", cells=3)
+    first = store.get(np.arange(6), raw_of)
+    assert sorted(asked) == list(range(6)) and (tmp_path / "copies.npz").exists()
+    asked.clear()
+    again = CopyStore(tmp_path / "copies.npz", cells=3).get(np.array([0, 2, 3, 4, 5, 7, 8]), raw_of)  # 1 gone, 7, 8 new
+    assert sorted(asked) == [7, 8]
+    assert again.ids.tolist() == [0, 2, 3, 4, 5, 7, 8]
+    fresh = CopyStore(tmp_path / "other.npz", cells=3).get(again.ids, raw_of)
+    np.testing.assert_allclose(again.vectors, fresh.vectors, atol=2e-3)  # float16 on disk
+    np.testing.assert_allclose(np.linalg.norm(first.vectors, axis=1), 1, atol=1e-5)
+    scores, ids = again.nearest(again.vectors[:2], 3)
+    assert ids[:, 0].tolist() == [0, 2] and (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_copy_sets_are_seeded_and_the_held_out_set_is_apart(subset_collection: Path) -> None:
+    from ris.decode import open_image, read_file
+    from ris.edits import HARSH, HELDOUT
+
+    assert not set(HARSH) & set(HELDOUT)
+    with Collection.open(subset_collection) as coll:
+        rows = coll.catalog.all_rows()
+    load = lambda p: open_image(read_file(p))  # noqa: E731
+    picked, a = evaluate.make_copies(rows, 3, 7, "all", load)
+    picked2, b = evaluate.make_copies(rows, 3, 7, "all", load)
+    _, c = evaluate.make_copies(rows, 3, 8, "harsh", load)
+    assert [r.id for r in picked] == [r.id for r in picked2]
+    assert set(a) == set(HARSH) | set(HELDOUT) | set(evaluate.copy_edits("mild"))
+    for name in a:
+        same = [x.mode == "RGB" and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a[name], b[name], strict=True)]
+        assert all(same), name
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a["rotate"], c["rotate"], strict=True))
+
+
+def test_eval_reports_recall_per_harsh_edit(subset_collection: Path) -> None:
+    from ris.edits import HARSH
+
+    out = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--harsh", "--json").stdout)
+    assert out["copy_set"] == "harsh" and set(out["transforms"]) == set(HARSH) | {"all"}
+    assert all(0 <= v["recall@1"] <= v["recall@5"] <= 1 for v in out["transforms"].values())
+    assert out["transforms"]["mirror_crop_jpeg"]["recall@1"] == 1.0 and out["transforms"]["all"]["recall@5"] >= 0.6
+    bad = run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--copy-set", "nasty", check=False)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_a_verified_copy_comes_first_even_when_its_original_was_not_served(subset_dir: Path, tmp_path: Path) -> None:
+    """A rotated, off-centre crop of a picture: the first result is its original with copies' verification,
+    whether or not the plain nearest served images held it."""
+    from ris.decode import open_image, read_file
+    from ris.edits import _rotate
+
+    path = tmp_path / "c.ris"
+    run_cli("index", str(subset_dir), "-c", str(path), "--json")
+    originals = sorted(str(p) for p in subset_dir.glob("*/*.jpg"))[::6]
+    copies = []
+    for f in originals:
+        img = open_image(read_file(f))
+        w, h = img.size
+        copies.append(_rotate(img.crop((0, 0, int(w * 0.7), int(h * 0.75))), 30, crop=False))
+    with Collection.open(path) as coll:
+        found = [r.matches[0].path for r in coll.search_many(copies, k=5, verify=True)]
+        plain = [r.matches[0].path for r in coll.search_many(copies, k=5, verify=False)]
+        assert (coll.path / "copies.npz").exists()
+    hits = sum(a == b for a, b in zip(found, originals, strict=True))
+    assert hits >= len(originals) - 1 and hits >= sum(a == b for a, b in zip(plain, originals, strict=True))

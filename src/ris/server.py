@@ -166,7 +166,7 @@ class CollectionService:
     def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
         # reduce() reloads PCA and index if another process rewrote them
         queries = None if verify_with is None else [verify_with]
-        return self.coll.search_vectors(self.coll.reduce(raw), k, [name], verify_with=queries)[0]
+        return self.coll.search_vectors(self.coll.reduce(raw), k, [name], verify_with=queries, raw=raw)[0]
 
     # --- reading ---
 
