@@ -35,10 +35,12 @@ DEFAULT_THRESHOLD = 0.88
 #: at 0.85 recall 0.95 / 0.85).
 RAW_THRESHOLD = 0.80
 #: confirm_pairs: each image's nearest this many, from this cosine up, are verified; a pair is a copy with
-#: this many agreeing keypoint matches (more than search's 12: no query/original asymmetry to lean on).
+#: this many agreeing keypoint matches (more than search's 12: no query/original asymmetry to lean on; on
+#: benchmarks/dupes_precision.py, copies rotated 20-30 degrees and rescaled: median 176, 10th pctl 58; pairs of
+#: other photos: 95th pctl 10, a few over 40 being the same scene shot twice).
 VERIFY_NEIGHBOURS = 4
 VERIFY_FLOOR = 0.45
-DUPE_INLIERS = 25
+DUPE_INLIERS = 40
 BLOCK = 4096  # queries per range search: bounds the result buffers on large collections
 PAIRWISE_LIMIT = 2000  # groups up to this size report their exact minimum pairwise similarity
 
@@ -152,12 +154,17 @@ def find(coll, threshold: float | None = None, device: str | None = None, verify
     if not rows:
         return [], {}
     confirmed = confirm_pairs(rows, vectors, threshold, device) if verify else {}
+    same: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.sha256:
+            same[r.sha256].append(i)
+    twins = {i: same[r.sha256] if r.sha256 else [i] for i, r in enumerate(rows)}
     groups = []
     for members, sims in group_indices(len(rows), [r.sha256 for r in rows], vectors, threshold, device, confirmed):
         images = [rows[i] for i in members]
         exact = len({r.sha256 for r in images}) == 1 and images[0].sha256 is not None
         scores = [round(float(x), 4) for x in sims]
-        inl = [confirmed.get((min(members[0], m), max(members[0], m))) for m in members]
+        inl = [_pair_inliers(confirmed, twins, members[0], m) for m in members]
         groups.append(DupeGroup("exact" if exact else "near", images, 1.0 if exact else min(scores[1:]), scores, inl))
     groups.sort(key=lambda g: (-len(g.images), g.kind != "exact", g.images[0].path))
     return groups, _pairs_by_image(rows, vectors, threshold, device, confirmed)
@@ -199,6 +206,12 @@ def confirm_pairs(rows: list[ImageRow], vectors: np.ndarray, threshold: float, d
     with ThreadPoolExecutor(threads or runtime.cpu_threads()) as pool:
         counts = list(pool.map(check, todo))
     return {pair: n for pair, n in zip(todo, counts, strict=True) if n >= DUPE_INLIERS}
+
+
+def _pair_inliers(confirmed: dict[tuple[int, int], int], twins: dict[int, list[int]], a: int, b: int) -> int | None:
+    """The matches confirming a and b copies of each other (exact copies of either answer for it), or None."""
+    found = [confirmed.get((min(x, y), max(x, y)), 0) for x in twins[a] for y in twins[b] if x != y]
+    return max(found, default=0) or None
 
 
 def _pairs_by_image(rows: list[ImageRow], vectors: np.ndarray, threshold: float, device: str | None,
