@@ -205,5 +205,3 @@ def cells_of(pooling: str) -> int:
     from .models import GRID_CELLS
 
     return GRID_CELLS.get(pooling, 1)
-
-
