@@ -348,3 +348,36 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
     torch.testing.assert_close(grid_gem(uneven, 3), want)
     assert models.feature_dims("efficientnet-lite0", "grid3") == 9 * 1280
     assert models.feature_dims("vgg16", "grid3") == 4096  # fc2 is not pooled
+
+
+# --- copies under harsh edits (ris.edits, ris.copies) -------------------------------------------
+
+
+def test_copy_sets_are_seeded_and_the_held_out_set_is_apart(subset_collection: Path) -> None:
+    from ris.decode import open_image, read_file
+    from ris.edits import HARSH, HELDOUT
+
+    assert not set(HARSH) & set(HELDOUT)
+    with Collection.open(subset_collection) as coll:
+        rows = coll.catalog.all_rows()
+    load = lambda p: open_image(read_file(p))  # noqa: E731
+    picked, a = evaluate.make_copies(rows, 3, 7, "all", load)
+    picked2, b = evaluate.make_copies(rows, 3, 7, "all", load)
+    _, c = evaluate.make_copies(rows, 3, 8, "harsh", load)
+    assert [r.id for r in picked] == [r.id for r in picked2]
+    assert set(a) == set(HARSH) | set(HELDOUT) | set(evaluate.copy_edits("mild"))
+    for name in a:
+        same = [x.mode == "RGB" and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a[name], b[name], strict=True)]
+        assert all(same), name
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a["rotate"], c["rotate"], strict=True))
+
+
+def test_eval_reports_recall_per_harsh_edit(subset_collection: Path) -> None:
+    from ris.edits import HARSH
+
+    out = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--harsh", "--json").stdout)
+    assert out["copy_set"] == "harsh" and set(out["transforms"]) == set(HARSH) | {"all"}
+    assert all(0 <= v["recall@1"] <= v["recall@5"] <= 1 for v in out["transforms"].values())
+    assert out["transforms"]["mirror_crop_jpeg"]["recall@1"] == 1.0 and out["transforms"]["all"]["recall@5"] >= 0.6
+    bad = run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--copy-set", "nasty", check=False)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

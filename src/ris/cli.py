@@ -335,7 +335,11 @@ def evaluate(
     queries: Annotated[Path | None, typer.Option("--queries", help="Folder of labelled queries (by subfolder).")] = None,
     k: Annotated[int, typer.Option("-k", help="Also report precision@k.")] = 5,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Labels left out (default BACKGROUND_Google).")] = None,
-    copies: Annotated[int, typer.Option("--copies", help="Copy detection: transform N indexed images, find them.")] = 0,
+    copies: Annotated[int, typer.Option("--copies", help="Copy detection: edit N indexed images, find them.")] = 0,
+    copy_set: Annotated[str, typer.Option("--copy-set", help="--copies: mild (crop, flip, JPEG, …), harsh (chained "
+                        "edits: blur, picture-in-picture, thumbnails, rotations, …), heldout (never tuned on) or all.")] = "mild",
+    harsh: Annotated[bool, typer.Option("--harsh", help="Same as --copy-set harsh.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="--copies: which images, and each edit's parameters.")] = 0,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
     dba: Annotated[
         int | None, typer.Option("--dba", help="Rank as if indexed with --dba N (default: the collection's; not --copies).")
@@ -360,12 +364,13 @@ def evaluate(
             if dba is not None and dba != coll.manifest.dba:
                 raise RisError(f"copy detection searches the collection as indexed (--dba {coll.manifest.dba}); "
                                f"to measure --dba {dba}, run `ris index … --dba {dba}` on it first")  # fmt: skip
-            report = ev.copy_detection(coll, copies, k=k, qe=qe, verify=verify)
+            chosen = "harsh" if harsh else copy_set
+            report = ev.copy_detection(coll, copies, seed=seed, k=k, qe=qe, verify=verify, copy_set=chosen)
         if json_out:
-            sys.stdout.write(json.dumps({"copies": copies, "transforms": report}) + "\n")
+            sys.stdout.write(json.dumps({"copies": copies, "copy_set": chosen, "seed": seed, "transforms": report}) + "\n")
             return
         for name, scores in report.items():
-            out.print(f"{name:>10}: " + "  ".join(f"{key} {v:.3f}" for key, v in scores.items()), highlight=False)
+            out.print(f"{name:>16}: " + "  ".join(f"{key} {v:.3f}" for key, v in scores.items()), highlight=False)
         return
     with Collection.open(collection) as coll, progress_bar(enabled=not json_out) as bar:
         report = ev.evaluate_collection(coll, ks, excluded, qe=qe, dba=dba, queries=str(queries) if queries else None,
@@ -464,13 +469,22 @@ def dupes(
     collection: CollectionOpt = Path("collection.ris"),
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
                                                     "(default 0.88; 0.80 before the collection has its PCA).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Groups, and each image with its duplicates and scores.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv")] = False,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a review page of each group's thumbnails.")] = None,
+    keep: Annotated[str | None, typer.Option("--keep", help="largest|newest|first: print the others of each group "
+                                             "(path, tab, the one kept) as a list to delete; deletes nothing.")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Also group pairs below the threshold that "
+                                         "keypoint matching confirms (rotated, cropped copies); ~1 min per 10k images.")] = True,
 ) -> None:
-    """Groups of exact (same content hash) and near-duplicate images."""
+    """Groups of exact (same content hash) and near-duplicate images.
+
+    Each group is a representative and the images at or above the threshold against it (no chains of
+    look-alikes); its similarity is the lowest of theirs to the representative."""
     from .dupes import dupes_command
 
-    dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out)
+    dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
+                  html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
 
 
 @app.command()

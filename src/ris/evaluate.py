@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from . import index
+from .errors import RisError
 
 #: Caltech-101's clutter folder is not a category; it is left out of the figures.
 DEFAULT_EXCLUDE = ("BACKGROUND_Google",)
@@ -232,31 +234,85 @@ def queries_against(
                       float(np.concatenate(ap).mean()))  # fmt: skip
 
 
-def copy_detection(
-    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None, verify: bool | None = None
-) -> dict[str, dict[str, float]]:
-    """Recall@1/@k of finding an indexed image from a transformed copy of it, per transform.
+#: The copy sets `copy_detection` knows: the mild transforms of ris.demo, and ris.edits' two families.
+COPY_SETS = ("mild", "harsh", "heldout")
 
-    `n` indexed images are drawn at random; each gets every transform of `ris.demo.TRANSFORMS`
-    (crop, flip, JPEG re-encoding, rescaling, rotation, brightness, border, greyscale, caption).
+
+def copy_edits(copy_set: str) -> dict[str, Callable]:
+    """name -> edit (picture, generator, other picture) of one copy set, or of all of them ("all")."""
+    from . import edits
+    from .demo import TRANSFORMS
+
+    if copy_set == "all":
+        return {name: fn for s in COPY_SETS for name, fn in copy_edits(s).items()}
+    if copy_set == "mild":
+        return {name: (lambda img, rng, other, t=t: t(img)) for name, t in TRANSFORMS.items()}
+    if copy_set not in edits.SETS:
+        raise RisError(f"unknown copy set {copy_set!r}; choose one of {', '.join((*COPY_SETS, 'all'))}")
+    return edits.SETS[copy_set]
+
+
+def make_copies(rows: Sequence, n: int, seed: int, copy_set: str, load: Callable[[str], Image.Image],
+                only: Sequence[str] | None = None):  # fmt: skip
+    """(picked rows, {edit name: [copy of each picked row]}): n rows drawn at random, each edited every way.
+
+    Each copy's parameters come from (seed, edit, item) (ris.edits.rng_for); pictures pasted around a copy
+    (backgrounds, collage tiles) are other rows than the original. only: these edits of the set alone."""
+    from .edits import rng_for
+
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
+    picked = [rows[i] for i in chosen]
+    originals = [load(r.path) for r in picked]
+    out: dict[str, list[Image.Image]] = {}
+    for name, fn in copy_edits(copy_set).items():
+        if only is not None and name not in only:
+            continue
+        copies = []
+        for item, (i, img) in enumerate(zip(chosen, originals, strict=True)):
+            r = rng_for(seed, name, item)
+            other_rng = np.random.default_rng(r.integers(1 << 62))
+            others = lambda g=other_rng, i=i: load(rows[_other(g, len(rows), int(i))].path)  # noqa: E731
+            copies.append(fn(img, r, others))
+        out[name] = copies
+    return picked, out
+
+
+def _other(rng: np.random.Generator, n: int, own: int) -> int:
+    j = int(rng.integers(n - 1)) if n > 1 else 0
+    return j + (j >= own) if n > 1 else own
+
+
+def copy_detection(
+    coll, n: int, seed: int = 0, k: int = 5, batch: int = 64, qe: int | None = None, verify: bool | None = None,
+    copy_set: str = "mild",
+) -> dict[str, dict[str, float]]:
+    """Recall@1/@k of finding an indexed image from an edited copy of it, per edit, searched as `ris search` does.
+
+    `n` indexed images are drawn at random (seed); each gets every edit of the copy set: "mild" (ris.demo's
+    crop, flip, JPEG, half size, rotation by 10, brightness, border, grey, caption), "harsh" or "heldout"
+    (ris.edits: chained edits with random parameters per image), or "all". "all" in the report is the mean
+    over the edits; with several sets, "all <set>" the mean over each.
     verify (default: the collection's): the first result is chosen by geometric verification (ris.verify).
     """
     from .decode import open_image, read_file
-    from .demo import TRANSFORMS
+
     rows = coll.catalog.all_rows()
-    rng = np.random.default_rng(seed)
-    picked = [rows[i] for i in rng.choice(len(rows), size=min(n, len(rows)), replace=False)]
-    originals = [open_image(read_file(r.path)) for r in picked]
+    picked, copies = make_copies(rows, n, seed, copy_set, lambda path: open_image(read_file(path)))
     report: dict[str, dict[str, float]] = {}
-    for name, transform in TRANSFORMS.items():
+    for name, edited in copies.items():
         hits1 = hitsk = 0
         for start in range(0, len(picked), batch):
-            copies = [transform(img) for img in originals[start : start + batch]]
-            results = coll.search_many(copies, k, qe=qe, verify=verify)  # what `ris search` answers
+            results = coll.search_many(edited[start : start + batch], k, qe=qe, verify=verify)  # what `ris search` answers
             for row, result in zip(picked[start : start + batch], results, strict=True):
                 ids = [m.id for m in result.matches]
                 hits1 += bool(ids) and ids[0] == row.id
                 hitsk += row.id in ids
         report[name] = {"recall@1": hits1 / len(picked), f"recall@{k}": hitsk / len(picked)}
-    report["all"] = {key: float(np.mean([v[key] for v in report.values()])) for key in ("recall@1", f"recall@{k}")}
+    keys = ("recall@1", f"recall@{k}")
+    mean = lambda names: {key: float(np.mean([report[x][key] for x in names])) for key in keys}  # noqa: E731
+    if copy_set == "all":
+        for s in COPY_SETS:
+            report[f"all {s}"] = mean(list(copy_edits(s)))
+    report["all"] = mean(list(copies))
     return report

@@ -117,6 +117,10 @@ class Verifier:
         with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
             return list(pool.map(run, jobs))
 
+    def counts(self, views: Sequence[Features], paths: Sequence[str]) -> list[int]:
+        """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate."""
+        return [max(inliers(v, self._candidate(p)) for v in views) for p in paths]
+
     def first(self, query: Image.Image, paths: Sequence[str]) -> int:
         """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
         if len(paths) < 2:
@@ -125,3 +129,18 @@ class Verifier:
         counts = [max(inliers(v, self._candidate(p)) for v in views) for p in paths[:TOP]]
         best = int(np.argmax(counts))
         return best if counts[best] >= MIN_INLIERS and counts[best] >= MARGIN * counts[0] else 0
+
+
+#: Queries smaller than this (longest side) are enlarged to UPSAMPLE_TO before their keypoints are found.
+UPSAMPLE_BELOW = 240
+UPSAMPLE_TO = 320
+
+
+def query_views(img: Image.Image) -> tuple[Features, Features]:
+    """ORB features of a query and of its mirror image; a thumbnail is enlarged first (to UPSAMPLE_TO on its
+    longest side), so that a fifth-size copy still yields keypoints (harsh set: inliers of its original
+    median 27 this way)."""
+    if max(img.size) < UPSAMPLE_BELOW:
+        f = UPSAMPLE_TO / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
+    return features(img), features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
