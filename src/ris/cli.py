@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from .errors import RisError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Reverse image search: index folders of images, find the most similar ones.")  # fmt: skip
 # Markup and emoji codes off: paths and reasons are printed, and "[bold red]" or ":smile:" are file names too.
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
@@ -27,6 +28,30 @@ CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collect
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file (vgg16: torchvision .pth or Keras .h5).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude", metavar="PATTERN",
+    help="Leave out paths matching this glob, relative to a scanned folder (repeatable; also read from its .risignore).",
+)]  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"ris {version('ris')}", highlight=False)
+        except PackageNotFoundError:
+            out.print("ris (not installed)", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Reverse image search: index folders of images, find the most similar ones."""
 
 
 class PreparationDisplay:
@@ -111,7 +136,7 @@ def _print_report(report, as_json: bool) -> None:
     if as_json:
         data = {k: v for k, v in report.__dict__.items() if k != "times"}
         data["times"] = report.times.as_dict()
-        out.print_json(json.dumps(data), ensure_ascii=True)  # non-UTF-8 names as \udcXX escapes
+        sys.stdout.write(json.dumps(data, ensure_ascii=True) + "\n")  # one line; non-UTF-8 names as \udcXX escapes
         return
     t = report.times
     rate = f", {t.extracted / t.wall:.0f} img/s" if t.wall and t.extracted else ""
@@ -119,6 +144,8 @@ def _print_report(report, as_json: bool) -> None:
         f"{report.images} images searchable; this run: {report.new} new, {report.changed} changed, "
         f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
     )
+    if report.ignored:
+        err.print(f"ignored {report.ignored} non-image files (by extension)", highlight=False)
     for item in report.skipped_files[:10]:
         err.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
     if len(report.skipped_files) > 10:
@@ -155,38 +182,46 @@ def index(
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="Searches verify their first result geometrically (new: on).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+    exclude: ExcludeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
-    """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
+    """Index (or resync) folders: new and changed files are extracted, vanished ones dropped.
+
+    In folders, image files are found by extension (files without one by content); other files
+    (sidecars, videos, documents) are ignored and counted, hidden files and folders skipped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
            batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
-           store=store, dba=dba, verify=verify)  # fmt: skip
+           store=store, dba=dba, verify=verify, exclude=exclude)  # fmt: skip
 
 
 @app.command()
 def add(
     paths: Annotated[list[str] | None, typer.Argument(help="Folders or image files to add.")] = None,
     collection: CollectionOpt = Path("collection.ris"),
-    from_list: Annotated[Path | None, typer.Option("--from-list")] = None,
+    from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    workers: Annotated[int | None, typer.Option()] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    exclude: ExcludeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
     """Add images to an existing collection (nothing is dropped)."""
     _index(_paths(paths, from_list), collection, None, weights, None, None, None, device,
-           batch_size, workers, json_out, resync=False, must_exist=True)  # fmt: skip
+           batch_size, workers, json_out, resync=False, must_exist=True, exclude=exclude)  # fmt: skip
 
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
            json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
            nprobe: int | None = None, store: str | None = None, dba: int | None = None,
-           verify: bool | None = None) -> None:  # fmt: skip
+           verify: bool | None = None, exclude: list[str] | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
         raise RisError("--batch-size must be at least 1")
+    for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
+        if not os.path.exists(os.path.expanduser(path)):
+            raise RisError(f"no such file or folder: {path}")
     if must_exist:
         coll = Collection.open(collection, weights)
     else:
@@ -197,7 +232,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     before = None if ray is not None else (lambda: coll.extractor(device))
     with coll, progress_bar(enabled=not json_out, before=before) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
-                            progress=bar, ray=ray)  # fmt: skip
+                            progress=bar, ray=ray, exclude=exclude or ())  # fmt: skip
     _print_report(report, json_out)
 
 
@@ -209,6 +244,8 @@ def remove(
     """Remove images from the collection (the files themselves are not touched)."""
     from .collection import Collection
 
+    # a relative glob is relative to here, as a relative path is (indexed paths are absolute)
+    patterns = [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(os.getcwd(), p) for p in patterns]
     with Collection.open(collection) as coll:
         n = coll.remove(patterns)
         err.print(f"removed {n} images; {coll.info()['images']} remain")
