@@ -268,12 +268,76 @@ def reindex(
         err.print(f"index rebuilt: {info['images']} images, {info['dims']} dims")
 
 
+#: How long a URL query may take to start answering and between reads (seconds).
+URL_TIMEOUT_S = 20.0
+
+
+def _download(url: str) -> bytes:
+    """A URL query's bytes, refused past RIS_MAX_FILE_MB (checked as they arrive, not trusted from headers)."""
+    import urllib.error
+    import urllib.request
+
+    from .decode import MAX_FILE_ENV, max_file_bytes
+
+    cap = max_file_bytes()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ris"}), timeout=URL_TIMEOUT_S) as r:
+            data = r.read(cap + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RisError(f"cannot download query {url}: {getattr(exc, 'reason', None) or exc}") from None
+    if len(data) > cap:
+        raise RisError(f"query {url} is larger than {cap / 2**20:,.6g} MB (set {MAX_FILE_ENV} to change it)")
+    return data
+
+
+def _query(arg: str) -> str | bytes:
+    """A query argument as Collection.search takes it: '-' reads the image from stdin, an http(s) URL is
+    downloaded, anything else is a path."""
+    if arg == "-":
+        from .decode import max_file_bytes
+
+        cap = max_file_bytes()
+        data = sys.stdin.buffer.read(cap + 1)
+        if len(data) > cap:
+            raise RisError(f"the image on stdin is larger than {cap / 2**20:,.6g} MB")
+        return data
+    if arg.lower().startswith(("http://", "https://")):
+        return _download(arg)
+    return arg
+
+
+def _print_table(r) -> None:
+    """One query's matches: a table on a terminal; elsewhere tab-separated lines, never wrapped, for pipes."""
+    if not out.is_terminal:
+        sys.stdout.write(f"query: {r.query}\n")
+        for m in r.matches:
+            sys.stdout.write(f"{m.rank}\t{m.score:.3f}\t{m.cosine:.3f}\t{m.label or '-'}\t{m.path}\n")
+        return
+    table = Table(title=f"query: {r.query}", title_justify="left")
+    for col in ("rank", "score", "similarity", "label", "path"):
+        table.add_column(col, overflow="fold")
+    for m in r.matches:
+        table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
+    out.print(table)
+
+
+def _written(what: str, write: Callable[[], Path]) -> None:
+    """Write an output file; an unwritable path is blamed on itself, not on the collection."""
+    try:
+        err.print(f"{what} written to {write()}", highlight=False)
+    except OSError as exc:
+        raise RisError(f"cannot write {exc.filename or what}: {exc.strerror or exc}") from None
+
+
 @app.command()
 def search(
-    queries: Annotated[list[str], typer.Argument(help="Query image files.")],
+    queries: Annotated[list[str], typer.Argument(help="Query images: files, http(s) URLs, or - for stdin.")],
     collection: CollectionOpt = Path("collection.ris"),
     k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per query, one per line.")] = False,
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="table (default), json (as --json) or paths (matched paths only, one a line, for pipes).",
+    )] = "table",  # fmt: skip
     grid: Annotated[Path | None, typer.Option(help="Write a PNG: each query beside its matches.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
@@ -292,23 +356,26 @@ def search(
     from .collection import Collection
     from .render import grid_png, results_html
 
+    if fmt not in ("table", "json", "paths"):
+        raise RisError(f"--format must be table, json or paths, not {fmt!r}")
+    if queries.count("-") > 1:
+        raise RisError("stdin (-) can be read once: give it as one query only")
+    loaded = [_query(q) for q in queries]
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(queries, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
-    if json_out:
-        for r in results:
+        results = coll.search_many(loaded, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
+    for r, name in zip(results, queries, strict=True):
+        r.query = name  # "-" or the URL, not "<image>"
+    for r in results:
+        if json_out or fmt == "json":
             sys.stdout.write(json.dumps(r.as_json()) + "\n")
-    else:
-        for r in results:
-            table = Table(title=f"query: {r.query}", title_justify="left")
-            for col in ("rank", "score", "similarity", "label", "path"):
-                table.add_column(col, overflow="fold")
-            for m in r.matches:
-                table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
-            out.print(table)
+        elif fmt == "paths":
+            sys.stdout.writelines(m.path + "\n" for m in r.matches)
+        else:
+            _print_table(r)
     if grid:
-        err.print(f"grid written to {grid_png(results, grid)}")
+        _written("grid", lambda: grid_png(results, grid))
     if html_out:
-        err.print(f"page written to {results_html(results, html_out)}")
+        _written("page", lambda: results_html(results, html_out))
 
 
 @app.command()
@@ -444,6 +511,24 @@ def bench(
     out.print("stages (s)  : " + ", ".join(f"{k} {v}" for k, v in result["stages_s"].items()), highlight=False)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before the collection and model load, when the port cannot be bound (in use, no
+    permission) instead of a server log and exit 3 from uvicorn."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RisError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise RisError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @app.command()
 def serve(
     collection: CollectionOpt = Path("collection.ris"),
@@ -463,6 +548,7 @@ def serve(
     """Serve the web page and the REST API (docs at /docs)."""
     from .server import run
 
+    _check_port(host, port)
     run(collection, host=host, port=port, token=token, weights=weights, device=device,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
         allow_origins=tuple(allow_origin or ()))  # fmt: skip
