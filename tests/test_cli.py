@@ -206,7 +206,7 @@ def test_search_output_for_pipes_stdin_and_urls(subset_collection: Path, subset_
         obj = json.loads(_search(url, "-c", coll, "-k", "1", "--json").stdout)
         assert obj["query"] == url and obj["matches"][0]["path"] == str(query)
         too_big = _search(url, "-c", coll, env={"RIS_MAX_FILE_MB": "0.001"})
-        _assert_one_line_error(_text(too_big), "larger than 0.001 MB")
+        _assert_one_line_error(_text(too_big), "is larger than 0.000999451 MB (set RIS_MAX_FILE_MB")
         missing = _search(url + ".nope", "-c", coll)
         _assert_one_line_error(_text(missing), "cannot download query")
         httpd.shutdown()
