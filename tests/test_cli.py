@@ -228,3 +228,14 @@ def test_errors_blame_the_right_thing(subset_collection: Path, subset_dir: Path)
         port = str(busy.getsockname()[1])
         proc = run_cli("serve", "-c", str(subset_collection), "--port", port, check=False)
     _assert_one_line_error(proc, f"cannot serve on 127.0.0.1:{port}")
+
+
+def test_every_option_has_help() -> None:
+    import typer.main
+
+    from ris.cli import app
+
+    commands = typer.main.get_command(app).commands
+    missing = [f"{name} {p.opts[0]}" for name, cmd in commands.items() for p in cmd.params
+               if p.param_type_name == "option" and not getattr(p, "help", None)]  # fmt: skip
+    assert not missing, missing

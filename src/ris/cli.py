@@ -163,7 +163,7 @@ def index(
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
     index_factory: Annotated[
@@ -381,7 +381,7 @@ def search(
 @app.command()
 def info(
     collection: CollectionOpt = Path("collection.ris"),
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print it as one line of JSON.")] = False,
 ) -> None:
     """What a collection holds: counts, model, dims, skipped files."""
     from .collection import Collection
@@ -401,7 +401,7 @@ def info(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo collection and results go.")] = Path("ris-demo"),
-    k: Annotated[int, typer.Option("-k")] = 5,
+    k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
 ) -> None:
     """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
@@ -440,7 +440,7 @@ def evaluate(
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="--copies: geometric verification (default: the collection's).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one line of JSON.")] = False,
 ) -> None:
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
 
@@ -479,18 +479,18 @@ def evaluate(
 @app.command()
 def bench(
     folder: Annotated[str, typer.Argument(help="Folder of images to index.")],
-    model: Annotated[str, typer.Option("--model")] = "efficientnet-lite0",
+    model: Annotated[str, typer.Option("--model", help="efficientnet-lite0, efficientnet-lite2, vgg16.")] = "efficientnet-lite0",
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     precision: Annotated[str | None, typer.Option(help="int8 (CPU default) or fp32.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    workers: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
     baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
     baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
     baseline_weights: Annotated[str | None, typer.Option("--baseline-weights", help="Keras VGG16 .h5 weights.")] = None,
     pooling: Annotated[str | None, typer.Option(help="Descriptor pooling (default: the default collection's).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one line of JSON.")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
     from .bench import run_bench
@@ -533,7 +533,7 @@ def _check_port(host: str, port: int) -> None:
 def serve(
     collection: CollectionOpt = Path("collection.ris"),
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
     allow_host: Annotated[list[str] | None, typer.Option(
@@ -580,8 +580,8 @@ def dupes(
     collection: CollectionOpt = Path("collection.ris"),
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
                                                     "(default 0.88; 0.80 before the collection has its PCA).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the groups as one line of JSON.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image in a group.")] = False,
 ) -> None:
     """Groups of exact (same content hash) and near-duplicate images."""
     from .dupes import dupes_command
