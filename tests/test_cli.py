@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import glob
+import http.server
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -151,3 +156,86 @@ def test_first_run_says_what_it_prepares_before_the_bar(subset_dir: Path, tmp_pa
     assert first < step < ready < bar, proc.stderr
     again = run_cli("index", *map(str, files), "-c", str(tmp_path / "second.ris"))
     assert "preparing" not in again.stderr and "extracting" in again.stderr
+
+
+def test_version_and_shell_completion() -> None:
+    from importlib.metadata import version
+
+    assert run_cli("--version").stdout.strip() == f"ris {version('ris')}"
+    assert "--install-completion" in run_cli("--help").stdout
+
+
+def test_index_json_is_one_line_and_a_missing_folder_leaves_no_collection(subset_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("index", str(subset_dir / "cup"), "-c", str(tmp_path / "c.ris"), "--json")
+    assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["images"] == 10
+    proc = run_cli("index", "/nope", "-c", str(tmp_path / "new.ris"), check=False)
+    _assert_one_line_error(proc, "no such file or folder: /nope")
+    assert not (tmp_path / "new.ris").exists()
+
+
+def test_remove_resolves_a_relative_glob_against_the_current_folder(subset_dir: Path, tmp_path: Path) -> None:
+    coll = str(tmp_path / "c.ris")
+    run_cli("index", str(subset_dir / "cup"), str(subset_dir / "panda"), "-c", coll)
+    proc = run_cli("remove", "cup/*_000[12].jpg", "-c", coll, cwd=subset_dir)
+    assert "removed 2 images; 18 remain" in proc.stderr
+
+
+def _search(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ris search` with bytes on stdin; stdout is a pipe, as in `ris search … | xargs`."""
+    return subprocess.run([sys.executable, "-m", "ris", "search", *args], input=stdin, capture_output=True,
+                          env={**os.environ, "COLUMNS": "40", **(env or {})}, timeout=600)  # fmt: skip
+
+
+def test_search_output_for_pipes_stdin_and_urls(subset_collection: Path, subset_dir: Path) -> None:
+    query = sorted((subset_dir / "panda").glob("*.jpg"))[0]
+    coll = str(subset_collection)
+    paths = _search(str(query), "-c", coll, "-k", "3", "--format", "paths")
+    lines = paths.stdout.decode().splitlines()
+    assert paths.returncode == 0 and len(lines) == 3 and lines[0] == str(query) and all(Path(p).is_file() for p in lines)
+    table = _search(str(query), "-c", coll, "-k", "3").stdout.decode()  # COLUMNS=40: long paths still whole
+    assert table.splitlines()[0] == f"query: {query}" and f"\t{query}" in table
+
+    piped = _search("-", "-c", coll, "-k", "3", "--json", stdin=query.read_bytes())
+    obj = json.loads(piped.stdout)
+    assert obj["query"] == "-" and obj["matches"][0]["path"] == str(query)
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(subset_dir))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/panda/{query.name}"
+        obj = json.loads(_search(url, "-c", coll, "-k", "1", "--json").stdout)
+        assert obj["query"] == url and obj["matches"][0]["path"] == str(query)
+        too_big = _search(url, "-c", coll, env={"RIS_MAX_FILE_MB": "0.001"})
+        _assert_one_line_error(_text(too_big), "is larger than 0.000999451 MB (set RIS_MAX_FILE_MB")
+        missing = _search(url + ".nope", "-c", coll)
+        _assert_one_line_error(_text(missing), "cannot download query")
+        httpd.shutdown()
+
+
+def _text(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+    return proc
+
+
+def test_errors_blame_the_right_thing(subset_collection: Path, subset_dir: Path) -> None:
+    query = str(sorted((subset_dir / "cup").glob("*.jpg"))[0])
+    proc = run_cli("search", query, "-c", str(subset_collection), "--grid", "/proc/x.png", check=False)
+    _assert_one_line_error(proc, "cannot write /proc/x.png")
+    assert "collection" not in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = run_cli("serve", "-c", str(subset_collection), "--port", port, check=False)
+    _assert_one_line_error(proc, f"cannot serve on 127.0.0.1:{port}")
+
+
+def test_every_option_has_help() -> None:
+    import typer.main
+
+    from ris.cli import app
+
+    commands = typer.main.get_command(app).commands
+    missing = [f"{name} {p.opts[0]}" for name, cmd in commands.items() for p in cmd.params
+               if p.param_type_name == "option" and not getattr(p, "help", None)]  # fmt: skip
+    assert not missing, missing

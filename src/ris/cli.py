@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from .errors import RisError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Reverse image search: index folders of images, find the most similar ones.")  # fmt: skip
 # Markup and emoji codes off: paths and reasons are printed, and "[bold red]" or ":smile:" are file names too.
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
@@ -27,6 +28,30 @@ CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collect
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file (vgg16: torchvision .pth or Keras .h5).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude", metavar="PATTERN",
+    help="Leave out paths matching this glob, relative to a scanned folder (repeatable; also read from its .risignore).",
+)]  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"ris {version('ris')}", highlight=False)
+        except PackageNotFoundError:
+            out.print("ris (not installed)", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Reverse image search: index folders of images, find the most similar ones."""
 
 
 class PreparationDisplay:
@@ -111,7 +136,7 @@ def _print_report(report, as_json: bool) -> None:
     if as_json:
         data = {k: v for k, v in report.__dict__.items() if k != "times"}
         data["times"] = report.times.as_dict()
-        out.print_json(json.dumps(data), ensure_ascii=True)  # non-UTF-8 names as \udcXX escapes
+        sys.stdout.write(json.dumps(data, ensure_ascii=True) + "\n")  # one line; non-UTF-8 names as \udcXX escapes
         return
     t = report.times
     rate = f", {t.extracted / t.wall:.0f} img/s" if t.wall and t.extracted else ""
@@ -119,6 +144,8 @@ def _print_report(report, as_json: bool) -> None:
         f"{report.images} images searchable; this run: {report.new} new, {report.changed} changed, "
         f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
     )
+    if report.ignored:
+        err.print(f"ignored {report.ignored} non-image files (by extension)", highlight=False)
     for item in report.skipped_files[:10]:
         err.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
     if len(report.skipped_files) > 10:
@@ -136,7 +163,7 @@ def index(
     precision: Annotated[str | None, typer.Option(help="int8 (default) or fp32 on the CPU.")] = None,
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
     index_factory: Annotated[
@@ -155,34 +182,39 @@ def index(
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="Searches verify their first result geometrically (new: on).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+    exclude: ExcludeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
-    """Index (or resync) folders: new and changed files are extracted, vanished ones dropped."""
+    """Index (or resync) folders: new and changed files are extracted, vanished ones dropped.
+
+    In folders, image files are found by extension (files without one by content); other files
+    (sidecars, videos, documents) are ignored and counted, hidden files and folders skipped."""
     _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
            batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
-           store=store, dba=dba, verify=verify)  # fmt: skip
+           store=store, dba=dba, verify=verify, exclude=exclude)  # fmt: skip
 
 
 @app.command()
 def add(
     paths: Annotated[list[str] | None, typer.Argument(help="Folders or image files to add.")] = None,
     collection: CollectionOpt = Path("collection.ris"),
-    from_list: Annotated[Path | None, typer.Option("--from-list")] = None,
+    from_list: Annotated[Path | None, typer.Option("--from-list", help="File with one path per line.")] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    workers: Annotated[int | None, typer.Option()] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    exclude: ExcludeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
     """Add images to an existing collection (nothing is dropped)."""
     _index(_paths(paths, from_list), collection, None, weights, None, None, None, device,
-           batch_size, workers, json_out, resync=False, must_exist=True)  # fmt: skip
+           batch_size, workers, json_out, resync=False, must_exist=True, exclude=exclude)  # fmt: skip
 
 
 def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
            json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
            nprobe: int | None = None, store: str | None = None, dba: int | None = None,
-           verify: bool | None = None) -> None:  # fmt: skip
+           verify: bool | None = None, exclude: list[str] | None = None) -> None:  # fmt: skip
     from .collection import Collection
 
     if batch_size < 1:
@@ -191,6 +223,9 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
         from .distributed import check_address
 
         check_address(ray)
+    for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
+        if not os.path.exists(os.path.expanduser(path)):
+            raise RisError(f"no such file or folder: {path}")
     if must_exist:
         coll = Collection.open(collection, weights)
     else:
@@ -201,7 +236,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     before = None if ray is not None else (lambda: coll.extractor(device))
     with coll, progress_bar(enabled=not json_out, before=before) as bar:
         report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
-                            progress=bar, ray=ray)  # fmt: skip
+                            progress=bar, ray=ray, exclude=exclude or ())  # fmt: skip
     _print_report(report, json_out)
     if ray is not None and not json_out:  # evidence that the cluster's nodes shared the work (JSON: times.nodes)
         for node, counts in sorted(report.times.nodes.items()):
@@ -216,6 +251,8 @@ def remove(
     """Remove images from the collection (the files themselves are not touched)."""
     from .collection import Collection
 
+    # a relative glob is relative to here, as a relative path is (indexed paths are absolute)
+    patterns = [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(os.getcwd(), p) for p in patterns]
     with Collection.open(collection) as coll:
         n = coll.remove(patterns)
         err.print(f"removed {n} images; {coll.info()['images']} remain")
@@ -238,12 +275,76 @@ def reindex(
         err.print(f"index rebuilt: {info['images']} images, {info['dims']} dims")
 
 
+#: How long a URL query may take to start answering and between reads (seconds).
+URL_TIMEOUT_S = 20.0
+
+
+def _download(url: str) -> bytes:
+    """A URL query's bytes, refused past RIS_MAX_FILE_MB (checked as they arrive, not trusted from headers)."""
+    import urllib.error
+    import urllib.request
+
+    from .decode import MAX_FILE_ENV, max_file_bytes
+
+    cap = max_file_bytes()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ris"}), timeout=URL_TIMEOUT_S) as r:
+            data = r.read(cap + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RisError(f"cannot download query {url}: {getattr(exc, 'reason', None) or exc}") from None
+    if len(data) > cap:
+        raise RisError(f"query {url} is larger than {cap / 2**20:,.6g} MB (set {MAX_FILE_ENV} to change it)")
+    return data
+
+
+def _query(arg: str) -> str | bytes:
+    """A query argument as Collection.search takes it: '-' reads the image from stdin, an http(s) URL is
+    downloaded, anything else is a path."""
+    if arg == "-":
+        from .decode import max_file_bytes
+
+        cap = max_file_bytes()
+        data = sys.stdin.buffer.read(cap + 1)
+        if len(data) > cap:
+            raise RisError(f"the image on stdin is larger than {cap / 2**20:,.6g} MB")
+        return data
+    if arg.lower().startswith(("http://", "https://")):
+        return _download(arg)
+    return arg
+
+
+def _print_table(r) -> None:
+    """One query's matches: a table on a terminal; elsewhere tab-separated lines, never wrapped, for pipes."""
+    if not out.is_terminal:
+        sys.stdout.write(f"query: {r.query}\n")
+        for m in r.matches:
+            sys.stdout.write(f"{m.rank}\t{m.score:.3f}\t{m.cosine:.3f}\t{m.label or '-'}\t{m.path}\n")
+        return
+    table = Table(title=f"query: {r.query}", title_justify="left")
+    for col in ("rank", "score", "similarity", "label", "path"):
+        table.add_column(col, overflow="fold")
+    for m in r.matches:
+        table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
+    out.print(table)
+
+
+def _written(what: str, write: Callable[[], Path]) -> None:
+    """Write an output file; an unwritable path is blamed on itself, not on the collection."""
+    try:
+        err.print(f"{what} written to {write()}", highlight=False)
+    except OSError as exc:
+        raise RisError(f"cannot write {exc.filename or what}: {exc.strerror or exc}") from None
+
+
 @app.command()
 def search(
-    queries: Annotated[list[str], typer.Argument(help="Query image files.")],
+    queries: Annotated[list[str], typer.Argument(help="Query images: files, http(s) URLs, or - for stdin.")],
     collection: CollectionOpt = Path("collection.ris"),
     k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per query, one per line.")] = False,
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="table (default), json (as --json) or paths (matched paths only, one a line, for pipes).",
+    )] = "table",  # fmt: skip
     grid: Annotated[Path | None, typer.Option(help="Write a PNG: each query beside its matches.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,
@@ -262,29 +363,32 @@ def search(
     from .collection import Collection
     from .render import grid_png, results_html
 
+    if fmt not in ("table", "json", "paths"):
+        raise RisError(f"--format must be table, json or paths, not {fmt!r}")
+    if queries.count("-") > 1:
+        raise RisError("stdin (-) can be read once: give it as one query only")
+    loaded = [_query(q) for q in queries]
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(queries, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
-    if json_out:
-        for r in results:
+        results = coll.search_many(loaded, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
+    for r, name in zip(results, queries, strict=True):
+        r.query = name  # "-" or the URL, not "<image>"
+    for r in results:
+        if json_out or fmt == "json":
             sys.stdout.write(json.dumps(r.as_json()) + "\n")
-    else:
-        for r in results:
-            table = Table(title=f"query: {r.query}", title_justify="left")
-            for col in ("rank", "score", "similarity", "label", "path"):
-                table.add_column(col, overflow="fold")
-            for m in r.matches:
-                table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
-            out.print(table)
+        elif fmt == "paths":
+            sys.stdout.writelines(m.path + "\n" for m in r.matches)
+        else:
+            _print_table(r)
     if grid:
-        err.print(f"grid written to {grid_png(results, grid)}")
+        _written("grid", lambda: grid_png(results, grid))
     if html_out:
-        err.print(f"page written to {results_html(results, html_out)}")
+        _written("page", lambda: results_html(results, html_out))
 
 
 @app.command()
 def info(
     collection: CollectionOpt = Path("collection.ris"),
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print it as one line of JSON.")] = False,
 ) -> None:
     """What a collection holds: counts, model, dims, skipped files."""
     from .collection import Collection
@@ -304,7 +408,7 @@ def info(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo collection and results go.")] = Path("ris-demo"),
-    k: Annotated[int, typer.Option("-k")] = 5,
+    k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
 ) -> None:
     """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
@@ -347,7 +451,7 @@ def evaluate(
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="--copies: geometric verification (default: the collection's).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one line of JSON.")] = False,
 ) -> None:
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
 
@@ -387,18 +491,18 @@ def evaluate(
 @app.command()
 def bench(
     folder: Annotated[str, typer.Argument(help="Folder of images to index.")],
-    model: Annotated[str, typer.Option("--model")] = "efficientnet-lite0",
+    model: Annotated[str, typer.Option("--model", help="efficientnet-lite0, efficientnet-lite2, vgg16.")] = "efficientnet-lite0",
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     precision: Annotated[str | None, typer.Option(help="int8 (CPU default) or fp32.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    workers: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
     baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
     baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
     baseline_weights: Annotated[str | None, typer.Option("--baseline-weights", help="Keras VGG16 .h5 weights.")] = None,
     pooling: Annotated[str | None, typer.Option(help="Descriptor pooling (default: the default collection's).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one line of JSON.")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
     from .bench import run_bench
@@ -419,11 +523,29 @@ def bench(
     out.print("stages (s)  : " + ", ".join(f"{k} {v}" for k, v in result["stages_s"].items()), highlight=False)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before the collection and model load, when the port cannot be bound (in use, no
+    permission) instead of a server log and exit 3 from uvicorn."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RisError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise RisError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @app.command()
 def serve(
     collection: CollectionOpt = Path("collection.ris"),
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
     allow_host: Annotated[list[str] | None, typer.Option(
@@ -438,6 +560,7 @@ def serve(
     """Serve the web page and the REST API (docs at /docs)."""
     from .server import run
 
+    _check_port(host, port)
     run(collection, host=host, port=port, token=token, weights=weights, device=device,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
         allow_origins=tuple(allow_origin or ()))  # fmt: skip
@@ -470,7 +593,7 @@ def dupes(
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
                                                     "(default 0.88; 0.80 before the collection has its PCA).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Groups, and each image with its duplicates and scores.")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image in a group.")] = False,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a review page of each group's thumbnails.")] = None,
     keep: Annotated[str | None, typer.Option("--keep", help="largest|newest|first: print the others of each group "
                                              "(path, tab, the one kept) as a list to delete; deletes nothing.")] = None,

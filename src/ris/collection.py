@@ -211,18 +211,19 @@ class Collection:
     def index(
         self, paths: Iterable[str | os.PathLike], resync: bool = True, batch_size: int = 32, workers: int | None = None,
         device: str = "auto", threads: int | None = None, progress: Callable[[int, int], Callable[[int], None]] | None = None,
-        ray: str | None = None, shard_size: int = 1024,
+        ray: str | None = None, shard_size: int = 1024, exclude: Iterable[str] = (),
     ) -> IndexReport:  # fmt: skip
         """Bring the collection in line with these folders/files.
 
         resync=True (`ris index`): files gone from these paths are dropped. resync=False (`ris add`):
         only adds or updates. Committed batches survive a crash; the next run resumes after them.
         ray: a Ray address ("local", "auto", "ray://host:10001") to extract on a cluster instead.
+        exclude: globs on paths relative to a scanned folder left out (as its .risignore's; sources.scan).
         """  # fmt: skip
         from . import extract, runtime
 
         paths = list(paths)
-        files = sources.scan(paths)
+        files = sources.scan(paths, exclude)
         self.lock()
         try:
             roots = [str(Path(p).expanduser().absolute()) for p in paths] if resync else []
@@ -249,7 +250,7 @@ class Collection:
             return IndexReport(
                 scanned=len(files), new=report.new, changed=report.changed, removed=report.removed,
                 extracted=times.extracted, skipped=counts["skipped"], images=counts["ok"], times=times,
-                skipped_files=self.catalog.skipped_files(),
+                skipped_files=self.catalog.skipped_files(), ignored=files.ignored,
             )  # fmt: skip
         finally:
             self.unlock()

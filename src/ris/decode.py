@@ -21,12 +21,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from .config import env
 from .errors import DecodeError, RisError
 
-#: Formats we accept, recognised by content (magic bytes), never by extension.
-FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+#: Formats we accept, recognised by content (magic bytes), never by extension: the raster formats Pillow reads
+#: (HEIC/HEIF through pillow-heif, AVIF through Pillow itself), not EPS (which runs Ghostscript) nor Pillow's stubs.
+FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "HEIF", "AVIF", "JPEG2000", "TGA", "QOI", "PCX",
+           "SGI", "PSD", "ICO", "DDS", "IM", "SUN", "XBM")  # fmt: skip
 #: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
 MAX_PIXELS = 178_956_970
 
@@ -37,6 +40,7 @@ DEFAULT_MAX_FILE_MB = 100.0
 MAX_DECODE_BYTES = 768 * 2**20
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+register_heif_opener()  # HEIC/HEIF, every iPhone photo: the maintained libheif plugin, not a decoder of ours
 cv2.setNumThreads(1)  # one decode worker = one core; the model's threads get the rest
 
 

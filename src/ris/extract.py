@@ -89,6 +89,7 @@ class IndexReport:
     images: int
     times: StageTimes
     skipped_files: list[dict[str, str]]
+    ignored: int = 0  # non-image files (sidecars, videos, documents) not tried, by extension
 
 
 @dataclass

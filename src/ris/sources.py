@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -34,12 +35,55 @@ def _source(path: str) -> SourceFile | None:
     return SourceFile(path, st.st_size, st.st_mtime_ns, os.path.basename(os.path.dirname(path)) or None)
 
 
-def _walk(root: str) -> Iterator[str]:
-    """Every regular, non-hidden file below root, in a stable order (sorted per folder).
+#: Files with these extensions (any case) are tried; other extensions (sidecars such as .xmp .json .aae, videos,
+#: documents) are ignored and counted. Files without an extension are tried too: their content decides.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .heic .heif .hif .avif .ppm .pgm .pbm .pnm .jp2 .j2k "
+    ".tga .qoi .pcx .sgi .psd".split()
+)
+#: A file of glob patterns (one a line, '#' comments) in a scanned folder: matching paths are left out.
+IGNORE_FILE = ".risignore"
+
+
+class Scan(list):
+    """scan()'s files (a list of SourceFile) and how many non-image files it ignored."""
+
+    ignored: int = 0
+
+
+def is_image_name(path: str) -> bool:
+    """Whether a file is worth decoding by its name: an image extension, or none at all."""
+    ext = os.path.splitext(os.path.basename(path))[1].lower()
+    return not ext or ext in IMAGE_EXTENSIONS
+
+
+def read_ignore_file(root: str) -> list[str]:
+    """The glob patterns of root's .risignore (none when it has no such file)."""
+    try:
+        text = Path(root, IGNORE_FILE).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def excluded(rel: str, patterns: Iterable[str]) -> bool:
+    """Whether a path relative to the scanned root matches a pattern: a glob on the whole relative path
+    (`raw/*`, `*/tmp`), or, for a pattern without '/', on its name at any depth (`*.tmp`, `Trash`)."""
+    name = os.path.basename(rel)
+    for pat in patterns:
+        pat = pat.strip().rstrip("/")
+        if fnmatch.fnmatchcase(rel, pat) or ("/" not in pat and fnmatch.fnmatchcase(name, pat)):
+            return True
+    return False
+
+
+def _walk(root: str, exclude: Iterable[str] = ()) -> Iterator[str]:
+    """Every regular, non-hidden, not excluded file below root, in a stable order (sorted per folder).
 
     Symlinked folders are followed (photo libraries are often assembled from links), each real
-    folder once, so a link loop cannot recurse forever.
+    folder once, so a link loop cannot recurse forever. exclude: globs on the path relative to root.
     """
+    patterns = [*exclude, *read_ignore_file(root)]
     visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -47,9 +91,11 @@ def _walk(root: str) -> Iterator[str]:
             dirnames[:] = []
             continue
         visited.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not excluded(prefix + d, patterns))
         for name in sorted(filenames):
-            if not name.startswith("."):
+            if not name.startswith(".") and not excluded(prefix + name, patterns):
                 yield os.path.join(dirpath, name)
 
 
@@ -62,23 +108,31 @@ def read_list_file(list_file: str | os.PathLike) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def scan(paths: Iterable[str | os.PathLike]) -> list[SourceFile]:
-    """All files under the given folders (or the given files themselves), deduplicated.
+def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Scan:
+    """The image files under the given folders (or the given files themselves), deduplicated.
 
-    A missing path is an error (the user mistyped), an empty result too: indexing nothing
-    would silently drop every image of an existing collection.
+    In folders, hidden names, paths matching `exclude` or the folder's .risignore (globs on the path
+    relative to it) are left out, and files whose extension is not an image's are counted in
+    `.ignored`, not returned; a file named explicitly is always tried. A missing path is an error
+    (the user mistyped), an empty result too: indexing nothing would silently drop every image of an
+    existing collection.
     """
     max_file_bytes()  # a bad RIS_MAX_FILE_MB fails the run here, not every file in the decode workers
+    exclude = list(exclude)
     found: dict[str, SourceFile] = {}
+    ignored = 0
     for raw in paths:
         root = os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(raw))))
         try:
             is_dir = stat.S_ISDIR(os.stat(root).st_mode)
         except OSError:
             raise RisError(f"no such file or folder: {raw}") from None
-        for path in _walk(root) if is_dir else [root]:
+        for path in _walk(root, exclude) if is_dir else [root]:
             path = os.path.normpath(path)
             if path in found:
+                continue
+            if is_dir and not is_image_name(path):
+                ignored += 1
                 continue
             try:
                 source = _source(path)
@@ -87,5 +141,8 @@ def scan(paths: Iterable[str | os.PathLike]) -> list[SourceFile]:
             if source is not None:
                 found[path] = source
     if not found:
-        raise RisError("no files found in: " + ", ".join(str(p) for p in paths))
-    return sorted(found.values(), key=lambda f: f.path)
+        what = f"no image files found ({ignored} non-image files ignored)" if ignored else "no files found"
+        raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths))
+    result = Scan(sorted(found.values(), key=lambda f: f.path))
+    result.ignored = ignored
+    return result
