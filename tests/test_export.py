@@ -71,6 +71,6 @@ def test_bad_format_and_missing_pyarrow_are_one_line_errors(subset_collection: P
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
-    needs = r"^parquet export needs pyarrow \(pip install pyarrow\)$"
+    needs = r'^parquet export needs pyarrow, which is not installed: pip install "ris\[parquet\]"'
     with Collection.open(subset_collection) as coll, pytest.raises(RisError, match=needs):
         export(coll, tmp_path / "v.parquet", "parquet")

@@ -106,7 +106,7 @@ def test_result_prints_as_table_and_renders_thumbnails(sample_collection: Path) 
     assert lines[0] == f"query: {query}"
     ranks, scores = [], []
     for line in lines[1:]:
-        rank, score, _label, path = line.split(maxsplit=3)
+        rank, score, _similarity, _label, path = line.split(maxsplit=4)
         ranks.append(int(rank))
         scores.append(float(score))
         assert Path(path).is_absolute()

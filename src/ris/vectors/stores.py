@@ -65,8 +65,8 @@ class FaissStore:
         if path.exists():
             try:
                 self._index = index.load(path, mmap=False if writable else None)
-            except RuntimeError as exc:
-                raise RisError(f"{path} is damaged ({str(exc).strip().splitlines()[-1][:120]}); "
+            except RuntimeError:
+                raise RisError(f"collection {path.parent}: its index (generation {path.name.split('.')[1]}) is damaged; "
                                "run `ris reindex` to rebuild it from the catalogue") from None  # fmt: skip
             self.mtime = path.stat().st_mtime_ns
         self._dirty = False
