@@ -84,6 +84,8 @@ def start_milvus(command: str, data: Path) -> tuple[subprocess.Popen, str]:
 
 
 def stop_milvus(proc: subprocess.Popen) -> None:
+    """Stop the server's process group, then whatever it started outside the group: `milvus-server` copies its
+    binary under the data folder (DIR/bin/milvus run standalone), which outlived the group's SIGTERM."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -92,6 +94,13 @@ def stop_milvus(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except ProcessLookupError:
         pass
+    data = proc.args[proc.args.index("--data") + 1] if "--data" in proc.args else None
+    for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) if data else ():
+        try:
+            if data.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 @pytest.fixture(scope="module")
