@@ -33,9 +33,8 @@ FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "HEIF", "A
 #: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
 MAX_PIXELS = 178_956_970
 
-#: Files larger than this many megabytes are refused before they are read (the environment variable wins).
+#: The knob capping the files read, in megabytes (refused before they are read; its default is in ris.config).
 MAX_FILE_ENV = "RIS_MAX_FILE_MB"
-DEFAULT_MAX_FILE_MB = 100.0
 #: Memory one decode may use (decoded pixels plus the working copies of the conversion to RGB): ~65 MP of RGB.
 MAX_DECODE_BYTES = 768 * 2**20
 
@@ -156,7 +155,7 @@ def max_file_bytes() -> int:
     """The largest file read, from RIS_MAX_FILE_MB (megabytes; default 100)."""
     raw = env(MAX_FILE_ENV).strip()
     try:
-        mb = float(raw) if raw else DEFAULT_MAX_FILE_MB
+        mb = float(raw)  # the default (100) is ris.config's
     except ValueError:
         mb = -1.0
     if not (mb > 0 and math.isfinite(mb)):

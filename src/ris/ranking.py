@@ -114,10 +114,13 @@ class Ranker:
         scores, ids, rows = self.nearest(snap, vectors, want, nprobe)
         served = [[(float(sc), rows[int(i)]) for sc, i in zip(srow, irow, strict=True) if int(i) in rows]
                   for srow, irow in zip(scores, ids, strict=True)]  # fmt: skip
-        pool = np.unique([row.id for cands in served for _, row in cands]).astype(np.int64)
-        pool_vectors = self.plain(snap, pool) if len(pool) else np.zeros((0, snap.space.dims), np.float32)
-        sims = [pool_vectors[np.searchsorted(pool, [row.id for _, row in c])] @ plain[q] if c else np.zeros(0)
-                for q, c in enumerate(served)]  # fmt: skip
+        if reordered:  # the served scores compare with augmented or expanded vectors: plain cosines read once for all
+            pool = np.unique([row.id for cands in served for _, row in cands]).astype(np.int64)
+            pool_vectors = self.plain(snap, pool) if len(pool) else np.zeros((0, snap.space.dims), np.float32)
+            sims = [pool_vectors[np.searchsorted(pool, [row.id for _, row in c])] @ plain[q] if c else np.zeros(0)
+                    for q, c in enumerate(served)]  # fmt: skip
+        else:  # the store serves the plain vectors: its scores are the plain cosines (re-scored exactly when approximate)
+            sims = [np.array([score for score, _ in c], np.float32) for c in served]
         by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
         firsts = self._verified_firsts(verify_with, by_plain, threads) if verify_with is not None else [0] * len(served)
         results = []
