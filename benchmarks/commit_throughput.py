@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/commit_throughput.py [--dims 1024] [--images 18000] [--dir /tmp]
 Random float vectors of `dims` dimensions (the default descriptor's stored vector: grid3 features projected
-to 1,024-d, ris.reduce; stored as bfloat16; 11,520 = a small collection's raw grid3 features) for fresh images, committed as the
-extraction's writer thread commits them, then a final WAL checkpoint (the copy into the main file),
+to 1,024-d, ris.vectors.reduce; stored as bfloat16; 11,520 = a small collection's raw grid3 features) for fresh images,
+committed as the extraction's writer thread commits them, then a final WAL checkpoint (the copy into the main file),
 timed together. Tells a slow disk (or fsync) from a slow pipeline: compare with `ris bench`'s write stage.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ris.store import Catalog
+from ris.vectors.catalog import Catalog
 
 
 def pooled_like(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

@@ -11,8 +11,8 @@ import argparse
 import json
 import time
 
-from ris import extract
-from ris.sources import scan
+from ris.extract import pipeline as extract
+from ris.files.sources import scan
 
 
 def main() -> None:

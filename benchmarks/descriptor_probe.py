@@ -5,9 +5,9 @@
 One pass of EfficientNet-Lite0 (PyTorch fp32, 224 px, the project's decode) over the 101 object
 categories keeps each image's last 7x7 map (float16, 1.1 GB in WORKDIR/maps.npy). Every descriptor is
 then pooled from the maps without re-extracting — GeM, R-MAC, n x n grids of GeM cells (the project's
-`ris.networks` functions), other GeM powers, the flattened map, the ImageNet classifier's logits — and
-scored by leave-one-out precision@1/@5 and mAP (`ris.evaluate.leave_one_out`, PCA by
-`ris.reduce.Reducer`): PCA sizes, PCA-whitening, logits fused in, DBA, the labels with Faces/Faces_easy
+`ris.model.networks` functions), other GeM powers, the flattened map, the ImageNet classifier's logits — and
+scored by leave-one-out precision@1/@5 and mAP (`ris.tools.evaluate.leave_one_out`, PCA by
+`ris.vectors.reduce.Reducer`): PCA sizes, PCA-whitening, logits fused in, DBA, the labels with Faces/Faces_easy
 (tight crops of the same photos) merged, DBA and αQE on the grids with and without the anchored first
 result; then copy recall@1 over the transforms of `ris eval --copies`
 for the main candidates. Figures go to stdout as Markdown.
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ris import evaluate
-from ris.bench import machine
-from ris.decode import decode_file, open_image, read_file, resize
-from ris.demo import TRANSFORMS
-from ris.reduce import Reducer, l2_normalize
+from ris.images.decode import decode_file, open_image, read_file, resize
+from ris.tools import evaluate
+from ris.tools.bench import machine
+from ris.tools.demo import TRANSFORMS
+from ris.vectors.reduce import Reducer, l2_normalize
 
 MODEL = "efficientnet-lite0"
 SIZE = 224
@@ -51,7 +51,7 @@ def descriptors(lite) -> dict[str, Callable]:
     """Pooling name -> function of a batch of maps (torch) giving (n, d) features."""
     import torch
 
-    from ris.networks import _gem, grid_gem, regional_gem
+    from ris.model.networks import _gem, grid_gem, regional_gem
 
     return {"gem": _gem, "rmac": regional_gem, "grid": lambda f: grid_gem(f, 2), "grid3": lambda f: grid_gem(f, 3),
             "grid4": lambda f: grid_gem(f, 4), "grid p2": lambda f: grid_gem(f, 2, 2.0), "grid p4": lambda f: grid_gem(f, 2, 4.0),
@@ -97,8 +97,8 @@ def loo_row(name: str, v: np.ndarray, labels: np.ndarray, dba: int = 0, qe: int 
 
 def neighbourhood_rows(feats: dict[str, np.ndarray], labels: np.ndarray) -> None:
     """DBA and αQE on the grid poolings, ranked as served: the first result the plain nearest of the
-    top ANCHOR_POOL (ris.evaluate.anchor_first), and without that anchor."""
-    from ris.ranking import ANCHOR_POOL
+    top ANCHOR_POOL (ris.tools.evaluate.anchor_first), and without that anchor."""
+    from ris.search.ranking import ANCHOR_POOL
 
     print("\n| descriptor (PCA 256), DBA N, αQE n | dims | P@1 | P@5 | mAP |\n|---|---|---|---|---|")
     for name in ("grid", "grid3"):
@@ -113,7 +113,7 @@ def confusions(v: np.ndarray, labels: np.ndarray, top: int = 8) -> None:
     """The label pairs behind most wrong top-5 neighbours (query label -> neighbour label)."""
     from collections import Counter
 
-    from ris import index
+    from ris.vectors import faiss_index as index
 
     _, nn = index.search(index.flat(v), v, 6)
     wrong = Counter((labels[i], labels[j]) for i, row in enumerate(nn) for j in row[row != i][:5] if labels[j] != labels[i])
@@ -146,8 +146,8 @@ def copy_rows(paths: list[str], feats: dict[str, np.ndarray], lite, pools: dict[
 def multiscale_rows(maps: np.ndarray, paths: list[str], labels: np.ndarray, lite, work: Path, scales: list[int]) -> None:
     """Multi-scale extraction: the grid3 descriptor of the image at other input sizes too (maps cached per
     size), each L2-normalised, summed; plain and as served with DBA 10. Model cost grows with the pixels."""
-    from ris.networks import grid_gem
-    from ris.ranking import ANCHOR_POOL
+    from ris.model.networks import grid_gem
+    from ris.search.ranking import ANCHOR_POOL
 
     def grid3_of(m: np.ndarray) -> np.ndarray:
         return l2_normalize(pooled(m, lambda f: grid_gem(f, 3)))
@@ -179,7 +179,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from ris.networks import BUILDERS
+    from ris.model.networks import BUILDERS
 
     torch.set_num_threads(2)
     net, _ = BUILDERS["lite"](MODEL, "rmac", None)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ris.bench import machine
+from ris.tools.bench import machine
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
 # Faces/Faces_easy hold the same photos cropped differently; BACKGROUND_Google is not one class.
@@ -58,7 +58,7 @@ def _rotscale(src: Path, dst: Path) -> None:
 
     import numpy as np
 
-    from ris.edits import _rotate, _scale
+    from ris.images.edits import _rotate, _scale
 
     rng = np.random.default_rng(zlib.crc32(src.name.encode()))
     img = Image.open(src).convert("RGB")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ris.collection import Collection
-    from ris.dupes import find_duplicates
+    from ris.tools.dupes import find_duplicates
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ris-dupes-"))
     origin = make_dataset(work / "images", args.originals, args.copies_per_kind)

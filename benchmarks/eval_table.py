@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ris import evaluate
-from ris.bench import machine
 from ris.collection import Collection
-from ris.ranking import ANCHOR_POOL
+from ris.search.ranking import ANCHOR_POOL
+from ris.tools import evaluate
+from ris.tools.bench import machine
 
 CONFIGS = {  # name: model, pooling, precision, DBA neighbours, verified first result
     "lite0-avg-fp32": ("efficientnet-lite0", "avg", "fp32", 0, False),

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import torch
 
-from ris import extract, runtime
-from ris.sources import scan
+from ris.extract import pipeline as extract
+from ris.files.sources import scan
+from ris.model import runtime
 
 
 def features(items, ext, size: int) -> dict[int, np.ndarray]:

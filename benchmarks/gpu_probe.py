@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ris.collection import Collection
-from ris.sources import scan
-from ris.store import Catalog
+from ris.files.sources import scan
+from ris.vectors.catalog import Catalog
 
 
 def commit_seconds(folder: str, root: str) -> float:

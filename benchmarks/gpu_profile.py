@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ris import decode, models, torch_runtime
+from ris.images import decode
+from ris.model import registry as models, torch_runtime
 
 
 def model_only(name: str, precision: str, channels_last: bool, batch: int = 256, iters: int = 20) -> float:

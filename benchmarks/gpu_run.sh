@@ -29,7 +29,7 @@ def make(job):
 with cf.ProcessPoolExecutor(16) as ex:
     list(ex.map(make, jobs, chunksize=32))
 import torch
-from ris.networks import VGG16
+from ris.model.networks import VGG16
 torch.manual_seed(0)
 torch.save(VGG16().state_dict(), "/tmp/vgg16-random.pth")  # speed only: random weights
 print("images:", sum(len(fs) for _, _, fs in os.walk(dst)))

@@ -7,7 +7,7 @@ Usage (from the repository root):
 
 Data: N unit 256-d vectors from a mixture of Gaussians (1,000 centres, spread varying per centre, so
 neighbourhoods look like real features rather than uniform noise), 1% of them planted as near-copies of
-others (for the duplicate search), and queries drawn the same way. Through `ris.index.search` on an
+others (for the duplicate search), and queries drawn the same way. Through `ris.vectors.faiss_index.search` on an
 IDMap2,Flat index (ids not rows) it times, CPU (FAISS, device="cpu") against the device
 (device="cuda": PyTorch, or FAISS GPU where the build has it; float32 and float16 storage):
   - a batch of queries (k = 10), and the first call's upload of the vectors;
@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from ris import evaluate, index  # noqa: E402
-from ris.dupes import similar_pairs  # noqa: E402
+from ris.tools import evaluate
+from ris.tools.dupes import similar_pairs  # noqa: E402
+from ris.vectors import faiss_index as index  # noqa: E402
 
 DIMS, CENTRES = 256, 1000
 

@@ -105,8 +105,8 @@ def in_process(work: Path) -> dict:
 
 
 def batching(coll_path: Path, n_queries: int, n_base: int, extra: int) -> list[dict]:
-    from ris import index
     from ris.collection import Collection
+    from ris.vectors import faiss_index as index
 
     # the Caltech files themselves (with --qualities: each once, whatever its re-encodings), not in the collection
     queries = list(dict.fromkeys(str(p if p.exists() else p.with_name(p.name.split("_", 1)[1]))
@@ -152,7 +152,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     global STRIDE
-    from ris.bench import machine
+    from ris.tools.bench import machine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)

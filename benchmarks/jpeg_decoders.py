@@ -19,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ris.bench import machine
-from ris.decode import decode_bytes, read_file
+from ris.images.decode import decode_bytes, read_file
+from ris.tools.bench import machine
 
 
 def simplejpeg_decode(data: bytes, size: int) -> np.ndarray:

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from scale import Generator  # this folder (run as a script)
 
-from ris import index
 from ris.collection import Collection
-from ris.sources import SourceFile
+from ris.files.sources import SourceFile
+from ris.vectors import faiss_index as index
 
 K = 10
 CHUNK = 200_000

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from ris.bench import machine
+from ris.tools.bench import machine
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
 CATEGORIES = ("accordion", "airplanes", "anchor", "ant", "barrel", "bonsai", "brain", "butterfly", "camera", "chair",
@@ -51,7 +51,7 @@ def caltech(offset: int, count: int) -> list[Path]:
 def build_collection(root: Path) -> Path:
     """Sample photos plus a few images per Caltech category (about 100 images, seconds)."""
     from ris.collection import Collection
-    from ris.demo import sample_paths
+    from ris.tools.demo import sample_paths
 
     path = root / "bench.ris"
     with Collection.create(path) as coll:

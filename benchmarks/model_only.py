@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ris import runtime
-from ris.bench import machine
-from ris.decode import decode_file
+from ris.images.decode import decode_file
+from ris.model import runtime
+from ris.tools.bench import machine
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ris import extract, runtime
-from ris.bench import machine
+from ris.extract import pipeline as extract
+from ris.model import runtime
+from ris.tools.bench import machine
 
 
 def main() -> None:

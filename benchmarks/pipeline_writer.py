@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from commit_throughput import pooled_like  # this folder (run as a script)
 
-from ris import extract
-from ris.sources import scan
-from ris.store import Catalog
+from ris.extract import pipeline as extract
+from ris.files.sources import scan
+from ris.vectors.catalog import Catalog
 
 
 class StandIn:

@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ris.bench import machine
 from ris.collection import Collection
-from ris.sources import scan
+from ris.files.sources import scan
+from ris.tools.bench import machine
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
 
@@ -51,7 +51,7 @@ def local_run(files: list[str], where: Path, batch_size: int) -> dict[str, float
 
 
 def ray_run(files: list[str], where: Path, batch_size: int, shard_size: int, address: str | None) -> dict[str, float]:
-    from ris.distributed import SHARD_DIR, ray_extract
+    from ris.extract.ray import SHARD_DIR, ray_extract
 
     with Collection.open_or_create(where) as coll:
         start = time.perf_counter()

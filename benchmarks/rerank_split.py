@@ -1,7 +1,7 @@
 """Re-ranking on a fair split: half of each class is the database, the other half queries it.
 
 Usage: python benchmarks/rerank_split.py COLLECTION
-Compares plain cosine, DBA (ris.dba, database only) and diffusion (Iscen et al. 2017: mutual-kNN graph
+Compares plain cosine, DBA (ris.vectors.dba, database only) and diffusion (Iscen et al. 2017: mutual-kNN graph
 of the database, each query's top-kq similarities^3 diffused by (I - αS) f = y, solved by block
 conjugate gradient) by precision@1/@5 and mAP over the 101 object categories. No query is in the
 database, so no method can see it there.
@@ -15,8 +15,9 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from ris import dba, evaluate
 from ris.collection import Collection
+from ris.tools import evaluate
+from ris.vectors import dba
 
 DIFFUSION = [(30, 5, 0.8), (30, 5, 0.9), (15, 5, 0.9), (30, 5, 0.95), (30, 3, 0.9), (30, 10, 0.9)]  # K, kq, α
 

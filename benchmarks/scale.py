@@ -14,7 +14,7 @@ are below the real ones at 9k.) Queries are fresh vectors drawn the same way.
 
 Vectors are generated in chunks and written to a float32 file (never all in RAM); the ground truth
 (exact top-10 by inner product for the queries) is kept up to date chunk by chunk. Each index is
-built in a child process (so its peak RSS is its own) through ris.index.create + reconcile, the
+built in a child process (so its peak RSS is its own) through ris.vectors.faiss_index.create + reconcile, the
 code collections use, and searched in another child that opens it as ris does (memory-mapped when
 large). Prints a markdown table; --json writes the rows.
 """
@@ -158,7 +158,7 @@ def rss_mb() -> float:
 
 
 def child_build(work: Path, factory: str, n: int, dims: int, out: Path) -> dict:
-    from ris import index
+    from ris.vectors import faiss_index as index
 
     t0 = time.perf_counter()
     idx = index.create(dims, index.resolve(factory, n))
@@ -171,7 +171,7 @@ def child_build(work: Path, factory: str, n: int, dims: int, out: Path) -> dict:
 def child_search(work: Path, path: Path, nprobes: list[int], batch: int, refine: int) -> list[dict]:
     """Latency, recall and RSS; refine > 0: refine x k candidates re-scored with exact vectors read from the
     data file, as ris re-scores them with the catalogue's features (index.rerank)."""
-    from ris import index
+    from ris.vectors import faiss_index as index
 
     queries = np.load(work / "queries.npy")
     gt = np.load(work / "gt.npy")
@@ -272,7 +272,7 @@ def main() -> None:
     for factory in args.factories.split(";"):
         path = work / (factory.replace(",", "_").replace("(", "").replace(")", "") + ".faiss")
         built = run_child("_build", str(work), factory, str(args.n), str(real.shape[1]), str(path))
-        from ris import index
+        from ris.vectors import faiss_index as index
 
         name = index.resolve(factory, args.n) + (" (auto)" if factory == index.AUTO else "")
         for refine in ["0", *args.refine.split(",")] if args.refine else ["0"]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ris.collection import Collection
-from ris.dupes import RAW_THRESHOLD, default_threshold, find, find_duplicates, group_indices, similar_pairs, to_delete
+from ris.tools.dupes import RAW_THRESHOLD, default_threshold, find, find_duplicates, group_indices, similar_pairs, to_delete
 
 from .conftest import CALTECH, run_cli
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import extract
-from ris.decode import decode_file
+from ris.extract import pipeline as extract
+from ris.images.decode import decode_file
 
 from .conftest import caltech_files
 

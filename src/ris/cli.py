@@ -63,8 +63,8 @@ class PreparationDisplay:
         self.task = None
 
     def __call__(self, event) -> None:
-        from .models import cache_dir
-        from .runtime import STEP_TEXT
+        from .model.registry import cache_dir
+        from .model.runtime import STEP_TEXT
 
         if event.step == "ready":
             self._stop()
@@ -122,7 +122,7 @@ def progress_bar(enabled: bool = True, before: Callable[[], object] | None = Non
 
 
 def _paths(paths: list[str] | None, from_list: Path | None) -> list[str]:
-    from .sources import read_list_file
+    from .files.sources import read_list_file
 
     items = list(paths or [])
     if from_list:
@@ -220,7 +220,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     if batch_size < 1:
         raise RisError("--batch-size must be at least 1")
     if ray is not None:  # a wrong address form is told before a collection is created
-        from .distributed import check_address
+        from .extract.ray import check_address
 
         check_address(ray)
     for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
@@ -284,7 +284,7 @@ def _download(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
-    from .decode import MAX_FILE_ENV, max_file_bytes
+    from .images.decode import MAX_FILE_ENV, max_file_bytes
 
     cap = max_file_bytes()
     try:
@@ -301,7 +301,7 @@ def _query(arg: str) -> str | bytes:
     """A query argument as Collection.search takes it: '-' reads the image from stdin, an http(s) URL is
     downloaded, anything else is a path."""
     if arg == "-":
-        from .decode import max_file_bytes
+        from .images.decode import max_file_bytes
 
         cap = max_file_bytes()
         data = sys.stdin.buffer.read(cap + 1)
@@ -361,7 +361,7 @@ def search(
     cosine similarity of query and image, 1 = identical); they differ where DBA, query expansion or
     verification re-rank."""
     from .collection import Collection
-    from .render import grid_png, results_html
+    from .tools.render import grid_png, results_html
 
     if fmt not in ("table", "json", "paths"):
         raise RisError(f"--format must be table, json or paths, not {fmt!r}")
@@ -412,8 +412,8 @@ def demo(
 ) -> None:
     """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
-    from .demo import make_queries, sample_paths
-    from .render import grid_png, results_html
+    from .tools.demo import make_queries, sample_paths
+    from .tools.render import grid_png, results_html
 
     files = [str(p) for p in sample_paths()]
     err.print(f"indexing {len(files)} sample photos bundled with ris …")
@@ -456,10 +456,10 @@ def evaluate(
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
 
     A collection with --dba is evaluated as it serves: an augmented database, plain queries; in
-    leave-one-out no database vector holds the query itself (ris.dba.without_query).
+    leave-one-out no database vector holds the query itself (ris.vectors.dba.without_query).
     """
-    from . import evaluate as ev
     from .collection import Collection
+    from .tools import evaluate as ev
 
     ks = sorted({1, 5, 10, k})
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
@@ -505,8 +505,8 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one line of JSON.")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
-    from .bench import run_bench
-    from .models import DEFAULT_POOLING
+    from .model.registry import DEFAULT_POOLING
+    from .tools.bench import run_bench
 
     result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit,
                        baseline_weights, pooling or DEFAULT_POOLING)  # fmt: skip
@@ -579,7 +579,7 @@ def map_(
 
     Needs the map extra (scikit-learn's t-SNE, SciPy): pip install "ris[map]".
     """
-    from .maps import make_map
+    from .tools.maps import make_map
 
     written, drawn, total = make_map(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
     err.print(f"wrote {written[0]} ({drawn} of {total} images, {method})", highlight=False, markup=False)
@@ -604,7 +604,7 @@ def dupes(
 
     Each group is a representative and the images at or above the threshold against it (no chains of
     look-alikes); its similarity is the lowest of theirs to the representative."""
-    from .dupes import dupes_command
+    from .tools.dupes import dupes_command
 
     dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
                   html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
@@ -618,7 +618,7 @@ def export(
 ) -> None:
     """Write features and metadata for other tools."""
     from .collection import Collection
-    from .export import export as write_export
+    from .tools.export import export as write_export
 
     with Collection.open(collection) as coll:  # stdout stays clean: the note goes to stderr
         n = coll.info()["images"]
@@ -638,7 +638,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     import logging
 
-    from .runtime import preparation_listener
+    from .model.runtime import preparation_listener
 
     _bytes_safe_streams()
     handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines

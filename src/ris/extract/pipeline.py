@@ -22,15 +22,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decode import decode_bytes, decode_file, decode_jpegs_on_device, read_file
-from .errors import DecodeError
+from ..errors import DecodeError
+from ..images.decode import decode_bytes, decode_file, decode_jpegs_on_device, read_file
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     """What an extraction engine needs to run a collection's model anywhere (this process or a cluster node).
 
-    Engines (the local pipeline below, `ris.distributed` on Ray) receive this and a `Sink`, never the
+    Engines (the local pipeline below, `ris.extract.ray` on Ray) receive this and a `Sink`, never the
     Collection: they read files and produce features; the collection decides what to keep.
     """
 

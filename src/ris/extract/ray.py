@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DecodeError, RisError
-from .extract import ModelSettings, Sink, StageTimes
-from .store import from_stored
+from ..errors import DecodeError, RisError
+from ..vectors.catalog import from_stored
+from .pipeline import ModelSettings, Sink, StageTimes
 
 SHARD_DIR = "ray-shards"
 LOCAL = "local"
@@ -78,7 +78,7 @@ def plan_shards(items: Sequence[tuple[int, str]], shard_size: int, identity: str
 
 def save_shard(shard: Shard, directory: Path, raw_dims: int) -> Path:
     """Write atomically (temp file + rename): a shard file on disk is always whole."""
-    from .store import as_stored
+    from ..vectors.catalog import as_stored
 
     path = directory / shard.name
     tmp = path.with_name(path.name + ".tmp")
@@ -118,7 +118,7 @@ def merge_shard(sink: Sink, shard: Shard) -> int:
 
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """CPU task: read, hash and decode files; failures keep their row with a reason (zero pixels)."""
-    from .extract import _decode_job
+    from .pipeline import _decode_job
 
     results = [_decode_job((int(i), str(p), size)) for i, p in zip(batch["id"], batch["path"], strict=True)]
     blank = np.zeros((size, size, 3), np.uint8)
@@ -143,7 +143,7 @@ class ModelActor:
     """Loads the collection's model once per actor; features for the decoded rows of each batch."""
 
     def __init__(self, settings: dict[str, Any]):
-        from . import runtime
+        from ..model import runtime
 
         self.extractor, digest = runtime.load_extractor(
             settings["model"], settings["pooling"], settings["weights"], device=settings["device"],
@@ -362,7 +362,7 @@ def ray_extract(
 
 def _check_weights(m: ModelSettings) -> None:
     """Load the model here once: a weights mismatch fails before any actor starts, and the export is cached."""
-    from . import runtime
+    from ..model import runtime
 
     _, digest = runtime.load_extractor(m.model, m.pooling, m.weights, device="cpu", precision=m.precision, threads=1,
                                        runtime=m.cpu_runtime)  # fmt: skip
@@ -412,7 +412,7 @@ class DriverActor:
 
     def next(self) -> tuple[Shard | None, StageTimes]:
         """The next shard (features as stored: bfloat16 bits, half the bytes over the wire) and the times so far."""
-        from .store import as_stored
+        from ..vectors.catalog import as_stored
 
         shard = next(self.shards, None)
         if shard is not None:

@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import CollectionLocked, RisError
+from ..errors import CollectionLocked, RisError
 
 #: Lock descriptors this process holds. A forked child (a decode worker) closes its copies at once: flock
 #: belongs to the open file, so a worker outliving a killed writer would otherwise keep the collection locked.

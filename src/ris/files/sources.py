@@ -9,8 +9,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .decode import max_file_bytes
-from .errors import RisError
+from ..errors import RisError
+from ..images.decode import max_file_bytes
 
 
 @dataclass(frozen=True)

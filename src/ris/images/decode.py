@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from .config import env
-from .errors import DecodeError, RisError
+from ..config import env
+from ..errors import DecodeError, RisError
 
 #: Formats we accept, recognised by content (magic bytes), never by extension: the raster formats Pillow reads
 #: (HEIC/HEIF through pillow-heif, AVIF through Pillow itself), not EPS (which runs Ghostscript) nor Pillow's stubs.

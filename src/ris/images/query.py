@@ -7,8 +7,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ..errors import DecodeError, RisError
 from .decode import open_image, read_file, resize
-from .errors import DecodeError, RisError
 
 Query = str | os.PathLike | Image.Image | np.ndarray | bytes
 

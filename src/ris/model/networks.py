@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import extras
-from .errors import RisError
-from .models import (
+from .. import extras
+from ..errors import RisError
+from .registry import (
     CAFFE_MEAN_BGR,
     GEM_P,
     GRID_CELLS,
@@ -34,7 +34,7 @@ from .models import (
     lite_weights_path,
     resolve_vgg16_weights,
     weights_digest,
-)  # fmt: skip
+)
 
 
 class FeatureNet(nn.Module):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import extras
-from .config import env
-from .errors import RisError
+from .. import extras
+from ..config import env
+from ..errors import RisError
 
 POOLINGS = ("avg", "gem", "rmac", "grid", "grid3")
 #: Grid poolings: cells per side (GeM of each cell, concatenated).
@@ -252,7 +252,7 @@ def weights_digest(name: str, weights: str | None = None) -> str:
 def __getattr__(name: str):
     """The networks' names (VGG16, FeatureNet, …) stay reachable as models.X, importing PyTorch then.
 
-    Dunder probes (`from ris.models import x` asks for __path__) are plain misses: they must not import PyTorch."""
+    Dunder probes (`from ris.model.registry import x` asks for __path__) are plain misses: they must not import PyTorch."""
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import networks

@@ -28,9 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
-from . import extras, models
-from .config import env
-from .errors import RisError
+from .. import extras
+from ..config import env
+from ..errors import RisError
+from . import registry as models
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -247,8 +248,8 @@ CALIBRATION_BATCH = 16
 
 def calibration_batches(input_size: int, count: int = CALIBRATION_IMAGES, batch: int = CALIBRATION_BATCH) -> Iterator[np.ndarray]:
     """Real photos (the bundled samples) under crops and flips: what int8 scales are fitted to."""
-    from .decode import resize
-    from .demo import sample_images
+    from ..images.decode import resize
+    from ..tools.demo import sample_images
 
     rng = np.random.default_rng(0)
     images = [img for _, img in sample_images()]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import env
+from ..config import env
 
 
 @dataclass

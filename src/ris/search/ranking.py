@@ -4,7 +4,7 @@ The served order comes from the store (DBA-augmented vectors when the collection
 result is the image nearest to the query by its own (plain) vector: DBA and αQE favour an image's class
 over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on Caltech-101), so the
 first place goes to the plain nearest of the served top ANCHOR_POOL, or to the one of the 5 plain nearest
-that geometric verification confirms (ris.verify); the rest follow in served order.
+that geometric verification confirms (ris.search.verify); the rest follow in served order.
 
 Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
 ranked it: the served score, never increasing down the list (a first result promoted as the query's
@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from . import index
-from .evaluate import QE_ALPHA
-from .query import Query, query_image
-from .search import Match, SearchResult
-from .store import Catalog, ImageRow
-from .vectors.derived import Derived, Snapshot
+from ..images.query import Query, query_image
+from ..tools.evaluate import QE_ALPHA
+from ..vectors import faiss_index as index
+from ..vectors.catalog import Catalog, ImageRow
+from ..vectors.derived import Derived, Snapshot
+from .results import Match, SearchResult
 
 #: With DBA or αQE, the first result is the plain nearest among this many served candidates.
 ANCHOR_POOL = 32

@@ -66,7 +66,7 @@ class SearchResult:
 
 def thumbnail_data_uri(source: str | Path | Image.Image, size: int = 160) -> str:
     """A JPEG thumbnail as a data: URI (self-contained pages, no file server needed)."""
-    from .decode import thumbnail
+    from ..images.decode import thumbnail
 
     img = thumbnail(source if isinstance(source, Image.Image) else str(source), size)
     buf = io.BytesIO()

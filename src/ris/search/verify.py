@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import DecodeError, RisError
+from ..errors import DecodeError, RisError
 
 #: Candidates checked per query, keypoints per image, longest side they are found at.
 TOP = 5
@@ -84,7 +84,7 @@ class Verifier:
 
     def _candidate(self, path: str) -> Features:
         """A candidate's keypoints (cached); none when its file can no longer be decoded."""
-        from .decode import open_image, read_file
+        from ..images.decode import open_image, read_file
 
         with self._lock:
             if path in self._cache:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import models, runtime
-from .errors import RisError
-from .sources import scan
+from ..errors import RisError
+from ..files.sources import scan
+from ..model import registry as models, runtime
 
 INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
@@ -155,7 +155,7 @@ def run_bench(
     pooling: str = models.DEFAULT_POOLING,
 ) -> dict[str, Any]:
     """Index `folder` into a throwaway collection and run the baseline on a prefix of the same files."""
-    from .collection import Collection
+    from ..collection import Collection
 
     files = [f.path for f in scan([folder])]
     if limit:

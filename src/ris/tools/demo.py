@@ -25,7 +25,7 @@ def sample_paths() -> list[Path]:
 
 
 def sample_images() -> list[tuple[Path, Image.Image]]:
-    from .decode import open_image
+    from ..images.decode import open_image
 
     return [(path, open_image(path.read_bytes())) for path in sample_paths()]
 
@@ -75,7 +75,7 @@ DEMO_QUERIES = (("chelsea.jpg", "crop"), ("rocket.jpg", "flip"), ("coffee.jpg", 
 
 def make_queries(out_dir: Path) -> list[tuple[Path, Path]]:
     """Write the demo's query images; returns (query path, original path) pairs."""
-    from .decode import open_image
+    from ..images.decode import open_image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = []

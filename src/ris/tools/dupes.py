@@ -2,7 +2,7 @@
 
 Exact copies come straight from the catalogue's sha256. Near-duplicates come from one batched
 self-search of the collection's vectors (`index.range_search` in blocks, so memory stays bounded and
-no Python loop runs over pairs; on a GPU when one is present, see ris.index: RIS_SEARCH_DEVICE);
+no Python loop runs over pairs; on a GPU when one is present, see ris.vectors.faiss_index: RIS_SEARCH_DEVICE);
 every pair at or above the threshold joins a union-find, and each connected component becomes one group.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import index
-from .errors import RisError
-from .store import ImageRow
+from ..errors import RisError
+from ..vectors import faiss_index as index
+from ..vectors.catalog import ImageRow
 
 #: Cosine similarity at or above which two images count as near-duplicates. Chosen by measurement
 #: (benchmarks/dupes_precision.py, 500 Caltech-101 originals + 160 copies, grid pooling, PCA 256): at 0.88
@@ -181,8 +181,8 @@ def confirm_pairs(rows: list[ImageRow], vectors: np.ndarray, threshold: float, d
     images' keypoints found once; a mirrored view too), on the CPU threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import runtime
-    from .verify import Verifier, query_views
+    from ..model import runtime
+    from ..search.verify import Verifier, query_views
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     sims, top = index.search(index.flat(x), x, min(len(x), VERIFY_NEIGHBOURS + 1), device=device)
@@ -193,7 +193,7 @@ def confirm_pairs(rows: list[ImageRow], vectors: np.ndarray, threshold: float, d
     verifier = Verifier(cache_size=len(x) + 1)
 
     def check(pair: tuple[int, int]) -> int:
-        from .decode import open_image, read_file
+        from ..images.decode import open_image, read_file
 
         try:
             img = open_image(read_file(rows[pair[0]].path))
@@ -324,7 +324,7 @@ def to_text(groups: list[DupeGroup], n_images: int) -> str:
 
 def to_html(groups: list[DupeGroup], out: str | Path, n_images: int) -> Path:
     """A self-contained page: each group's thumbnails in a row, the representative first, similarities under."""
-    from .search import thumbnail_figure
+    from ..search.results import thumbnail_figure
 
     sections = []
     for n, g in enumerate(groups, 1):
@@ -352,7 +352,7 @@ def dupes_command(collection: str | os.PathLike, threshold: float | None = None,
     --keep prints the paths to delete (tab, the path kept), deleting nothing."""
     import sys
 
-    from .collection import Collection
+    from ..collection import Collection
 
     if sum((as_json, as_csv, keep is not None)) > 1:
         raise RisError("choose one of --json, --csv and --keep")

@@ -2,7 +2,7 @@
 
 Each labelled image queries all the others; a neighbour is relevant when it has the query's label.
 Rankings come from `index.search` over the vectors in query blocks (never a Python double loop), so
-they run on a GPU when one is present (see ris.index: RIS_SEARCH_DEVICE) and on the CPU otherwise.
+they run on a GPU when one is present (see ris.vectors.faiss_index: RIS_SEARCH_DEVICE) and on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import index
-from .errors import RisError
+from ..errors import RisError
+from ..vectors import faiss_index as index
 
 #: Caltech-101's clutter folder is not a category; it is left out of the figures.
 DEFAULT_EXCLUDE = ("BACKGROUND_Google",)
@@ -110,14 +110,14 @@ def leave_one_out(
     """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
 
     qe > 0 expands each query with its qe nearest other images first (αQE, as `search` does).
-    dba > 0 ranks against a database augmented as a collection with `--dba` holds it (ris.dba), each
+    dba > 0 ranks against a database augmented as a collection with `--dba` holds it (ris.vectors.dba), each
     database vector rebuilt without the query among its neighbours (what it would be had the query
     never been indexed); queries stay plain. anchor > 0: the plain nearest of the first `anchor` ranked
     goes first (as served with DBA or αQE, see anchor_first). others: the collection's unlabelled vectors, which take
     part as DBA neighbours but are not ranked.
     device: where the rankings are computed (`index.search`; default RIS_SEARCH_DEVICE, else auto).
     """
-    from . import dba as dba_mod
+    from ..vectors import dba as dba_mod
 
     names, y = np.unique(np.asarray(labels), return_inverse=True)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -179,10 +179,10 @@ def evaluate_collection(
     the index holds it, and in leave-one-out no database vector holds the query itself (dba.without_query).
     progress: as for Collection.index, a factory (total, total) -> tick.
     """
-    from . import dba as dba_mod
-    from .errors import RisError
-    from .ranking import ANCHOR_POOL
-    from .sources import scan
+    from ..errors import RisError
+    from ..files.sources import scan
+    from ..search.ranking import ANCHOR_POOL
+    from ..vectors import dba as dba_mod
 
     rows, vecs = coll.vectors()
     keep = labelled([r.label for r in rows], exclude)
@@ -234,13 +234,13 @@ def queries_against(
                       float(np.concatenate(ap).mean()))  # fmt: skip
 
 
-#: The copy sets `copy_detection` knows: the mild transforms of ris.demo, and ris.edits' two families.
+#: The copy sets `copy_detection` knows: the mild transforms of ris.tools.demo, and ris.images.edits' two families.
 COPY_SETS = ("mild", "harsh", "heldout")
 
 
 def copy_edits(copy_set: str) -> dict[str, Callable]:
     """name -> edit (picture, generator, other picture) of one copy set, or of all of them ("all")."""
-    from . import edits
+    from ..images import edits
     from .demo import TRANSFORMS
 
     if copy_set == "all":
@@ -256,9 +256,9 @@ def make_copies(rows: Sequence, n: int, seed: int, copy_set: str, load: Callable
                 only: Sequence[str] | None = None):  # fmt: skip
     """(picked rows, {edit name: [copy of each picked row]}): n rows drawn at random, each edited every way.
 
-    Each copy's parameters come from (seed, edit, item) (ris.edits.rng_for); pictures pasted around a copy
+    Each copy's parameters come from (seed, edit, item) (ris.images.edits.rng_for); pictures pasted around a copy
     (backgrounds, collage tiles) are other rows than the original. only: these edits of the set alone."""
-    from .edits import rng_for
+    from ..images.edits import rng_for
 
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
@@ -289,13 +289,13 @@ def copy_detection(
 ) -> dict[str, dict[str, float]]:
     """Recall@1/@k of finding an indexed image from an edited copy of it, per edit, searched as `ris search` does.
 
-    `n` indexed images are drawn at random (seed); each gets every edit of the copy set: "mild" (ris.demo's
+    `n` indexed images are drawn at random (seed); each gets every edit of the copy set: "mild" (ris.tools.demo's
     crop, flip, JPEG, half size, rotation by 10, brightness, border, grey, caption), "harsh" or "heldout"
-    (ris.edits: chained edits with random parameters per image), or "all". "all" in the report is the mean
+    (ris.images.edits: chained edits with random parameters per image), or "all". "all" in the report is the mean
     over the edits; with several sets, "all <set>" the mean over each.
-    verify (default: the collection's): the first result is chosen by geometric verification (ris.verify).
+    verify (default: the collection's): the first result is chosen by geometric verification (ris.search.verify).
     """
-    from .decode import open_image, read_file
+    from ..images.decode import open_image, read_file
 
     rows = coll.catalog.all_rows()
     picked, copies = make_copies(rows, n, seed, copy_set, lambda path: open_image(read_file(path)))

@@ -2,8 +2,8 @@
 
 npy: a folder with features.npy (the reduced float32 vectors the index compares), stored_vectors.npy
 (what the catalogue keeps per image, float32: the model's raw features in a small collection, their
-stage-1 projection in a larger one; see ris.reduce), ids.npy, metadata.jsonl (id, path, label, sha256; one line per row, in
-the arrays' order) and a copy of manifest.json. parquet: one file with columns id, path, label,
+stage-1 projection in a larger one; see ris.vectors.reduce), ids.npy, metadata.jsonl (id, path, label, sha256; one line
+per row, in the arrays' order) and a copy of manifest.json. parquet: one file with columns id, path, label,
 sha256, vector (list<float32>), the manifest in the schema metadata. Files are written to a
 temporary name and renamed, so an interrupted export never leaves a half-written file behind.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_with
-from .errors import RisError
-from .extras import install_hint
-from .store import displayed
+from ..errors import RisError
+from ..extras import install_hint
+from ..files.atomic import write_with
+from ..vectors.catalog import displayed
 
 FORMATS = ("npy", "parquet")
 

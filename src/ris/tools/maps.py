@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import extras
-from .decode import thumbnail
-from .errors import RisError
+from .. import extras
+from ..errors import RisError
+from ..images.decode import thumbnail
 
 METHODS = ("tsne", "pca")
 MIN_IMAGES = 3  # t-SNE needs perplexity < n - 1; fewer points make no map anyway
@@ -274,7 +274,7 @@ def make_map(collection: str | os.PathLike, out_file: str | os.PathLike, method:
     """`ris map`: the collection (at most `limit` images) as a PNG grid of thumbnails (and an HTML page).
 
     Returns (files written, images drawn, images in the collection)."""
-    from .collection import Collection
+    from ..collection import Collection
 
     if method not in METHODS:
         raise RisError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .decode import thumbnail
-from .search import SearchResult, thumbnail_figure
+from ..images.decode import thumbnail
+from ..search.results import SearchResult, thumbnail_figure
 
 THUMB = 160
 CAPTION = 34

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RisError
-from .sources import SourceFile
+from ..errors import RisError
+from ..files.sources import SourceFile
 
 SCHEMA_VERSION = 2
 #: Stored vectors are bfloat16 (float32's top 16 bits, rounded to nearest even), kept as uint16: 2 bytes a

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import index
-from .atomic import write_with
+from ..files.atomic import write_with
+from . import faiss_index as index
 
 #: Neighbour weight exponent (sim^α; the vector's own weight is 1). Chosen on Caltech-101 (RESULTS.md).
 DBA_ALPHA = 3.0

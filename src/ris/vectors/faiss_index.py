@@ -50,9 +50,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .atomic import write_with
-from .config import env
-from .errors import RisError
+from ..config import env
+from ..errors import RisError
+from ..files.atomic import write_with
 
 #: The index described FAISS-style (see faiss.index_factory); stored in the manifest.
 EXACT_FACTORY = "IDMap2,Flat"
@@ -395,7 +395,7 @@ def release(index: faiss.Index) -> None:
 
 def _cuda() -> bool:
     """runtime.cuda_available: on a CPU-only Linux machine answered without importing PyTorch (1.4 s)."""
-    from .runtime import cuda_available
+    from ..model.runtime import cuda_available
 
     return cuda_available()
 

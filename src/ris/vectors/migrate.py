@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import CollectionLocked, RisError
+from ..manifest import FORMAT_VERSION
 from . import reduce
-from .errors import CollectionLocked, RisError
-from .manifest import FORMAT_VERSION
+from .catalog import Catalog
 from .reduce import Projection, projects
-from .store import Catalog
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from ..collection import Collection
 
 log = logging.getLogger("ris")
 

@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .config import env
-from .errors import RisError
-from .store import ImageRow
+from ..config import env
+from ..errors import RisError
+from .catalog import ImageRow
 
 LITE = "milvus-lite://"
 SERVER = "milvus://"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_with
-from .errors import RisError
+from ..errors import RisError
+from ..files.atomic import write_with
 
 DEFAULT_DIMS = 256
 

@@ -7,19 +7,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .. import reduce
-from ..reduce import Projection, projects
-from ..store import Catalog
+from . import reduce
+from .catalog import Catalog
+from .reduce import Projection, projects
 
 log = logging.getLogger("ris")
 
 
 class CatalogSink:
-    """The extraction engines' Sink (ris.extract.Sink) over the catalogue: raw features in, stored vectors kept.
+    """The extraction engines' Sink (ris.extract.pipeline.Sink) over the catalogue: raw features in, stored vectors kept.
 
     A collection with wide raw features keeps them raw until it holds FIT_SAMPLE images, then fits the
     projection on them (on the writer's thread, ~1 s once), rewrites them projected, and projects the rest
-    as they come (ris.reduce). `sample_first` orders a run so those first images are a random sample of it.
+    as they come (ris.vectors.reduce). `sample_first` orders a run so those first images are a random sample of it.
     """
 
     def __init__(self, catalog: Catalog, raw_dims: int, projection: Projection | None):
