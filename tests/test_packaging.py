@@ -73,7 +73,7 @@ def test_default_install_leaves_the_rest_to_extras() -> None:
     optional = project["optional-dependencies"]
     # every extra the code names in its "install ris[...]" messages exists
     named = set()
-    for path in (ROOT / "src" / "ris").glob("*.py"):
+    for path in (ROOT / "src" / "ris").rglob("*.py"):
         named |= set(re.findall(r"""(?:require\([^)]*?|install_hint\()["'](\w+)["']\)""", path.read_text()))
     assert named and named <= set(optional), named - set(optional)
     # the test extra brings every extra's packages (but the GPU's)
