@@ -239,7 +239,7 @@ class Collection:
                                         batch_size=batch_size, shard_size=shard_size, progress=tick)  # fmt: skip
                 else:
                     cores = threads or runtime.cpu_threads()
-                    ext = self.extractor(device, threads=cores)
+                    ext = sink.projecting(self.extractor(device, threads=cores))
                     nworkers = default_workers(cores) if workers is None else workers
                     times = extract.run(todo, ext, self.manifest.input_size, lambda b, f: sink.commit(b.ok, f, b.failed),
                                         known=sink.known, batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip

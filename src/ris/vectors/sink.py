@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,21 @@ class CatalogSink:
         first[np.random.default_rng(0).choice(len(todo), room, replace=False)] = True
         return [t for t, f in zip(todo, first, strict=True) if f] + [t for t, f in zip(todo, first, strict=True) if not f]
 
+    def projecting(self, extractor: Any) -> Any:
+        """The extractor, delivering projected features from the fit onwards where it can do so on its device."""
+        if projects(self.raw_dims) and hasattr(extractor, "projecting"):
+            return extractor.projecting(lambda: self.projection)
+        return extractor
+
     def known(self, hashes: Sequence[str]) -> set[str]:
         return self.catalog.known_hashes(hashes)
 
     def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
         if features and self.projection is not None:
-            x = np.stack(list(features.values()))
-            if x.shape[1] == self.raw_dims:  # an engine may have projected them already (a GPU does it on the device)
-                features = dict(zip(features, self.projection(x), strict=True))
+            raw = [sha for sha, f in features.items() if len(f) == self.raw_dims]
+            if raw:  # an engine may deliver them projected already (ris.torch_runtime projects on the GPU)
+                projected = self.projection(np.stack([features[sha] for sha in raw]))
+                features = {**features, **dict(zip(raw, projected, strict=True))}
         self.catalog.commit_batch(done, features, failed)
         if self._raw and features:
             self._live += len(features)
