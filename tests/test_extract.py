@@ -93,13 +93,14 @@ def test_a_writer_error_reaches_the_caller_after_what_was_queued(files: list[str
 
 
 def test_the_torch_engine_projects_on_its_device_as_the_sink_would(tmp_path: Path) -> None:
-    """A GPU engine hands the writer stored vectors (ris.torch_runtime projects there); run here on the CPU with
+    """A GPU engine hands the writer stored vectors (ris.model.torch_runtime projects there); run here on the CPU with
     the real network: the same numbers as the sink's projection on the host, raw features before the fit, raw
     features for queries through the original extractor, and a merged batch of both widths stored as one."""
     pytest.importorskip("torch")
-    from ris import models, reduce
-    from ris.store import Catalog
-    from ris.torch_runtime import TorchExtractor
+    from ris.model import registry as models
+    from ris.model.torch_runtime import TorchExtractor
+    from ris.vectors import reduce
+    from ris.vectors.catalog import Catalog
     from ris.vectors.sink import CatalogSink
 
     net, _ = models.build("efficientnet-lite0")

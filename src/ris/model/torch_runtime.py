@@ -100,7 +100,7 @@ class TorchExtractor:
 
     def projecting(self, current: Callable[[], Any]) -> TorchExtractor:
         """This extractor, delivering features already projected by whatever `current()` returns at each batch
-        (a ris.reduce.Projection, or None: raw features).
+        (a ris.vectors.reduce.Projection, or None: raw features).
 
         On a GPU the stage-1 projection is one small matrix product there, where on the host it cost the writer
         thread ~3 GFLOP a batch of 256 (grid3), more than the model's own time per batch, and the features cross
@@ -112,7 +112,7 @@ class TorchExtractor:
         return view
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
-        """ris.reduce.Projection's formula on the device: unit rows, centred, onto the fitted axes."""
+        """ris.vectors.reduce.Projection's formula on the device: unit rows, centred, onto the fitted axes."""
         projection = self._projection_of()
         if projection is None:
             return features

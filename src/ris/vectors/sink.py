@@ -49,7 +49,7 @@ class CatalogSink:
     def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
         if features and self.projection is not None:
             raw = [sha for sha, f in features.items() if len(f) == self.raw_dims]
-            if raw:  # an engine may deliver them projected already (ris.torch_runtime projects on the GPU)
+            if raw:  # an engine may deliver them projected already (ris.model.torch_runtime projects on the GPU)
                 projected = self.projection(np.stack([features[sha] for sha in raw]))
                 features = {**features, **dict(zip(raw, projected, strict=True))}
         self.catalog.commit_batch(done, features, failed)
