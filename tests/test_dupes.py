@@ -17,7 +17,7 @@ from ris.tools.dupes import RAW_THRESHOLD, default_threshold, find, find_duplica
 
 from .conftest import CALTECH, run_cli
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "dupes_precision.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "dupes_precision.py"
 N_ORIGINALS, COPIES_PER_KIND = 60, 5
 
 

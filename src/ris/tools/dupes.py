@@ -25,7 +25,7 @@ from ..vectors import faiss_index as index
 from ..vectors.catalog import ImageRow
 
 #: Cosine similarity at or above which two images count as near-duplicates. Chosen by measurement
-#: (benchmarks/dupes_precision.py, 500 Caltech-101 originals + 160 copies, grid pooling, PCA 256): at 0.88
+#: (benchmarks/quality/dupes_precision.py, 500 Caltech-101 originals + 160 copies, grid pooling, PCA 256): at 0.88
 #: recall 0.981 of resized/JPEG-q30/80%-cropped/exact copies, 85% of the pairs with a copy in them right
 #: (73% of all pairs: Caltech holds near-identical photos of its own); 0.85 finds more, 0.92 errs less.
 DEFAULT_THRESHOLD = 0.88
@@ -36,7 +36,7 @@ DEFAULT_THRESHOLD = 0.88
 RAW_THRESHOLD = 0.80
 #: confirm_pairs: each image's nearest this many, from this cosine up, are verified; a pair is a copy with
 #: this many agreeing keypoint matches (more than search's 12: no query/original asymmetry to lean on; on
-#: benchmarks/dupes_precision.py, copies rotated 20-30 degrees and rescaled: median 176, 10th pctl 58; pairs of
+#: benchmarks/quality/dupes_precision.py, copies rotated 20-30 degrees and rescaled: median 176, 10th pctl 58; pairs of
 #: other photos: 95th pctl 10, a few over 40 being the same scene shot twice).
 VERIFY_NEIGHBOURS = 4
 VERIFY_FLOOR = 0.45

@@ -7,7 +7,7 @@ next run, and incremental updates cost work proportional to the change.
 Which index: a collection asks for a FAISS factory string or "auto" (the default). "auto" is exact
 search below `APPROX_FROM` vectors and an inverted-file index with 6-bit scalar quantisation above
 (`ivf_factory`), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
-from its catalogue (`rerank`). Measured in benchmarks/scale.py on 10M synthetic 256-d vectors shaped
+from its catalogue (`rerank`). Measured in benchmarks/scale/scale.py on 10M synthetic 256-d vectors shaped
 like the real features, recall@10 without / with re-scoring: SQ4 0.33 / 0.68, SQ6 0.73 / 0.99,
 SQ8 0.92 / -; IVF,SQ6 is 201 bytes a vector (1.9 GiB for 10M), SQ8 265. Indexes of
 `MMAP_FROM_BYTES` or more are memory-mapped for searching (IVF lists and flat codes are; everything
@@ -60,7 +60,7 @@ EXACT_FACTORY = "IDMap2,Flat"
 AUTO = "auto"
 #: "auto" switches to IVF at this many vectors, and back to exact only below half of it (a collection
 #: hovering at the threshold is not rebuilt). Exact search of one query is memory-bound, 0.1-0.2 us a
-#: vector on 2 cores (212 ms at 1M, benchmarks/scale.py): 10-20 ms here; IVF,SQ6 + rerank ~2 ms.
+#: vector on 2 cores (212 ms at 1M, benchmarks/scale/scale.py): 10-20 ms here; IVF,SQ6 + rerank ~2 ms.
 APPROX_FROM = 100_000
 #: Indexes at least this large are memory-mapped when opened for searching.
 MMAP_FROM_BYTES = 64 << 20

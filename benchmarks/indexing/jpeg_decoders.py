@@ -1,6 +1,6 @@
 """Per-image cost of ris's JPEG decode (PIL draft + OpenCV resize) against simplejpeg's DCT-scaled decode.
 
-    pip install simplejpeg && python benchmarks/jpeg_decoders.py CALTECH_DIR [--images 1000] [--rounds 3]
+    pip install simplejpeg && python benchmarks/indexing/jpeg_decoders.py CALTECH_DIR [--images 1000] [--rounds 3]
 
 One process, one core, files read into memory first, both decoders interleaved per round (the
 machine's noise hits both). Both include the SHA-256 that ris computes per file. Also reports how far

@@ -1,7 +1,7 @@
 """A bounded loopback load test of `ris serve`: upload-and-search requests at a fixed concurrency.
 
-    python benchmarks/load_test.py --requests 500 --concurrency 8 [--json] [--collection C]
-    python benchmarks/load_test.py --hostile --seconds 30 --concurrency 8 [--json] [--server-src DIR]
+    python benchmarks/search/load_test.py --requests 500 --concurrency 8 [--json] [--collection C]
+    python benchmarks/search/load_test.py --hostile --seconds 30 --concurrency 8 [--json] [--server-src DIR]
 
 Without --collection it indexes the scikit-image sample photos and some Caltech-101 images into a
 temporary collection. The server runs in a subprocess (its own GIL, like `ris serve`) on a free
@@ -38,7 +38,7 @@ from PIL import Image
 
 from ris.tools.bench import machine
 
-CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
+CALTECH = Path(__file__).resolve().parents[3] / "shared/datasets/caltech101/101_ObjectCategories"
 CATEGORIES = ("accordion", "airplanes", "anchor", "ant", "barrel", "bonsai", "brain", "butterfly", "camera", "chair",
               "cup", "dolphin", "ferry", "grand_piano", "helicopter", "lamp")  # fmt: skip
 INDEXED_PER_CATEGORY = 5

@@ -1,6 +1,6 @@
 """Descriptor variants on the full Caltech-101, from one extraction: what the default's gap is made of.
 
-    python benchmarks/descriptor_probe.py CALTECH_DIR WORKDIR [--copies 200] [--only-neighbourhood | --scales 160,288]
+    python benchmarks/quality/descriptor_probe.py CALTECH_DIR WORKDIR [--copies 200] [--only-neighbourhood | --scales 160,288]
 
 One pass of EfficientNet-Lite0 (PyTorch fp32, 224 px, the project's decode) over the 101 object
 categories keeps each image's last 7x7 map (float16, 1.1 GB in WORKDIR/maps.npy). Every descriptor is

@@ -1,8 +1,8 @@
 """How fast the decode stage alone can feed a model: `extract.decoded_batches` with no model behind it.
 
-Usage: python benchmarks/decode_throughput.py FOLDER [--workers 14] [--batch-size 256] [--limit N]
+Usage: python benchmarks/indexing/decode_throughput.py FOLDER [--workers 14] [--batch-size 256] [--limit N]
 Prints images/s and the worker-seconds per image (JSON). On a GPU host this is the ceiling for CPU
-decoding; compare it with the model alone (benchmarks/gpu_profile.py) to see which one limits a run.
+decoding; compare it with the model alone (benchmarks/gpu/gpu_profile.py) to see which one limits a run.
 """
 
 from __future__ import annotations

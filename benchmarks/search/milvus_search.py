@@ -1,6 +1,6 @@
 """Search latency with the vectors in Milvus against index.faiss, for the same collection.
 
-    python benchmarks/milvus_search.py --collection PATH.ris [--queries 200] [-k 5]
+    python benchmarks/search/milvus_search.py --collection PATH.ris [--queries 200] [-k 5]
 
 The catalogue and PCA of an existing collection (PATH.ris, left untouched) are copied into new collections
 that differ only in their store: the FAISS file (exact), milvus-lite FLAT (embedded), milvus-lite's own gRPC
@@ -84,7 +84,7 @@ def main() -> None:
     setups = [("faiss (index.faiss, exact)", "", "auto"), ("milvus-lite FLAT", f"milvus-lite://{work / 'lite.db'}", "auto"),
               ("milvus-lite gRPC server FLAT", f"milvus://127.0.0.1:{port}", "FLAT"),
               ("milvus-lite gRPC server HNSW", f"milvus://127.0.0.1:{port}", "auto")]  # fmt: skip
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.test_milvus_server import milvus_server_command, start_milvus, stop_milvus
 
     real = None

@@ -1,6 +1,6 @@
 """How fast the catalogue takes extracted features: Catalog.commit_batch alone, batches of 256.
 
-Usage: python benchmarks/commit_throughput.py [--dims 1024] [--images 18000] [--dir /tmp]
+Usage: python benchmarks/catalogue/commit_throughput.py [--dims 1024] [--images 18000] [--dir /tmp]
 Random float vectors of `dims` dimensions (the default descriptor's stored vector: grid3 features projected
 to 1,024-d, ris.vectors.reduce; stored as bfloat16; 11,520 = a small collection's raw grid3 features) for fresh images,
 committed as the extraction's writer thread commits them, then a final WAL checkpoint (the copy into the main file),

@@ -1,6 +1,6 @@
 """Re-ranking on a fair split: half of each class is the database, the other half queries it.
 
-Usage: python benchmarks/rerank_split.py COLLECTION
+Usage: python benchmarks/quality/rerank_split.py COLLECTION
 Compares plain cosine, DBA (ris.vectors.dba, database only) and diffusion (Iscen et al. 2017: mutual-kNN graph
 of the database, each query's top-kq similarities^3 diffused by (I - αS) f = y, solved by block
 conjugate gradient) by precision@1/@5 and mAP over the 101 object categories. No query is in the

@@ -7,7 +7,7 @@ byte copies, rotated by 20-30 degrees and rescaled) are indexed into a fresh col
 and without geometric verification; "below" counts group members under the threshold against their
 representative that verification did not confirm (must be 0).
 
-    python benchmarks/dupes_precision.py [--originals 500] [--copies-per-kind 40]
+    python benchmarks/quality/dupes_precision.py [--originals 500] [--copies-per-kind 40]
 
 tests/test_dupes.py reuses `make_dataset` and `pair_scores` on a smaller set.
 """
@@ -27,7 +27,7 @@ from PIL import Image
 
 from ris.tools.bench import machine
 
-CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
+CALTECH = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
 # Faces/Faces_easy hold the same photos cropped differently; BACKGROUND_Google is not one class.
 EXCLUDED = {"BACKGROUND_Google", "Faces_easy"}
 THRESHOLDS = (0.85, 0.88, 0.92)

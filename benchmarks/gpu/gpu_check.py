@@ -1,6 +1,6 @@
 """GPU checks for `ris` (run on a CUDA machine): GPU vs CPU features, GPU decode, utilisation.
 
-Usage: python benchmarks/gpu_check.py IMAGES_DIR OUT_JSON
+Usage: python benchmarks/gpu/gpu_check.py IMAGES_DIR OUT_JSON
 Prints and writes: per-image cosine between the GPU path (nvJPEG decode + bf16 autocast) and the CPU
 path (PIL decode + ONNX Runtime fp32) for the same files, and how many files each decoder took.
 """

@@ -1,6 +1,6 @@
 """Incremental cost and batched queries, measured through the real `ris` entry point and API.
 
-    python benchmarks/incremental.py --images 2000 --add 20 --queries 100
+    python benchmarks/indexing/incremental.py --images 2000 --add 20 --queries 100
 
 1. `ris index` of --images Caltech-101 images into a new collection, then `ris add` of --add (1%)
    more: wall time of each (each a fresh process: interpreter start and model load included, as a
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
+CALTECH = Path(__file__).resolve().parents[3] / "shared/datasets/caltech101/101_ObjectCategories"
 
 
 #: Every STRIDE-th Caltech file in path order (4: n images spread over all classes; --stride 1 for all).
@@ -177,7 +177,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     m = machine()
-    print(f"`python benchmarks/incremental.py {' '.join(sys.argv[1:])}`  \n{m.get('cpu')}, {os.cpu_count()} cores, "
+    print(f"`python benchmarks/indexing/incremental.py {' '.join(sys.argv[1:])}`  \n{m.get('cpu')}, {os.cpu_count()} cores, "
           f"{dt.date.today()}, CPU int8 model\n")  # fmt: skip
     print(markdown(inc))
     print(f"\nadd/index wall: {ratio:.3f} ({args.add / args.images:.3f} of the images); "

@@ -1,6 +1,6 @@
 """GPU-host probe: SQLite commit speed on /tmp vs /dev/shm, and a profile of one `Collection.index` run.
 
-Usage: python benchmarks/gpu_probe.py [FOLDER]   (default /tmp/imgs, as made by gpu_run.sh; needs CUDA)
+Usage: python benchmarks/gpu/gpu_probe.py [FOLDER]   (default /tmp/imgs, as made by gpu_run.sh; needs CUDA)
 
 The commit test writes one fake 1280-d feature per file with an idle main thread: compared with the
 writer's time inside a real run it shows how much the writer waits for the GIL rather than the disk.

@@ -5,8 +5,8 @@
 # end (ris bench, tutorial loop on the same GPU in the same run), GPU search vs CPU, and GPU-vs-CPU
 # features. Every step has its own time limit; results go to $OUT. ALSO_POOLINGS="grid rmac" benchmarks
 # Lite0 with those poolings as well, in the same run; VGG=0 and CHECK=0 skip VGG16 and the feature check;
-# WRITE_PROBE=1 times the catalogue's commits alone on /tmp and /dev/shm (benchmarks/commit_throughput.py);
-# PROBE_WRITER=1 the pipeline with a stand-in model (benchmarks/pipeline_writer.py); BENCH=0 stops there.
+# WRITE_PROBE=1 times the catalogue's commits alone on /tmp and /dev/shm (benchmarks/catalogue/commit_throughput.py);
+# PROBE_WRITER=1 the pipeline with a stand-in model (benchmarks/catalogue/pipeline_writer.py); BENCH=0 stops there.
 set -u
 export PYTHONUNBUFFERED=1 RIS_CACHE_DIR=/tmp/riscache PYTHONPATH=/tmp/site:$PWD/src VGG_WEIGHTS=/tmp/vgg16-random.pth
 QUALITIES=${QUALITIES:-"95 92 90 88 85 82 80 78 75 72 70 65"}
@@ -37,14 +37,14 @@ PY
 if [ "${WRITE_PROBE:-0}" = 1 ]; then
   echo "== catalogue commits alone (grid3's 11,520-d features, then 1,280-d)"
   for dir in /tmp /dev/shm; do for dims in 11520 1280; do
-    timeout 60 python3 benchmarks/commit_throughput.py --dims $dims --dir $dir | tee -a $OUT/commits.json
+    timeout 60 python3 benchmarks/catalogue/commit_throughput.py --dims $dims --dir $dir | tee -a $OUT/commits.json
   done; done
 fi
 echo "== decode stage alone"
-timeout 40 python3 benchmarks/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
+timeout 40 python3 benchmarks/indexing/decode_throughput.py /tmp/imgs --workers $WORKERS --batch-size 256 | tee $OUT/decode.json
 if [ "${PROBE_WRITER:-0}" = 1 ]; then
   echo "== the pipeline's writer with a stand-in model"
-  timeout 150 python3 benchmarks/pipeline_writer.py /tmp/imgs --workers $WORKERS --batch-size 256 ${WRITER_ARGS:-} | tee -a $OUT/writer.json
+  timeout 150 python3 benchmarks/catalogue/pipeline_writer.py /tmp/imgs --workers $WORKERS --batch-size 256 ${WRITER_ARGS:-} | tee -a $OUT/writer.json
 fi
 [ "${BENCH:-1}" = 1 ] || exit 0
 bench() {  # model decode-mode tag extra-args...
@@ -60,11 +60,11 @@ for pooling in ${ALSO_POOLINGS:-}; do bench efficientnet-lite0 cpu _$pooling --p
 [ "${VGG:-1}" = 1 ] && bench vgg16 cpu "" --weights /tmp/vgg16-random.pth
 if [ "${SEARCH:-1}" = 1 ]; then
   echo "== search $(date +%T)"
-  timeout 110 python3 benchmarks/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
+  timeout 110 python3 benchmarks/gpu/gpu_search_check.py > /dev/null 2>>$OUT/log.txt; tail -c 2500 $OUT/gpu_search.json; echo
 fi
 [ "${DEVICE_DECODE:-1}" = 1 ] && bench efficientnet-lite0 device ""
 for dec in $([ "${CHECK:-1}" = 1 ] && echo cpu) $([ "${DEVICE_DECODE:-1}" = 1 ] && echo device); do
   echo "== features GPU (decode=$dec) vs CPU $(date +%T)"
-  RIS_DECODE=$dec timeout 60 python3 benchmarks/gpu_check.py /tmp/imgs $OUT/gpu_check_$dec.json 2>>$OUT/log.txt | tail -5
+  RIS_DECODE=$dec timeout 60 python3 benchmarks/gpu/gpu_check.py /tmp/imgs $OUT/gpu_check_$dec.json 2>>$OUT/log.txt | tail -5
 done
 grep -v Warning $OUT/log.txt | tail -8

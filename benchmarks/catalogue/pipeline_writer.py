@@ -1,11 +1,11 @@
 """The extraction pipeline's writer under load: extract.run with a stand-in model (random features of
 --dims, no model work), so decoding, hand-off and the catalogue's commits are all that run.
 
-Usage: python benchmarks/pipeline_writer.py FOLDER [--dims 11520] [--workers 14] [--batch-size 256]
+Usage: python benchmarks/catalogue/pipeline_writer.py FOLDER [--dims 11520] [--workers 14] [--batch-size 256]
 Variants in one run: as ris runs it; without the main thread's per-batch lookup of known hashes (a second
 SQLite connection reading while the writer commits); without commits (what the rest can carry); with half
 the decode workers; with 1,280-d features.
-Compare the write stage with benchmarks/commit_throughput.py (the same commits with nothing else running).
+Compare the write stage with benchmarks/catalogue/commit_throughput.py (the same commits with nothing else running).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Search on the GPU vs FAISS on the CPU: speed and agreement, through ris's own functions.
 
 Usage (from the repository root):
-    python benchmarks/gpu_search_check.py                # GPU machine: 1M vectors, 10k queries (< 90 s on an H200)
-    python benchmarks/gpu_search_check.py --n 20000      # anywhere; without CUDA the "device" side is the
+    python benchmarks/gpu/gpu_search_check.py                # GPU machine: 1M vectors, 10k queries (< 90 s on an H200)
+    python benchmarks/gpu/gpu_search_check.py --n 20000      # anywhere; without CUDA the "device" side is the
                                                          # PyTorch path on CPU tensors (torch:cpu)
 
 Data: N unit 256-d vectors from a mixture of Gaussians (1,000 centres, spread varying per centre, so
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import faiss  # noqa: E402
 import torch  # noqa: E402

@@ -7,13 +7,13 @@ starting the model actors (each loads the model), as every `ris index --ray` run
 on a quarter of the images and on all of them: wall = fixed + n / marginal rate separates the start-up
 cost from the throughput a long run sees (Ray returns shards out of order, so per-shard progress cannot).
 
-    python benchmarks/ray_throughput.py [--images 300] [--rounds 2] [--cpus 2] [--address HOST:PORT]
+    python benchmarks/indexing/ray_throughput.py [--images 300] [--rounds 2] [--cpus 2] [--address HOST:PORT]
 
 With --nodes 1 2, each round instead starts real local clusters with `ray start` (tests/test_ray_cluster.py's
 commands: one node with 2 CPUs, then two nodes with 1 CPU each, token authentication on) and indexes through
 both address forms, on a node (HOST:PORT) and through Ray Client (ray://), beside the local pipeline:
 
-    python benchmarks/ray_throughput.py --nodes 1 2 --images 600 --rounds 1
+    python benchmarks/indexing/ray_throughput.py --nodes 1 2 --images 600 --rounds 1
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ris.collection import Collection
 from ris.files.sources import scan
 from ris.tools.bench import machine
 
-CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
+CALTECH = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
 
 
 def pick(root: Path, n: int) -> list[str]:
@@ -135,7 +135,7 @@ def clusters(args: argparse.Namespace) -> None:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     import ray
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.test_ray_cluster import HEAD, NODE, start_cluster
 
     files = pick(args.root, args.images)

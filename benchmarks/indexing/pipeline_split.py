@@ -1,6 +1,6 @@
 """How to split 2 cores between decode workers and the model: extraction only (no SQLite), per setting.
 
-Usage: python benchmarks/pipeline_split.py IMAGE_DIR [--images 960]
+Usage: python benchmarks/indexing/pipeline_split.py IMAGE_DIR [--images 960]
 """
 
 from __future__ import annotations

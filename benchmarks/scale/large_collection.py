@@ -1,11 +1,11 @@
 """A collection of millions of images built and searched through ris's own write and search paths.
 
-    python benchmarks/large_collection.py --real REAL.ris --n 10000000 --dir /tmp/large [--queries 200]
+    python benchmarks/scale/large_collection.py --real REAL.ris --n 10000000 --dir /tmp/large [--queries 200]
 
 No image files: each image's stored vector (what the catalogue keeps: the 1,024-d stage-1 projection of
 grid3 features) is drawn like a real one, from the stored vectors of a real collection (REAL.ris, e.g. the
 full Caltech-101) plus Gaussian noise shaped like their per-component spread, its scale calibrated so that
-near neighbours are as close as in the real data (benchmarks/scale.py's Generator). They enter through the
+near neighbours are as close as in the real data (benchmarks/scale/scale.py's Generator). They enter through the
 same path an extraction engine uses (Catalog.sync of the file list, then the collection's Sink, which an
 engine that projects on its device also feeds), then `Derived.update` builds PCA and the index exactly as
 `ris index` does. Then, each in a child process (so RSS is its own):

@@ -1,6 +1,6 @@
 """Scale benchmark: ris's FAISS indexes on 1M-10M synthetic 256-d vectors shaped like real features.
 
-    python benchmarks/scale.py --real /tmp/evaltab/lite0-gem-int8.ris --n 1000000 \\
+    python benchmarks/scale/scale.py --real /tmp/evaltab/lite0-gem-int8.ris --n 1000000 \\
         --factories "IDMap2,Flat;IVF1024,SQ4;IVF1024,PQ32" --nprobes 8,16,32,64
 
 Synthetic data, not i.i.d. noise: each vector is a real Caltech-101 vector (from a ris collection)

@@ -1,6 +1,6 @@
 """ONNX Runtime throughput of the cached EfficientNet-Lite0 exports alone (no decoding), and int8 fidelity.
 
-Usage: python benchmarks/model_only.py CALTECH_DIR [--threads 2]
+Usage: python benchmarks/indexing/model_only.py CALTECH_DIR [--threads 2]
 Per pooling x precision: img/s at batch 32 and 64 on 256 real images already decoded; then the cosine of
 int8 to fp32 features on 200 images (every 45th file).
 """

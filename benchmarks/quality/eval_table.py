@@ -1,6 +1,6 @@
 """The quality table of issue 8: model x descriptor on the full Caltech-101, one collection each.
 
-Usage: python benchmarks/eval_table.py CALTECH_DIR WORKDIR [--configs lite0-gem-int8,...] [--copies 200]
+Usage: python benchmarks/quality/eval_table.py CALTECH_DIR WORKDIR [--configs lite0-gem-int8,...] [--copies 200]
 Per configuration: index the folder (images/s end to end, this machine, DBA's upkeep included),
 leave-one-out precision@1/@5 and mAP over the 101 object categories (BACKGROUND_Google left out; with
 DBA against the augmented database, no database vector holding the query, the first result anchored as
