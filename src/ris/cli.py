@@ -604,10 +604,13 @@ def dupes(
 
     Each group is a representative and the images at or above the threshold against it (no chains of
     look-alikes); its similarity is the lowest of theirs to the representative."""
-    from .tools.dupes import dupes_command
+    from .tools.dupes import dupes_output
 
-    dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
-                  html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
+    text, page = dupes_output(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
+                              html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
+    if page:
+        sys.stderr.write(f"review page: {page.absolute()}\n")
+    sys.stdout.write(text)
 
 
 @app.command()

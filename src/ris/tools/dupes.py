@@ -345,13 +345,12 @@ def to_html(groups: list[DupeGroup], out: str | Path, n_images: int) -> Path:
     return path
 
 
-def dupes_command(collection: str | os.PathLike, threshold: float | None = None, as_json: bool = False,
-                  as_csv: bool = False, html_out: str | None = None, keep: str | None = None,
-                  verify: bool = True) -> None:  # fmt: skip
-    """`ris dupes`: print the groups as a listing, one JSON object, or CSV rows; --html writes a review page;
-    --keep prints the paths to delete (tab, the path kept), deleting nothing."""
-    import sys
-
+def dupes_output(collection: str | os.PathLike, threshold: float | None = None, as_json: bool = False,
+                 as_csv: bool = False, html_out: str | None = None, keep: str | None = None,
+                 verify: bool = True) -> tuple[str, Path | None]:  # fmt: skip
+    """What `ris dupes` prints (cli.py prints it): the groups as a listing, one JSON object, or CSV rows; with keep
+    the paths to delete (tab, the path kept), deleting nothing. html_out: the review page, written; its path comes
+    back second (None without)."""
     from ..collection import Collection
 
     if sum((as_json, as_csv, keep is not None)) > 1:
@@ -361,14 +360,11 @@ def dupes_command(collection: str | os.PathLike, threshold: float | None = None,
     with Collection.open(collection) as coll:
         groups, by_image = find(coll, threshold, verify=verify)
         n_images = coll.info()["images"]
-    if html_out:
-        page = to_html(groups, html_out, n_images)
-        sys.stderr.write(f"review page: {page.absolute()}\n")
+    page = to_html(groups, html_out, n_images) if html_out else None
     if as_json:
-        sys.stdout.write(to_json(groups, n_images, by_image) + "\n")
-    elif as_csv:
-        sys.stdout.write(to_csv(groups))
-    elif keep is not None:
-        sys.stdout.write("".join(f"{path}\t{kept}\n" for path, kept in to_delete(groups, keep)))
-    else:
-        sys.stdout.write(to_text(groups, n_images) + "\n")
+        return to_json(groups, n_images, by_image) + "\n", page
+    if as_csv:
+        return to_csv(groups), page
+    if keep is not None:
+        return "".join(f"{path}\t{kept}\n" for path, kept in to_delete(groups, keep)), page
+    return to_text(groups, n_images) + "\n", page
