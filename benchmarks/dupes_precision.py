@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images and collection here "
                         "(reused when it holds them: the same set for another version of ris)")  # fmt: skip
     parser.add_argument("--pooling", default=None, help="the collection's pooling (default: the model's default)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     args = parser.parse_args(argv)
 
     from ris.collection import Collection
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         kinds = "".join(f" {k[:8]:>8}" for k in COPY_KINDS)
         print(f"{'threshold':>9} {'verify':>6} {'precision':>9} {'copy-prec':>9} {'recall':>6}{kinds} "
               f"{'pairs':>5} {'true':>4} {'groups':>6} {'below':>5} {'seconds':>7}")  # fmt: skip
-        for threshold in THRESHOLDS:
+        for threshold in args.thresholds:
             for verify in (False, True):
                 start = time.perf_counter()
                 groups = find_duplicates(coll, threshold, verify=verify)
