@@ -286,14 +286,14 @@ def main(argv: list[str] | None = None) -> None:
         saved.write_text(json.dumps(origin))
     start = time.perf_counter()
     with Collection.open_or_create(work / "c.ris", pooling=args.pooling) as coll:
-        report = coll.index([work / "images"])
+        coll.index([work / "images"])
         index_s = time.perf_counter() - start
         info = coll.info()
         n_orig = sum(p == o for p, o in origin.items())
         print(f"# ris dupes precision/recall — {machine()['cpu']}, {os.cpu_count()} cores, seed {args.seed}")
-        print(f"# {n_orig} originals + {len(origin) - n_orig} copies ({', '.join(COPY_KINDS)}), {info['images']} images "
-              f"({report.images} indexed now), dims {info['dims']} (PCA {'on' if info['pca'] else 'off'}), "
-              f"pooling {coll.manifest.pooling}, indexed in {index_s:.1f} s")  # fmt: skip
+        print(f"# {n_orig} originals + {len(origin) - n_orig} copies ({', '.join(COPY_KINDS)}), {info['images']} images, "
+              f"dims {info['dims']} (PCA {'on' if info['pca'] else 'off'}), pooling {coll.manifest.pooling}, "
+              f"indexed (or resynced) in {index_s:.1f} s")  # fmt: skip
         for path, kept, corr in dropped:
             print(f"# left out as the same picture as {Path(kept).parent.name}/{Path(kept).name} "
                   f"(pixel correlation {corr:.3f}): {Path(path).parent.name}/{Path(path).name}")  # fmt: skip

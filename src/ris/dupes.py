@@ -258,14 +258,14 @@ def _views(path: str):
     """ORB features of an image and of its mirror image (mirrored copies), a thumbnail enlarged first; and
     the content of a framed picture (content_box), else None."""
     from .decode import open_image, read_file
-    from .verify import MAX_SIDE, NO_FEATURES, views_of
+    from .verify import MAX_SIDE, NO_FEATURES, query_views
 
     try:
         img = open_image(read_file(path), draft_size=MAX_SIDE)
     except Exception:  # noqa: BLE001  # a file gone or changed since indexing: no keypoints, nothing confirmed
         return (NO_FEATURES, NO_FEATURES), None
     box = content_box(img)
-    return views_of(img, FEATURES), (img.crop(box) if box else None)
+    return query_views(img, FEATURES), (img.crop(box) if box else None)
 
 
 def image_features(paths: list[str], threads: int | None = None):
