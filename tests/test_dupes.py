@@ -67,6 +67,7 @@ def test_copies_are_found_with_high_precision_and_recall(dupes_set: tuple[Path, 
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
     assert bench.kind_recall(groups, origin, "rotscale") >= 0.8  # rotated and rescaled: confirmed by keypoints
     assert bench.kind_recall(plain, origin, "rotscale") < bench.kind_recall(groups, origin, "rotscale")
+    assert bench.kind_recall(groups, origin, "pad") >= 0.75  # on a screen-sized canvas: found by its content
     exact = [g for g in groups if g.kind == "exact"]
     exact_copies = {p for p, o in origin.items() if p != o and "_exact_" in Path(p).name}
     assert {r.path for g in exact for r in g.images} == exact_copies | {origin[p] for p in exact_copies}

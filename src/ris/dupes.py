@@ -1,9 +1,15 @@
-"""Duplicate finding: exact copies (same content hash) and near-duplicates (resized, re-encoded, cropped).
+"""Duplicate finding: exact copies (same content hash) and near-duplicates (resized, re-encoded, cropped,
+rotated, blurred, recoloured, framed).
 
-Exact copies come straight from the catalogue's sha256. Near-duplicates come from one batched
-self-search of the collection's vectors (`index.range_search` in blocks, so memory stays bounded and
-no Python loop runs over pairs; on a GPU when one is present, see ris.index: RIS_SEARCH_DEVICE);
-every pair at or above the threshold joins a union-find, and each connected component becomes one group.
+Exact copies come straight from the catalogue's sha256. Near-duplicates: candidate pairs come from one
+batched self-search of the collection's vectors (`index.range_search` in blocks for the pairs at or above
+the threshold, a k-NN search for each image's nearest; on a GPU when one is present, see ris.index:
+RIS_SEARCH_DEVICE), plus the nearest of a framed picture's content. With verification (the default) each
+candidate pair's ORB keypoints are matched once, and the cosine and the agreeing matches decide together
+(accept): look-alike photos of one kind of object reach the threshold but few keypoints agree, rotated or
+framed copies fall below it but many do. Groups form around representatives, each image with the one it
+matches best (group_pairs): never a chain. Work grows linearly with the images (at most
+VERIFY_NEIGHBOURS + 1 k-NN pairs each, plus the pairs above the threshold).
 """
 
 from __future__ import annotations
