@@ -8,8 +8,9 @@ RIS_SEARCH_DEVICE), plus the nearest of a framed picture's content. With verific
 candidate pair's ORB keypoints are matched once, and the cosine and the agreeing matches decide together
 (accept): look-alike photos of one kind of object reach the threshold but few keypoints agree, rotated or
 framed copies fall below it but many do. Groups form around representatives, each image with the one it
-matches best (group_pairs): never a chain. Work grows linearly with the images (at most
-VERIFY_NEIGHBOURS + 1 k-NN pairs each, plus the pairs above the threshold).
+matches best (group_pairs): never a chain. Work grows linearly with the images: each image's keypoints
+are found once, and at most VERIFY_NEIGHBOURS pairs an image (twice that for a framed one) are matched,
+plus the pairs above the threshold.
 """
 
 from __future__ import annotations
