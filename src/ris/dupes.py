@@ -430,7 +430,7 @@ def to_text(groups: list[DupeGroup], n_images: int) -> str:
     for n, g in enumerate(groups, 1):
         lines.append(f"group {n}: {g.kind}, {len(g.images)} images, similarity {g.similarity:.3f} (lowest to the first)")
         lines.extend(f"  {r.path}" + (f"  [{r.label}]" if r.label else "") + ("  (representative)" if i == 0 else f"  {s:.3f}")
-                     + (f" (confirmed: {n} keypoint matches)" if n else "")
+                     + (f" ({n} keypoint matches)" if n is not None else "")
                      for i, (r, s, n) in enumerate(zip(g.images, g.scores, _inliers(g), strict=True)))  # fmt: skip
     lines.append(f"{len(groups)} groups ({exact} exact, {len(groups) - exact} near) among {n_images} images")
     return "\n".join(lines)
