@@ -591,19 +591,21 @@ def map_(
 def dupes(
     collection: CollectionOpt = Path("collection.ris"),
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
-                                                    "(default 0.88; 0.80 before the collection has its PCA).")] = None,
+                                                    "unless their keypoints disagree (default 0.88; 0.80 before the "
+                                                    "collection has its PCA).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Groups, and each image with its duplicates and scores.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image in a group.")] = False,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a review page of each group's thumbnails.")] = None,
     keep: Annotated[str | None, typer.Option("--keep", help="largest|newest|first: print the others of each group "
                                              "(path, tab, the one kept) as a list to delete; deletes nothing.")] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Also group pairs below the threshold that "
-                                         "keypoint matching confirms (rotated, cropped copies); ~1 min per 10k images.")] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Match the keypoints of candidate pairs: "
+                                         "rotated, cropped or framed copies below the threshold join, look-alike "
+                                         "photos above it stay apart. --no-verify: the cosine alone.")] = True,
 ) -> None:
     """Groups of exact (same content hash) and near-duplicate images.
 
-    Each group is a representative and the images at or above the threshold against it (no chains of
-    look-alikes); its similarity is the lowest of theirs to the representative."""
+    Each group is a representative and its near-duplicates (no chains of look-alikes); an image joins
+    the representative it matches best. A group's similarity is the lowest cosine to the representative."""
     from .tools.dupes import dupes_output
 
     text, page = dupes_output(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,

@@ -42,9 +42,10 @@ Features = tuple[np.ndarray, np.ndarray | None]  # (N x 2 keypoint positions, N 
 NO_FEATURES: Features = (np.zeros((0, 2), np.float32), None)
 
 
-def features(img: Image.Image) -> Features:
+def features(img: Image.Image, nfeatures: int = FEATURES) -> Features:
     """ORB keypoints of the image, its longest side brought to MAX_SIDE; none when a side is under MIN_SIDE
-    (ORB's pyramid asserts on a 1-px side, and finds nothing that narrow anyway)."""
+    (ORB's pyramid asserts on a 1-px side, and finds nothing that narrow anyway). `ris dupes` asks for 1000,
+    so that a caption's or a border's strong corners do not crowd out the picture's own."""
     grey = np.asarray(img.convert("L"))
     scale = MAX_SIDE / max(grey.shape)
     if scale < 1:
@@ -52,7 +53,7 @@ def features(img: Image.Image) -> Features:
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
     if min(grey.shape) < MIN_SIDE:
         return NO_FEATURES
-    points, desc = cv2.ORB_create(nfeatures=FEATURES, fastThreshold=10).detectAndCompute(grey, None)
+    points, desc = cv2.ORB_create(nfeatures=nfeatures, fastThreshold=10).detectAndCompute(grey, None)
     return np.float32([p.pt for p in points]).reshape(-1, 2), desc
 
 
@@ -136,11 +137,11 @@ UPSAMPLE_BELOW = 240
 UPSAMPLE_TO = 320
 
 
-def query_views(img: Image.Image) -> tuple[Features, Features]:
+def query_views(img: Image.Image, nfeatures: int = FEATURES) -> tuple[Features, Features]:
     """ORB features of a query and of its mirror image; a thumbnail is enlarged first (to UPSAMPLE_TO on its
     longest side), so that a fifth-size copy still yields keypoints (harsh set: inliers of its original
     median 27 this way)."""
     if max(img.size) < UPSAMPLE_BELOW:
         f = UPSAMPLE_TO / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
-    return features(img), features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    return features(img, nfeatures), features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)

@@ -1,9 +1,16 @@
-"""Duplicate finding: exact copies (same content hash) and near-duplicates (resized, re-encoded, cropped).
+"""Duplicate finding: exact copies (same content hash) and near-duplicates (resized, re-encoded, cropped,
+rotated, blurred, recoloured, framed).
 
-Exact copies come straight from the catalogue's sha256. Near-duplicates come from one batched
-self-search of the collection's vectors (`index.range_search` in blocks, so memory stays bounded and
-no Python loop runs over pairs; on a GPU when one is present, see ris.vectors.faiss_index: RIS_SEARCH_DEVICE);
-every pair at or above the threshold joins a union-find, and each connected component becomes one group.
+Exact copies come straight from the catalogue's sha256. Near-duplicates: candidate pairs come from one
+batched self-search of the collection's vectors (`index.range_search` in blocks for the pairs at or above
+the threshold, a k-NN search for each image's nearest; on a GPU when one is present, see ris.vectors.faiss_index:
+RIS_SEARCH_DEVICE), plus the nearest of a framed picture's content. With verification (the default) each
+candidate pair's ORB keypoints are matched once, and the cosine and the agreeing matches decide together
+(accept): look-alike photos of one kind of object reach the threshold but few keypoints agree, rotated or
+framed copies fall below it but many do. Groups form around representatives, each image with the one it
+matches best (group_pairs): never a chain. Work grows linearly with the images: each image's keypoints
+are found once, and at most VERIFY_NEIGHBOURS pairs an image (twice that for a framed one) are matched,
+plus the pairs above the threshold.
 """
 
 from __future__ import annotations
@@ -24,25 +31,31 @@ from ..errors import RisError
 from ..vectors import faiss_index as index
 from ..vectors.catalog import ImageRow
 
-#: Cosine similarity at or above which two images count as near-duplicates. Chosen by measurement
-#: (benchmarks/quality/dupes_precision.py, 500 Caltech-101 originals + 160 copies, grid pooling, PCA 256): at 0.88
-#: recall 0.981 of resized/JPEG-q30/80%-cropped/exact copies, 85% of the pairs with a copy in them right
-#: (73% of all pairs: Caltech holds near-identical photos of its own); 0.85 finds more, 0.92 errs less.
+#: Cosine similarity at or above which two images count as near-duplicates (with verification: unless their
+#: keypoints disagree, see accept). Chosen by measurement (benchmarks/quality/dupes_precision.py: 500 Caltech-101
+#: originals + 200 copies of ten kinds, grid pooling, PCA 256).
 DEFAULT_THRESHOLD = 0.88
 #: The same on raw features (a collection too small for its PCA yet): unreduced cosines run lower, for
 #: copies and unrelated images alike, the more so the wider the features (60 originals + 20 copies: grid
 #: copies >= 0.835, closest unrelated pair 0.54; at 0.80 precision and recall 1.0 for grid and grid3,
 #: at 0.85 recall 0.95 / 0.85).
 RAW_THRESHOLD = 0.80
-#: confirm_pairs: each image's nearest this many, from this cosine up, are verified; a pair is a copy with
-#: this many agreeing keypoint matches (more than search's 12: no query/original asymmetry to lean on; on
-#: benchmarks/quality/dupes_precision.py, copies rotated 20-30 degrees and rescaled: median 176, 10th pctl 58; pairs of
-#: other photos: 95th pctl 10, a few over 40 being the same scene shot twice).
+#: Candidate pairs: all at or above the threshold, each image's VERIFY_NEIGHBOURS nearest from VERIFY_FLOOR up,
+#: and the same for a framed picture's content (framed_pairs); their ORB keypoints are matched (RANSAC
+#: similarity transform) once per pair. On benchmarks/quality/dupes_precision.py (seed 0, 1000 keypoints): copies
+#: rotated 20-30 degrees and rescaled, median 257 agreeing matches (min 65), padded onto a canvas min 115,
+#: bordered + captioned 10th pctl 34; pairs of other photos: 95th pctl 11, 99th 27, max 57.
 VERIFY_NEIGHBOURS = 4
 VERIFY_FLOOR = 0.45
-DUPE_INLIERS = 40
+#: accept: a pair under the threshold is a copy with DUPE_INLIERS agreeing matches (tuned on seed 0: 40
+#: precision 0.965, 50 0.985, 60 0.995; recall 0.970, 0.970, 0.960); one at or above it needs MIN_INLIERS
+#: (different photos of one kind of object reach 0.88-0.94 with 3-9), unless its cosine is SURE (no
+#: different photo got there; at 0.92 precision falls to 0.951).
+DUPE_INLIERS = 50
+MIN_INLIERS = 12
+SURE = 0.95
+FEATURES = 1000  # ORB keypoints an image (search's verification: 500)
 BLOCK = 4096  # queries per range search: bounds the result buffers on large collections
-PAIRWISE_LIMIT = 2000  # groups up to this size report their exact minimum pairwise similarity
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class DupeGroup:
     images: list[ImageRow]
     similarity: float  # the lowest similarity of a member to the representative (images[0])
     scores: list[float] = field(default_factory=list)  # each image's similarity to the representative (its own: 1)
-    inliers: list[int | None] = field(default_factory=list)  # matches confirming it a copy of the representative, if below
+    inliers: list[int | None] = field(default_factory=list)  # agreeing keypoint matches with the representative
 
 
 def similar_pairs(
@@ -76,18 +89,45 @@ def similar_pairs(
     return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
 
 
-def group_indices(
-    n: int, hashes: list[str | None], vectors: np.ndarray, threshold: float, device: str | None = None,
-    confirmed: dict[tuple[int, int], int] | None = None,
-) -> list[tuple[list[int], list[float]]]:
-    """Groups (of size > 1) around representatives: (members, representative first, and each one's similarity
-    to the representative); every member is at or above the threshold against it (no chaining).
+def candidate_pairs(vectors: np.ndarray, threshold: float, device: str | None = None,
+                    neighbours: int = VERIFY_NEIGHBOURS) -> dict[tuple[int, int], float]:  # fmt: skip
+    """Pairs (i < j) worth judging, with their cosine: all at or above the threshold, plus each image's
+    `neighbours` nearest from VERIFY_FLOOR up (where rotated, cropped or framed copies land). One range
+    search and one k-NN search of the collection: the count grows linearly with the images."""
+    ii, jj, ss = similar_pairs(vectors, threshold, device=device)
+    pairs = dict(zip(zip(ii.tolist(), jj.tolist(), strict=True), ss.tolist(), strict=True))
+    if neighbours and len(vectors) > 1:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        sims, top = index.search(index.flat(x), x, min(len(x), neighbours + 1), device=device)
+        for a, (row_s, row_b) in enumerate(zip(sims.tolist(), top.tolist(), strict=True)):
+            for s, b in zip(row_s, row_b, strict=True):
+                if b >= 0 and b != a and s >= VERIFY_FLOOR:
+                    pairs.setdefault((min(a, b), max(a, b)), s)
+    return pairs
 
-    Images sharing a content hash are one image here (similarity 1). Representatives are taken greedily,
-    the image with the most near-duplicates not yet grouped first (ties: the higher summed similarity,
-    then the lower index); it takes all of those, so a chain a~b~c with a !~ c never joins a and c.
-    confirmed: pairs (i < j) below the threshold that geometric verification confirmed (confirm_pairs);
-    they count as near-duplicates too, with their cosine as similarity.
+
+def accept(similarity: float, matches: int | None, threshold: float) -> bool:
+    """Whether a pair is a near-duplicate: its cosine, its agreeing keypoint matches (None: not verified).
+
+    Unverified: at or above the threshold. Verified: at or above the threshold with MIN_INLIERS matches
+    (or a SURE cosine), or below it with DUPE_INLIERS (rotated, rescaled, framed copies)."""
+    if matches is None:
+        return similarity >= threshold
+    if similarity >= max(threshold, SURE):
+        return True
+    return matches >= (MIN_INLIERS if similarity >= threshold else DUPE_INLIERS)
+
+
+def group_pairs(n: int, hashes: list[str | None], pairs: dict[tuple[int, int], float],
+                matches: dict[tuple[int, int], int] | None, threshold: float) -> list[tuple[list[int], list[float]]]:  # fmt: skip
+    """Groups (of size > 1) around representatives: (members, representative first, and each one's cosine to
+    the representative); every member is a near-duplicate of the representative (accept), never a chain.
+
+    Images sharing a content hash are one image here (similarity 1). Accepted pairs are taken strongest
+    first (most agreeing matches, then cosine): a pair of two ungrouped images starts a group (its
+    representative the one with more near-duplicates), an ungrouped image joins a group when it is a
+    near-duplicate of the representative. So each image lands with the representative it matches best,
+    and a copy does not follow its original's look-alike.
     """
     rep_of = list(range(n))  # exact copies collapse onto their first image
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -97,32 +137,48 @@ def group_indices(
     for members in by_hash.values():
         for other in members[1:]:
             rep_of[other] = members[0]
-    ii, jj, ss = similar_pairs(vectors, threshold, device=device)
-    found = list(zip(ii.tolist(), jj.tolist(), ss.tolist(), strict=True))
-    found += [(a, b, float(vectors[a] @ vectors[b])) for a, b in (confirmed or {})]
-    neighbours: dict[int, dict[int, float]] = defaultdict(dict)
-    for a, b, s in found:
-        a, b = rep_of[a], rep_of[b]
-        if a != b:
-            neighbours[a][b] = max(s, neighbours[a].get(b, -1.0))
-            neighbours[b][a] = neighbours[a][b]
+    found: dict[tuple[int, int], tuple[int, float]] = {}  # accepted pairs of collapsed images: (matches, cosine)
+    for (a, b), s in pairs.items():
+        m = None if matches is None else matches.get((a, b), 0)
+        a, b = sorted((rep_of[a], rep_of[b]))
+        if a != b and accept(s, m, threshold):
+            found[(a, b)] = max((m or 0, s), found.get((a, b), (-1, -1.0)))
+    degree: dict[int, int] = defaultdict(int)
+    for a, b in found:
+        degree[a] += 1
+        degree[b] += 1
+    group_of: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for (a, b), _ in sorted(found.items(), key=lambda e: (-e[1][0], -e[1][1], e[0])):
+        ga, gb = group_of.get(a), group_of.get(b)
+        if ga is None and gb is None:
+            rep, other = (a, b) if (-degree[a], a) <= (-degree[b], b) else (b, a)
+            members[rep] = [rep, other]
+            group_of[a] = group_of[b] = rep
+        elif (ga is None) != (gb is None):
+            joining, rep = (a, gb) if ga is None else (b, ga)
+            if (min(joining, rep), max(joining, rep)) in found:
+                members[rep].append(joining)
+                group_of[joining] = rep
     exact = {m[0]: m[1:] for m in by_hash.values() if len(m) > 1}
-    taken: set[int] = set()
-    order = sorted(set(neighbours) | set(exact), key=lambda i: (-len(neighbours[i]), -sum(neighbours[i].values()), i))
     groups = []
-    for rep in order:
-        if rep in taken:
-            continue
-        near = sorted(((s, j) for j, s in neighbours[rep].items() if j not in taken), key=lambda t: (-t[0], t[1]))
-        members = [rep] + exact.get(rep, []) + [j for _, j in near]
-        sims = [1.0] * (1 + len(exact.get(rep, []))) + [min(s, 1.0) for s, _ in near]
-        for j, _ in ((j, s) for s, j in near):
-            members += exact.get(j, [])
-            sims += [sims[members.index(j)]] * len(exact.get(j, []))
-        if len(members) > 1:
-            taken.update(members)
-            groups.append((members, sims))
+    for rep in sorted(set(members) | (set(exact) - set(group_of))):
+        near = sorted(((found[(min(rep, j), max(rep, j))][1], j) for j in members.get(rep, [rep])[1:]),
+                      key=lambda t: (-t[0], t[1]))  # fmt: skip
+        ids = [rep] + exact.get(rep, [])
+        sims = [1.0] * len(ids)
+        for s, j in near:
+            ids += [j] + exact.get(j, [])
+            sims += [min(s, 1.0)] * (1 + len(exact.get(j, [])))
+        groups.append((ids, sims))
     return groups
+
+
+def group_indices(
+    n: int, hashes: list[str | None], vectors: np.ndarray, threshold: float, device: str | None = None
+) -> list[tuple[list[int], list[float]]]:
+    """group_pairs over the pairs at or above the threshold, unverified."""
+    return group_pairs(n, hashes, candidate_pairs(vectors, threshold, device, neighbours=0), None, threshold)
 
 
 def dupe_vectors(coll) -> tuple[list[ImageRow], np.ndarray]:
@@ -138,7 +194,7 @@ def default_threshold(coll) -> float:
 def find_duplicates(coll, threshold: float | None = None, device: str | None = None, verify: bool = True) -> list[DupeGroup]:
     """Groups of exact and near-duplicate images in the collection, largest first (device: see index.search).
 
-    Each group lists its representative first, then the others by similarity to it (group_indices).
+    Each group lists its representative first, then the others by similarity to it (group_pairs).
     threshold: default_threshold(coll) when not given."""
     return find(coll, threshold, device, verify)[0]
 
@@ -146,84 +202,142 @@ def find_duplicates(coll, threshold: float | None = None, device: str | None = N
 def find(coll, threshold: float | None = None, device: str | None = None, verify: bool = True):
     """(groups, every near-duplicate pair as {image: [(other, similarity)]}) of the collection.
 
-    verify: pairs below the threshold that geometric verification confirms count too (confirm_pairs)."""
+    verify: candidate pairs' keypoints are matched (pair_matches) and judged with their cosine (accept);
+    without it, a pair is a near-duplicate at or above the threshold."""
     threshold = default_threshold(coll) if threshold is None else threshold
     if not 0.0 < threshold <= 1.0:
         raise RisError(f"--threshold must be in (0, 1], not {threshold}")
     rows, vectors = dupe_vectors(coll)
     if not rows:
         return [], {}
-    confirmed = confirm_pairs(rows, vectors, threshold, device) if verify else {}
-    same: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        if r.sha256:
-            same[r.sha256].append(i)
-    twins = {i: same[r.sha256] if r.sha256 else [i] for i, r in enumerate(rows)}
+    hashes = [r.sha256 for r in rows]
+    pairs = candidate_pairs(vectors, threshold, device, VERIFY_NEIGHBOURS if verify else 0)
+    matches = None
+    if verify:
+        feats, framed = image_features([r.path for r in rows])
+        for pair, s in framed_pairs(coll, vectors, framed, device).items():
+            pairs.setdefault(pair, s)
+    pairs = {p: s for p, s in pairs.items() if not (hashes[p[0]] and hashes[p[0]] == hashes[p[1]])}
+    if verify:
+        matches = pair_matches(feats, list(pairs))
+    twins: dict[str, list[int]] = defaultdict(list)
+    for i, sha in enumerate(hashes):
+        if sha:
+            twins[sha].append(i)
     groups = []
-    for members, sims in group_indices(len(rows), [r.sha256 for r in rows], vectors, threshold, device, confirmed):
+    for members, sims in group_pairs(len(rows), hashes, pairs, matches, threshold):
         images = [rows[i] for i in members]
         exact = len({r.sha256 for r in images}) == 1 and images[0].sha256 is not None
         scores = [round(float(x), 4) for x in sims]
-        inl = [_pair_inliers(confirmed, twins, members[0], m) for m in members]
+        inl = [_pair_matches(matches, twins, hashes, members[0], m) for m in members] if matches is not None else []
         groups.append(DupeGroup("exact" if exact else "near", images, 1.0 if exact else min(scores[1:]), scores, inl))
     groups.sort(key=lambda g: (-len(g.images), g.kind != "exact", g.images[0].path))
-    return groups, _pairs_by_image(rows, vectors, threshold, device, confirmed)
+    accepted = [(a, b, s) for (a, b), s in pairs.items()
+                if accept(s, None if matches is None else matches.get((a, b), 0), threshold)]  # fmt: skip
+    return groups, _pairs_by_image(rows, accepted, twins)
 
 
-def confirm_pairs(rows: list[ImageRow], vectors: np.ndarray, threshold: float, device: str | None = None,
-                  threads: int | None = None) -> dict[tuple[int, int], int]:  # fmt: skip
-    """Pairs (i < j) below the threshold that ORB + RANSAC confirm as copies: {pair: agreeing matches}.
+#: framed_pairs: a picture whose content (what differs from its edges' colour) fills under FRAMED of it is
+#: framed (a screenshot's canvas, a letterbox, a border) and its content searched for too.
+FRAMED = 0.7
+PLAIN_TOLERANCE = 24  # grey levels from the edges' colour that still count as canvas
 
-    Rotated, sheared or cropped copies fall below any cosine threshold that keeps different photos of one
-    kind of object apart (harsh set: a 15-40 degree rotation's cosine to its original has median 0.72,
-    the closest other photo of its class 0.77), but their keypoints still agree under one similarity
-    transform. Each image's VERIFY_NEIGHBOURS nearest with cosine >= VERIFY_FLOOR are checked (both
-    images' keypoints found once; a mirrored view too), on the CPU threads."""
+
+def content_box(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box of a framed picture's content (see FRAMED), None when it is not framed."""
+    from PIL import ImageChops
+
+    rgb = img.convert("RGB")
+    w, h = rgb.size
+    a = np.asarray(rgb)
+    edges = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colour = tuple(int(c) for c in np.median(edges, axis=0))
+    if np.mean(np.abs(edges.astype(np.int16) - colour).max(axis=1) <= PLAIN_TOLERANCE) < 0.9:
+        return None  # the edges are no plain canvas
+    diff = ImageChops.difference(rgb, Image.new("RGB", rgb.size, colour)).convert("L")
+    box = diff.point(lambda v: 255 if v > PLAIN_TOLERANCE else 0).getbbox()
+    if box is None or min(box[2] - box[0], box[3] - box[1]) < 32:
+        return None
+    return box if (box[2] - box[0]) * (box[3] - box[1]) < FRAMED * w * h else None
+
+
+def _views(path: str):
+    """ORB features of an image and of its mirror image (mirrored copies), a thumbnail enlarged first; and
+    the content of a framed picture (content_box), else None."""
+    from ..images.decode import open_image, read_file
+    from ..search.verify import MAX_SIDE, NO_FEATURES, query_views
+
+    try:
+        img = open_image(read_file(path), draft_size=MAX_SIDE)
+    except Exception:  # noqa: BLE001  # a file gone or changed since indexing: no keypoints, nothing confirmed
+        return (NO_FEATURES, NO_FEATURES), None
+    box = content_box(img)
+    return query_views(img, FEATURES), (img.crop(box) if box else None)
+
+
+def image_features(paths: list[str], threads: int | None = None):
+    """([each image's keypoints: (plain, mirrored)], {image: its content, when framed}): every image decoded
+    once, on the CPU threads (OpenCV releases the GIL). Held while pairs are matched: ~64 kB an image."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..model import runtime
-    from ..search.verify import Verifier, query_views
-
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    sims, top = index.search(index.flat(x), x, min(len(x), VERIFY_NEIGHBOURS + 1), device=device)
-    todo = sorted({(min(a, int(b)), max(a, int(b))) for a in range(len(x)) for b, s in zip(top[a], sims[a], strict=True)
-                   if int(b) != a and int(b) >= 0 and VERIFY_FLOOR <= s < threshold})  # fmt: skip
-    if not todo:
-        return {}
-    verifier = Verifier(cache_size=len(x) + 1)
-
-    def check(pair: tuple[int, int]) -> int:
-        from ..images.decode import open_image, read_file
-
-        try:
-            img = open_image(read_file(rows[pair[0]].path))
-        except Exception:  # noqa: BLE001  # a file gone or changed since indexing: not confirmed
-            return 0
-        return verifier.counts(query_views(img), [rows[pair[1]].path])[0]
 
     with ThreadPoolExecutor(threads or runtime.cpu_threads()) as pool:
-        counts = list(pool.map(check, todo))
-    return {pair: n for pair, n in zip(todo, counts, strict=True) if n >= DUPE_INLIERS}
+        found = list(pool.map(_views, paths))
+    return [views for views, _ in found], {i: crop for i, (_, crop) in enumerate(found) if crop is not None}
 
 
-def _pair_inliers(confirmed: dict[tuple[int, int], int], twins: dict[int, list[int]], a: int, b: int) -> int | None:
-    """The matches confirming a and b copies of each other (exact copies of either answer for it), or None."""
-    found = [confirmed.get((min(x, y), max(x, y)), 0) for x in twins[a] for y in twins[b] if x != y]
-    return max(found, default=0) or None
+def framed_pairs(coll, vectors: np.ndarray, framed: dict[int, Image.Image], device: str | None = None):
+    """Candidate pairs of framed pictures (their plain cosine: {(i, j): similarity}): each one's content,
+    embedded by the collection's model, and its VERIFY_NEIGHBOURS nearest from VERIFY_FLOOR up. A picture
+    pasted on a screen-sized canvas keeps a cosine of -0.05-0.57 to its original, far from any neighbour
+    list; its content alone finds it. Skipped for a collection that cannot embed (no model at hand)."""
+    embed = getattr(coll, "embed", None)
+    if not framed or embed is None:
+        return {}
+    ids = sorted(framed)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    q = np.ascontiguousarray(embed([framed[i] for i in ids]), dtype=np.float32)
+    sims, top = index.search(index.flat(x), q, min(len(x), VERIFY_NEIGHBOURS + 1), device=device)
+    out = {}
+    for i, row_s, row_b in zip(ids, sims.tolist(), top.tolist(), strict=True):
+        for s, b in zip(row_s, row_b, strict=True):
+            if b >= 0 and b != i and s >= VERIFY_FLOOR:
+                out[(min(i, b), max(i, b))] = float(x[i] @ x[b])
+    return out
 
 
-def _pairs_by_image(rows: list[ImageRow], vectors: np.ndarray, threshold: float, device: str | None,
-                    confirmed: dict[tuple[int, int], int]):  # fmt: skip
+def pair_matches(feats: list, pairs: list[tuple[int, int]], threads: int | None = None) -> dict[tuple[int, int], int]:
+    """Agreeing keypoint matches (ORB, RANSAC similarity transform; the first image mirrored too) of each
+    pair, given each image's (plain, mirrored) keypoints (image_features); on the CPU threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..model import runtime
+    from ..search.verify import inliers
+
+    def one(pair: tuple[int, int]) -> int:
+        (a, am), (b, _) = feats[pair[0]], feats[pair[1]]
+        n = inliers(a, b)
+        return n if n >= DUPE_INLIERS else max(n, inliers(am, b))
+
+    with ThreadPoolExecutor(threads or runtime.cpu_threads()) as pool:
+        return dict(zip(pairs, pool.map(one, pairs), strict=True))
+
+
+def _pair_matches(matches: dict[tuple[int, int], int], twins: dict[str, list[int]], hashes: list[str | None],
+                  a: int, b: int) -> int | None:  # fmt: skip
+    """The agreeing matches of a and b (exact copies of either answer for it), or None when not matched."""
+    xs = twins[hashes[a]] if hashes[a] else [a]
+    ys = twins[hashes[b]] if hashes[b] else [b]
+    found = [matches[(min(x, y), max(x, y))] for x in xs for y in ys if (min(x, y), max(x, y)) in matches]
+    return max(found, default=None)
+
+
+def _pairs_by_image(rows: list[ImageRow], accepted: list[tuple[int, int, float]], twins: dict[str, list[int]]):
     """Each image with a near-duplicate: its near-duplicates (and exact copies), most similar first."""
     out: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    ii, jj, ss = similar_pairs(vectors, threshold, device=device)
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        if r.sha256:
-            by_hash[r.sha256].append(i)
-    pairs = {(a, b): s for a, b, s in zip(ii.tolist(), jj.tolist(), ss.tolist(), strict=True)}
-    pairs.update({(a, b): float(vectors[a] @ vectors[b]) for a, b in confirmed})
-    for members in by_hash.values():
+    pairs = {(a, b): s for a, b, s in accepted}
+    for members in twins.values():
         pairs.update({(a, b): 1.0 for a in members for b in members if a < b})
     for (a, b), s in pairs.items():
         out[rows[a].path].append((rows[b].path, round(min(float(s), 1.0), 4)))
@@ -316,7 +430,7 @@ def to_text(groups: list[DupeGroup], n_images: int) -> str:
     for n, g in enumerate(groups, 1):
         lines.append(f"group {n}: {g.kind}, {len(g.images)} images, similarity {g.similarity:.3f} (lowest to the first)")
         lines.extend(f"  {r.path}" + (f"  [{r.label}]" if r.label else "") + ("  (representative)" if i == 0 else f"  {s:.3f}")
-                     + (f" (confirmed: {n} keypoint matches)" if n else "")
+                     + (f" ({n} keypoint matches)" if n is not None else "")
                      for i, (r, s, n) in enumerate(zip(g.images, g.scores, _inliers(g), strict=True)))  # fmt: skip
     lines.append(f"{len(groups)} groups ({exact} exact, {len(groups) - exact} near) among {n_images} images")
     return "\n".join(lines)
