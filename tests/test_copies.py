@@ -1,4 +1,4 @@
-"""The second look (ris.views): copies pasted small onto another picture or rotated by tens of degrees are found
+"""The second look (ris.search.views): copies pasted small onto another picture or rotated by tens of degrees are found
 first; queries the first search confirms, and the rest of every list, are what the plain path gives."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ris import edits, views
 from ris.collection import Collection
-from ris.decode import open_image, read_file
+from ris.images import edits
+from ris.images.decode import open_image, read_file
+from ris.search import views
 
 from .conftest import CALTECH, caltech_files
 

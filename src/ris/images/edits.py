@@ -1,0 +1,268 @@
+"""Harsh, chained edits of a picture, as re-posted copies carry them: the test set of `ris eval --copies`.
+
+Each edit kind draws its own parameters per image from a seeded generator, so a set is reproducible and
+every copy is edited differently. Two families:
+
+- HARSH (tuned on): strong blur + brightness, the picture pasted small on a busy photo, a fifth-size
+  thumbnail at JPEG quality 10-20, rotation by 15-40 degrees (corners black or cropped away), rotation +
+  rescale, off-centre crops keeping about half, and the milder chains that must stay good (mirror + crop
+  + JPEG, shear, border + caption, grey + contrast), plus noise + JPEG and a perspective warp.
+- HELDOUT (never tuned on): a screenshot of a social-media post, a 2x2 collage, a colour cast, an
+  aspect-ratio stretch, stickers over a quarter of the picture, pixelation, a tilted photo of a screen.
+  Reported apart: they say whether what was tuned on the first family generalises.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+#: (picture, generator, another picture for backgrounds) -> edited copy
+Edit = Callable[[Image.Image, np.random.Generator, Callable[[], Image.Image]], Image.Image]
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=int(quality))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _scale(img: Image.Image, factor: float) -> Image.Image:
+    return img.resize((max(8, round(img.width * factor)), max(8, round(img.height * factor))), Image.Resampling.LANCZOS)
+
+
+def _busy(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A generated busy texture: coloured noise smoothed at several scales plus random shapes."""
+    w, h = size
+    base = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(10, max(11, w // 3))), y0 + int(rng.integers(10, max(11, h // 3)))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    return img
+
+
+def blur_bright(img, rng, other):
+    radius = rng.uniform(0.006, 0.012) * max(img.size)  # 2-4 px on a Caltech picture: recall@1 0.53 as served before
+    factor = rng.uniform(0.5, 0.7) if rng.random() < 0.5 else rng.uniform(1.3, 1.6)
+    return ImageEnhance.Brightness(img.filter(ImageFilter.GaussianBlur(radius))).enhance(factor)
+
+
+def pip(img, rng, other):
+    """The picture pasted at 25-50% of the side onto a larger busy photo (another image, or a texture)."""
+    frac = rng.uniform(0.25, 0.5)
+    side = max(img.size) / frac
+    if rng.random() < 0.5:
+        bg = other().convert("RGB")
+        bg = _scale(bg, side / max(bg.size))
+    else:
+        bg = _busy(rng, (round(side), round(side * rng.uniform(0.6, 1.0))))
+    fits = img.width <= bg.width and img.height <= bg.height
+    pic = img if fits else _scale(img, 0.95 * min(bg.width / img.width, bg.height / img.height))
+    out = bg.copy()
+    out.paste(pic, (int(rng.integers(0, bg.width - pic.width + 1)), int(rng.integers(0, bg.height - pic.height + 1))))
+    return jpeg(out, rng.integers(60, 90))
+
+
+def thumb_jpeg(img, rng, other):
+    return jpeg(_scale(img, rng.uniform(0.18, 0.22)), rng.integers(10, 21))
+
+
+def _rotate(img: Image.Image, angle: float, crop: bool) -> Image.Image:
+    if not crop:
+        return img.rotate(angle, expand=True, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    from ..search.views import rotated  # the largest centred crop of the frame's aspect inside the rotated picture
+
+    return rotated(img, angle)
+
+
+def _angle(rng: np.random.Generator, lo: float = 15, hi: float = 40) -> float:
+    return float(rng.uniform(lo, hi) * rng.choice([-1, 1]))
+
+
+def rotate(img, rng, other):
+    return jpeg(_rotate(img, _angle(rng), crop=rng.random() < 0.5), 85)
+
+
+def rotate_scale(img, rng, other):
+    return jpeg(_scale(_rotate(img, _angle(rng), crop=rng.random() < 0.5), rng.uniform(0.4, 1.6)), 85)
+
+
+def offcentre_crop(img, rng, other):
+    keep = rng.uniform(0.42, 0.6)  # share of the area
+    ar = rng.uniform(0.7, 1.4)
+    w, h = img.size
+    cw = min(w, round(w * np.sqrt(keep * ar)))
+    ch = min(h, round(h * keep * w / max(1, cw)))
+    x = int(rng.choice([0, w - cw])) if rng.random() < 0.7 else int(rng.integers(0, w - cw + 1))
+    y = int(rng.choice([0, h - ch])) if rng.random() < 0.7 else int(rng.integers(0, h - ch + 1))
+    return jpeg(img.crop((x, y, x + cw, y + ch)), 80)
+
+
+def mirror_crop_jpeg(img, rng, other):
+    keep = rng.uniform(0.7, 0.9)
+    w, h = img.size
+    cw, ch = round(w * keep), round(h * keep)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return jpeg(ImageOps.mirror(img).crop((x, y, x + cw, y + ch)), rng.integers(35, 70))
+
+
+def shear(img, rng, other):
+    s = float(rng.uniform(0.15, 0.3) * rng.choice([-1, 1]))
+    w, h = img.size
+    if rng.random() < 0.5:
+        size, data = (w + round(abs(s) * h), h), (1, s, -abs(s) * h if s > 0 else 0, 0, 1, 0)
+    else:
+        size, data = (w, h + round(abs(s) * w)), (1, 0, 0, s, 1, -abs(s) * w if s > 0 else 0)
+    return jpeg(img.transform(size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR), 85)
+
+
+def _caption(img: Image.Image, rng: np.random.Generator, text: str) -> Image.Image:
+    out = img.copy()
+    size = max(10, round(out.height * rng.uniform(0.08, 0.14)))
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    y = int(rng.uniform(0.05, 0.8) * out.height)
+    ImageDraw.Draw(out).text((out.width // 20, y), text, fill=colour, font=_font(size), stroke_width=max(1, size // 12),
+                             stroke_fill=(0, 0, 0))  # fmt: skip
+    return out
+
+
+def border_caption(img, rng, other):
+    border = round(max(img.size) * rng.uniform(0.05, 0.15))
+    fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+    return jpeg(_caption(ImageOps.expand(img, border=border, fill=fill), rng, "reposted @someone"), 80)
+
+
+def grey_contrast(img, rng, other):
+    return jpeg(ImageEnhance.Contrast(ImageOps.grayscale(img).convert("RGB")).enhance(rng.uniform(1.3, 1.9)), 80)
+
+
+def noise_jpeg(img, rng, other):
+    a = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(15, 30), (img.height, img.width, 3))
+    return jpeg(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), rng.integers(25, 50))
+
+
+def _quad(w: int, h: int, rng: np.random.Generator, amount: float) -> list[float]:
+    """Source corners (UL, LL, LR, UR) pulled inwards at random: PIL's QUAD transform makes a perspective."""
+    d = lambda n: float(rng.uniform(0, amount) * n)  # noqa: E731
+    return [d(w), d(h), d(w), h - d(h), w - d(w), h - d(h), w - d(w), d(h)]
+
+
+def perspective(img, rng, other):
+    w, h = img.size
+    return jpeg(img.transform((w, h), Image.Transform.QUAD, _quad(w, h, rng, 0.18), Image.Resampling.BILINEAR), 80)
+
+
+# --- held out: never tuned on -------------------------------------------------------------------
+
+
+def screenshot(img, rng, other):
+    """The picture inside a mock social-media post: header, avatar, text lines, buttons; 40-70% of the width."""
+    w = int(rng.integers(480, 760))
+    pic = _scale(img, w * rng.uniform(0.4, 0.7) / img.width)
+    h = pic.height + int(rng.integers(160, 320))
+    page = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(page)
+    draw.rectangle((0, 0, w, 44), fill=tuple(int(c) for c in rng.integers(0, 120, 3)))
+    draw.ellipse((12, 56, 52, 96), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw.text((64, 62), "someone  @someone · 3h", fill=(20, 20, 20), font=_font(16))
+    for i in range(int(rng.integers(1, 4))):
+        draw.text((16, 104 + 20 * i), "look at this, found it online " * 2, fill=(40, 40, 40), font=_font(14))
+    top = 104 + 20 * 3 + 8
+    page.paste(pic, ((w - pic.width) // 2 if rng.random() < 0.5 else 16, top))
+    draw.text((16, top + pic.height + 12), "♡ 1.2k   ↻ 300   ✉", fill=(90, 90, 90), font=_font(16))
+    return jpeg(page, rng.integers(50, 85))
+
+
+def collage(img, rng, other):
+    """A 2x2 collage: the picture one tile, three other photos the rest."""
+    tile = max(img.size)
+    out = Image.new("RGB", (2 * tile, 2 * tile), (255, 255, 255))
+    slot = int(rng.integers(0, 4))
+    for i in range(4):
+        pic = img if i == slot else other().convert("RGB")
+        pic = _scale(pic, tile / max(pic.size))
+        out.paste(pic, ((i % 2) * tile + (tile - pic.width) // 2, (i // 2) * tile + (tile - pic.height) // 2))
+    return jpeg(_scale(out, rng.uniform(0.5, 0.8)), 75)
+
+
+def colour_cast(img, rng, other):
+    a = np.asarray(img, dtype=np.float32) * rng.uniform(0.6, 1.3, 3)
+    out = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    out = ImageEnhance.Color(out).enhance(rng.uniform(0.3, 2.0))
+    return jpeg(_scale(out, rng.uniform(0.6, 1.2)), 70)
+
+
+def stretch(img, rng, other):
+    fx, fy = (rng.uniform(0.55, 0.75), 1.0) if rng.random() < 0.5 else (1.0, rng.uniform(0.55, 0.75))
+    return jpeg(img.resize((max(8, round(img.width * fx)), max(8, round(img.height * fy)))), 60)
+
+
+def stickers(img, rng, other):
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    for _ in range(int(rng.integers(3, 7))):
+        r = int(min(w, h) * rng.uniform(0.08, 0.16))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill, outline=(0, 0, 0))
+    return jpeg(out, 75)
+
+
+def pixelate(img, rng, other):
+    f = rng.uniform(0.1, 0.16)
+    small = _scale(img, f)
+    return jpeg(small.resize(img.size, Image.Resampling.NEAREST), 70)
+
+
+def screen_photo(img, rng, other):
+    """A photo of a screen: perspective, a small tilt, blur, moiré-like noise, a dark frame."""
+    w, h = img.size
+    framed = ImageOps.expand(img, border=max(4, w // 15), fill=(15, 15, 15))
+    fw, fh = framed.size
+    out = framed.transform((fw, fh), Image.Transform.QUAD, _quad(fw, fh, rng, 0.1), Image.Resampling.BILINEAR)
+    out = out.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR, fillcolor=(40, 40, 40))
+    a = np.asarray(out.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
+    a += 12 * np.sin(np.arange(fw)[None, :, None] * rng.uniform(0.5, 1.5)) + rng.normal(0, 6, a.shape)
+    return jpeg(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), 60)
+
+
+HARSH: dict[str, Edit] = {
+    "blur_bright": blur_bright, "pip": pip, "thumb_jpeg": thumb_jpeg, "rotate": rotate, "rotate_scale": rotate_scale,
+    "offcentre_crop": offcentre_crop, "mirror_crop_jpeg": mirror_crop_jpeg, "shear": shear,
+    "border_caption": border_caption, "grey_contrast": grey_contrast, "noise_jpeg": noise_jpeg,
+    "perspective": perspective,
+}  # fmt: skip
+HELDOUT: dict[str, Edit] = {
+    "screenshot": screenshot, "collage": collage, "colour_cast": colour_cast, "stretch": stretch,
+    "stickers": stickers, "pixelate": pixelate, "screen_photo": screen_photo,
+}  # fmt: skip
+
+
+SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT}
+
+
+def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:
+    """The generator of one copy: the same (seed, kind, item) draws the same parameters on every machine."""
+    return np.random.default_rng([seed, zlib.crc32(kind.encode()), item])
+
+
+def edit(kind: str, img: Image.Image, rng: np.random.Generator, other: Callable[[], Image.Image]) -> Image.Image:
+    """The copy of img edited by `kind`, its parameters drawn from rng; other() gives unrelated pictures."""
+    fn = HARSH.get(kind) or HELDOUT[kind]
+    return fn(img.convert("RGB"), rng, other)
