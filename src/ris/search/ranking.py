@@ -4,7 +4,8 @@ The served order comes from the store (DBA-augmented vectors when the collection
 result is the image nearest to the query by its own (plain) vector: DBA and αQE favour an image's class
 over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on Caltech-101), so the
 first place goes to the plain nearest of the served top ANCHOR_POOL, or to the one of the 5 plain nearest
-that geometric verification confirms (ris.search.verify); the rest follow in served order.
+that geometric verification confirms (ris.search.verify); when none is confirmed, a second look at the query's
+rotations and regions (ris.search.views) may confirm another image for it; the rest follow in served order.
 
 Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
 ranked it: the served score, never increasing down the list (a first result promoted as the query's
