@@ -46,7 +46,7 @@ def test_second_look_finds_pasted_copies_first(coll: Collection) -> None:
     before = [r.matches[0].id for r in _plain_path(coll, made)]
     truth = [r.id for r in picked]
     hits, hits_before = (sum(a == b for a, b in zip(got, truth, strict=True)) for got in (found, before))
-    assert hits >= 4 and hits > hits_before, (found, before, truth)  # full Caltech-101: 0.1 -> 0.4 (RESULTS)
+    assert hits >= 4 and hits > hits_before, (found, before, truth)  # full Caltech-101, seed 1: recall@1 0.08 -> 0.33
 
 
 def test_views_bring_rotated_copies_back(coll: Collection) -> None:
