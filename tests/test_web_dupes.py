@@ -1,0 +1,203 @@
+"""The duplicates view of `ris serve`: GET /api/duplicates and its list over real HTTP, and the page's view in a
+real headless Chromium at a phone's size (390×844) and a desktop's (1280×800).
+
+The collection: Caltech-101 photos (four of each of five classes: different photos of one kind of object)
+plus copies made here: one photo resized, re-encoded at JPEG quality 30 and cropped, one copied byte for byte,
+one resized and cropped. Screenshots go to each test's tmp dir and to $RIS_TEST_ARTIFACTS when set."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from ris import dupes
+from ris.collection import Collection
+from ris.server import create_app, serve_in_thread
+from tests.server_fixtures import AUTH, CALTECH, TOKEN, upload
+from tests.test_dupes import _bench
+from tests.test_web_ui import DESKTOP, PHONE, browser, open_page, shoot  # noqa: F401 (browser: a fixture)
+
+CLASSES = ("accordion", "anchor", "camera", "chair", "panda")
+PER_CLASS = 4
+#: (class, which photo) -> the copies made of it; every other photo has none
+COPIES = {("accordion", 0): ("resize50", "jpeg30", "crop80"), ("camera", 0): ("exact",), ("chair", 0): ("resize50", "crop80")}
+GROUPS = "#dupes-groups .group"
+THUMBS_LOADED = """() => {
+  const imgs = [...document.querySelectorAll('#dupes-groups .group img')];
+  return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+}"""
+
+
+def make_images(root: Path) -> dict[str, str]:
+    """The photos under root/<class>/ and the copies under root/copies/: {path: path of its original}."""
+    if not CALTECH.is_dir():
+        pytest.skip(f"Caltech-101 not found at {CALTECH}")
+    kinds = _bench().COPY_KINDS  # the copies `ris dupes`' own test and benchmark are measured on
+    origin: dict[str, str] = {}
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True)
+        for n, src in enumerate(sorted((CALTECH / cls).glob("*.jpg"))[:PER_CLASS]):
+            photo = root / cls / src.name
+            shutil.copyfile(src, photo)
+            origin[str(photo)] = str(photo)
+            for kind in COPIES.get((cls, n), ()):
+                copy = root / "copies" / f"{kind}-{cls}-{src.name}"
+                copy.parent.mkdir(exist_ok=True)
+                kinds[kind](photo, copy)
+                origin[str(copy)] = str(photo)
+    return origin
+
+
+@pytest.fixture(scope="module")
+def dupes_collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("webdupes")
+    origin = make_images(root / "images")
+    with Collection.create(root / "c.ris") as coll:
+        coll.add(sorted(origin), workers=0)
+    return root / "c.ris", origin
+
+
+@pytest.fixture(scope="module")
+def base_url(dupes_collection: tuple[Path, dict[str, str]]) -> Iterator[str]:
+    with serve_in_thread(create_app(dupes_collection[0])) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
+
+
+def paths_of(group: dict) -> list[str]:
+    return [img["path"] for img in group["images"]]
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+
+def test_copies_are_grouped_with_their_originals(client: httpx.Client, dupes_collection: tuple[Path, dict[str, str]]) -> None:
+    path, origin = dupes_collection
+    res = client.get("/api/duplicates")
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["images"] == len(origin) == len(CLASSES) * PER_CLASS + 6 and body["verify"] is True
+    copies = {p: o for p, o in origin.items() if p != o}
+    expected = {frozenset([o, *(p for p, x in copies.items() if x == o)]) for o in set(copies.values())}
+    assert {frozenset(paths_of(g)) for g in body["groups"]} == expected  # no two different photos share a group
+    assert body["total"] == 3 and body["duplicates"] == len(copies) and body["offset"] == 0
+    assert [len(g["images"]) for g in body["groups"]] == [4, 3, 2]  # largest first
+    exact = body["groups"][2]
+    assert exact["kind"] == "exact" and exact["similarity"] == 1.0 and all(i["similarity"] == 1.0 for i in exact["images"])
+    for g in body["groups"]:
+        first = g["images"][0]
+        assert first["representative"] and first["id"] == g["representative"] and first["similarity"] == 1.0
+        assert not any(i["representative"] for i in g["images"][1:])
+        assert g["similarity"] == min(i["similarity"] for i in g["images"][1:])
+        assert [i["id"] for i in g["images"] if i["keep"]] == [g["keep"]]
+        assert all(i["thumbnail"] == f"/api/images/{i['id']}/thumbnail" and i["image"] == f"/api/images/{i['id']}"
+                   for i in g["images"])  # fmt: skip
+    near = body["groups"][0]
+    kept = next(i for i in near["images"] if i["keep"])
+    assert kept["path"] == origin[kept["path"]], "keep=largest keeps the full-size original, not a copy"
+    thumb = client.get(near["images"][1]["thumbnail"])
+    assert thumb.status_code == 200 and Image.open(__import__("io").BytesIO(thumb.content)).format == "JPEG"
+
+    with Collection.open(path) as coll:  # what `ris dupes` finds, with its default threshold
+        lib = dupes.find_duplicates(coll)
+        assert body["threshold"] == dupes.default_threshold(coll)
+    assert [(g.kind, [r.path for r in g.images], g.scores) for g in lib] == [
+        (g["kind"], paths_of(g), [i["similarity"] for i in g["images"]]) for g in body["groups"]
+    ]
+
+
+def test_threshold_verify_keep_and_paging(client: httpx.Client, dupes_collection: tuple[Path, dict[str, str]]) -> None:
+    _, origin = dupes_collection
+    loose = client.get("/api/duplicates", params={"verify": False}).json()
+    strict = client.get("/api/duplicates", params={"threshold": 0.97, "verify": False}).json()
+    assert strict["threshold"] == 0.97 and strict["verify"] is False
+    assert [g["kind"] for g in strict["groups"]] == ["exact"], "at 0.97 only the byte copy is left"
+    assert {frozenset(paths_of(g)) for g in strict["groups"]} < {frozenset(paths_of(g)) for g in loose["groups"]}
+
+    first = client.get("/api/duplicates", params={"keep": "first", "limit": 1, "offset": 1}).json()
+    assert first["total"] == 3 and first["limit"] == 1 and [g["group"] for g in first["groups"]] == [2]
+    group = first["groups"][0]
+    assert next(i["path"] for i in group["images"] if i["keep"]) == min(paths_of(group))
+    assert first["cached"], "paging and another keep rule reuse the groups found before"
+    assert client.get("/api/duplicates", params={"offset": 3}).json()["groups"] == []
+
+
+def test_the_list_is_what_ris_dupes_keep_prints(client: httpx.Client, dupes_collection: tuple[Path, dict[str, str]]) -> None:
+    path, origin = dupes_collection
+    for keep in dupes.KEEP_RULES:
+        res = client.get("/api/duplicates/list", params={"keep": keep})
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/tab-separated-values")
+        assert "attachment" in res.headers["content-disposition"] and keep in res.headers["content-disposition"]
+        with Collection.open(path) as coll:
+            expected = "".join(f"{p}\t{k}\n" for p, k in dupes.to_delete(dupes.find_duplicates(coll), keep))
+        assert res.text == expected
+    lines = [line.split("\t") for line in client.get("/api/duplicates/list").text.splitlines()]
+    assert sorted(p for p, _ in lines) == sorted(p for p, o in origin.items() if p != o), "largest keeps the originals"
+    assert all(origin[p] == kept for p, kept in lines)
+    assert all(Path(p).exists() for p in origin), "nothing is deleted"
+
+
+def test_parameters_are_validated(client: httpx.Client) -> None:
+    for params in ({"threshold": 0}, {"threshold": 1.5}, {"threshold": "high"}, {"keep": "biggest"}, {"limit": 0},
+                   {"limit": 1000}, {"offset": -1}):  # fmt: skip
+        res = client.get("/api/duplicates", params=params)
+        assert res.status_code == 422, params
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/api/duplicates"]["get"]
+    assert "Nothing is deleted" in op["description"]
+    described = {p["name"]: p.get("description", "") for p in op["parameters"]}
+    assert set(described) == {"threshold", "verify", "keep", "offset", "limit"} and all(described.values())
+    assert "/api/duplicates/list" in spec["paths"]
+
+
+def test_parallel_requests_share_one_computation(base_url: str) -> None:
+    """Requests for a result still being found wait for that one; all answers agree."""
+    params = {"threshold": 0.83, "verify": True}
+
+    def ask(_: int) -> str:
+        with httpx.Client(base_url=base_url, timeout=120) as c:
+            res = c.get("/api/duplicates", params=params)
+            assert res.status_code == 200, res.text
+            body = res.json()
+            return repr((body["groups"], body["seconds"]))
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = set(pool.map(ask, range(6)))
+    assert len(answers) == 1  # one computation: even its time is the same
+
+
+def test_a_change_to_the_collection_is_seen(dupes_collection: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """The groups are kept per state of the catalogue: an image added through the API joins its group."""
+    path, origin = dupes_collection
+    own = tmp_path / "c.ris"
+    shutil.copytree(path, own)
+    camera = next(p for p, o in origin.items() if p != o and "exact" in p)
+    with serve_in_thread(create_app(own, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=120) as c:
+        before = c.get("/api/duplicates").json()
+        assert c.get("/api/duplicates").json()["cached"]
+        copy = tmp_path / "camera-again.png"
+        Image.open(camera).save(copy)  # the same pixels, other bytes: a near-duplicate, not an exact one
+        assert c.post("/api/images", files=upload(copy), headers=AUTH).status_code == 201
+        after = c.get("/api/duplicates").json()
+        assert not after["cached"] and after["images"] == before["images"] + 1
+        group = next(g for g in after["groups"] if origin[camera] in paths_of(g))
+        assert len(group["images"]) == 3 and group["kind"] == "near"
+
+
+def test_an_empty_or_single_image_collection_has_no_groups(tmp_path: Path) -> None:
+    path = tmp_path / "one.ris"
+    Collection.create(path).close()
+    with serve_in_thread(create_app(path)) as url, httpx.Client(base_url=url, timeout=120) as c:
+        body = c.get("/api/duplicates").json()
+        assert (body["images"], body["total"], body["groups"]) == (0, 0, [])
