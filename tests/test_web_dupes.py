@@ -7,6 +7,7 @@ one resized and cropped. Screenshots go to each test's tmp dir and to $RIS_TEST_
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from ris.collection import Collection
 from ris.server import create_app, serve_in_thread
 from tests.server_fixtures import AUTH, CALTECH, TOKEN, upload
 from tests.test_dupes import _bench
-from tests.test_web_ui import DESKTOP, PHONE, browser, open_page, shoot  # noqa: F401 (browser: a fixture)
+from tests.test_web_ui import DESKTOP, FIRST_THUMBS_LOADED, PHONE, boxes, browser_fixture, open_page, per_row, shoot  # noqa: F401 (fixture)
 
 CLASSES = ("accordion", "anchor", "camera", "chair", "panda")
 PER_CLASS = 4
@@ -107,7 +108,7 @@ def test_copies_are_grouped_with_their_originals(client: httpx.Client, dupes_col
     kept = next(i for i in near["images"] if i["keep"])
     assert kept["path"] == origin[kept["path"]], "keep=largest keeps the full-size original, not a copy"
     thumb = client.get(near["images"][1]["thumbnail"])
-    assert thumb.status_code == 200 and Image.open(__import__("io").BytesIO(thumb.content)).format == "JPEG"
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
 
     with Collection.open(path) as coll:  # what `ris dupes` finds, with its default threshold
         lib = dupes.find_duplicates(coll)
@@ -201,3 +202,134 @@ def test_an_empty_or_single_image_collection_has_no_groups(tmp_path: Path) -> No
     with serve_in_thread(create_app(path)) as url, httpx.Client(base_url=url, timeout=120) as c:
         body = c.get("/api/duplicates").json()
         assert (body["images"], body["total"], body["groups"]) == (0, 0, [])
+
+
+# --- the page's view -------------------------------------------------------------------------------
+
+
+def wait_for_groups(page, count: int | None = None) -> None:
+    page.wait_for_function("() => ['groups', 'empty'].includes(document.body.dataset.dupes)")
+    if count is not None:
+        page.wait_for_function("(n) => document.querySelectorAll('#dupes-groups .group').length === n", arg=count)
+    page.wait_for_function(THUMBS_LOADED)
+
+
+def group_ids(page) -> list[list[str]]:
+    return page.evaluate("""() => [...document.querySelectorAll('#dupes-groups .group')]
+      .map((g) => [...g.querySelectorAll('.card')].map((c) => c.dataset.id))""")
+
+
+def test_the_tab_opens_the_groups_threshold_reruns_back_returns(browser, base_url: str, tmp_path: Path) -> None:
+    with open_page(browser, base_url, DESKTOP) as page:
+        page.evaluate("""() => {
+          window.__loadingSeen = false;
+          new MutationObserver(() => { window.__loadingSeen ||= !document.querySelector('#dupes-loading').hidden; })
+            .observe(document.querySelector('#dupes-loading'), { attributes: true, attributeFilter: ['hidden'] });
+        }""")
+        page.click("#tab-dupes")
+        page.wait_for_url("**/?view=duplicates")
+        wait_for_groups(page, 3)
+        assert page.evaluate("() => window.__loadingSeen"), "the loading indicator showed while the groups were found"
+        assert page.locator("#search-view").is_hidden() and page.locator("#tab-dupes").get_attribute("aria-current") == "page"
+        assert [len(g) for g in group_ids(page)] == [4, 3, 2]
+        for n in range(3):
+            group = page.locator(GROUPS).nth(n)
+            first = group.locator(".card").first
+            assert "rep" in first.get_attribute("class") and first.locator(".badge.rep").text_content() == "representative"
+            assert group.locator(".card.rep").count() == 1 and group.locator(".card.kept").count() == 1
+            scores = [float(x) for x in group.locator(".score").all_text_contents()]
+            assert len(scores) == group.locator(".card").count() - 1 and all(0.8 <= x <= 1 for x in scores)
+        assert per_row(boxes(page, f"{GROUPS}:first-child .card")) == 4, "a desktop shows a group in one row"
+        assert page.locator("#threshold-value").text_content() == "0.80"  # the collection's default, from the server
+        assert "3 groups" in page.locator("#dupes-title").text_content()
+        shoot(page, tmp_path, "desktop-duplicates")
+
+        page.uncheck("#verify")
+        page.wait_for_url("**/?view=duplicates&verify=false")
+        wait_for_groups(page, 3)
+        page.locator("#threshold").fill("0.97")
+        page.wait_for_url("**/?view=duplicates&threshold=0.97&verify=false")
+        wait_for_groups(page, 1)
+        assert page.locator(GROUPS).first.get_attribute("data-kind") == "exact"
+        assert page.locator("#threshold-value").text_content() == "0.97"
+        assert "threshold=0.97" in page.locator("#dupes-download").get_attribute("href")
+        shoot(page, tmp_path, "desktop-duplicates-0.97")
+
+        page.go_back()  # settings replace the view's entry: one step back is the search
+        page.wait_for_function("() => document.body.dataset.view === 'search' && document.body.dataset.state === 'start'")
+        assert page.url.rstrip("/") == base_url and page.locator("#dupes-view").is_hidden()
+        assert page.locator("#dropzone").is_visible()
+        page.go_forward()
+        page.wait_for_url("**/?view=duplicates&threshold=0.97&verify=false")
+        wait_for_groups(page, 1)
+        assert page.locator("#threshold").input_value() == "0.97" and not page.locator("#verify").is_checked()
+
+
+def test_phone_layout_fits_the_screen(browser, base_url: str, tmp_path: Path) -> None:
+    with open_page(browser, f"{base_url}/?view=duplicates", PHONE) as page:
+        wait_for_groups(page, 3)
+        width = page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"no sideways scrolling on a phone: page is {width} px wide"
+        cards = boxes(page, f"{GROUPS}:first-child .card")
+        assert per_row(cards) == 3 and all(c["x"] + c["width"] <= PHONE["width"] for c in cards)
+        for selector in ("#tab-search", "#tab-dupes", "#threshold", "#keep", "#dupes-download"):
+            box = page.locator(selector).bounding_box()
+            assert box["height"] >= 40, f"{selector} is big enough for a thumb: {box}"
+        for card in page.locator(f"{GROUPS} .card").all():  # captions stay inside their card
+            caption, thumb = card.locator(".row").bounding_box(), card.locator("button").bounding_box()
+            assert caption["x"] + caption["width"] <= thumb["x"] + thumb["width"] + 1
+        shoot(page, tmp_path, "phone-duplicates")
+        shoot(page, tmp_path, "phone-duplicates-on-screen", full_page=False)
+
+
+def test_a_thumbnail_searches_for_more_like_it(browser, base_url: str) -> None:
+    with open_page(browser, f"{base_url}/?view=duplicates&verify=false", PHONE) as page:
+        wait_for_groups(page, 3)
+        first = group_ids(page)[0]
+        page.locator(f"{GROUPS}:first-child .card.rep button").click()
+        page.wait_for_url(f"**/?id={first[0]}&k=20")
+        page.wait_for_function(FIRST_THUMBS_LOADED)
+        shown = [page.locator("#results .card").nth(i).get_attribute("data-id") for i in range(3)]
+        assert sorted(shown) == sorted(first[1:]), "its copies are its nearest images"
+        page.go_back()
+        page.wait_for_url("**/?view=duplicates&verify=false")
+        wait_for_groups(page, 3)
+
+
+def test_copy_and_download_the_list_of_the_others(browser, base_url: str, tmp_path: Path) -> None:
+    listing = httpx.get(f"{base_url}/api/duplicates/list", params={"keep": "first"}, timeout=120).text
+    with open_page(browser, f"{base_url}/?view=duplicates&keep=first", DESKTOP) as page:
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
+        wait_for_groups(page, 3)
+        assert page.locator("#keep").input_value() == "first"
+        group = page.locator(GROUPS).first
+        group.locator("button.copy").click()
+        page.wait_for_function("() => document.querySelector('#dupes-groups .group button.copy').textContent.includes('Copied')")
+        copied = page.evaluate("() => navigator.clipboard.readText()")
+        others = [p for p, _ in (line.split("\t") for line in listing.splitlines())]
+        links = group.locator(".card:not(.kept) .name").all()
+        names = [a.get_attribute("title").removesuffix(" (open the original)") for a in links]
+        assert copied.splitlines() == names and set(names) <= set(others)
+        with page.expect_download() as download:
+            page.click("#dupes-download")
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.read_text() == listing and saved.name.endswith(".tsv")
+
+
+def test_error_and_empty_states(browser, base_url: str, tmp_path: Path) -> None:
+    with open_page(browser, f"{base_url}/?view=duplicates&threshold=2", PHONE) as page:
+        page.wait_for_function("() => document.body.dataset.dupes === 'error'")
+        message = page.locator("#dupes-message")
+        assert message.is_visible() and "less than or equal to 1" in message.text_content()
+        assert page.locator("#dupes-loading").is_hidden()
+        shoot(page, tmp_path, "phone-duplicates-error")
+    path = tmp_path / "none.ris"
+    with Collection.create(path) as coll:
+        coll.add(sorted((CALTECH / "panda").glob("*.jpg"))[:2], workers=0)
+    with serve_in_thread(create_app(path)) as url, open_page(browser, f"{url}/?view=duplicates", PHONE) as page:
+        page.wait_for_function("() => document.body.dataset.dupes === 'empty'")
+        assert page.locator("#dupes-title").text_content() == "No duplicates"
+        assert "No duplicates at similarity ≥ 0.80 among 2 images" in page.locator("#dupes-groups .empty").text_content()
+        assert page.locator("#dupes-download").get_attribute("aria-disabled") == "true"
+        shoot(page, tmp_path, "phone-duplicates-empty")
