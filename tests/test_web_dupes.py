@@ -333,3 +333,14 @@ def test_error_and_empty_states(browser, base_url: str, tmp_path: Path) -> None:
         assert "No duplicates at similarity ≥ 0.80 among 2 images" in page.locator("#dupes-groups .empty").text_content()
         assert page.locator("#dupes-download").get_attribute("aria-disabled") == "true"
         shoot(page, tmp_path, "phone-duplicates-empty")
+
+
+def test_paging_from_the_address(browser, base_url: str) -> None:
+    with open_page(browser, f"{base_url}/?view=duplicates&offset=1", DESKTOP) as page:
+        wait_for_groups(page, 2)
+        assert page.locator(GROUPS).first.locator("h3").text_content().startswith("Group 2 ")
+        assert page.locator("#dupes-page").text_content() == "groups 2–3 of 3" and page.locator("#dupes-next").is_disabled()
+        page.click("#dupes-prev")
+        page.wait_for_url("**/?view=duplicates")
+        wait_for_groups(page, 3)
+        assert page.locator(".dupes-pager").is_hidden(), "one page of groups needs no pager"
