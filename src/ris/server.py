@@ -189,6 +189,11 @@ class DupeGroupOut(BaseModel):
     images: list[DupeImageOut]
 
 
+class DupesPending(BaseModel):
+    detail: str
+    seconds: float = Field(description="Since the groups were first asked for")
+
+
 class DuplicatesOut(BaseModel):
     threshold: float = Field(description="The similarity threshold used (the collection's default when none was given)")
     verify: bool
@@ -635,11 +640,15 @@ def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 #: Results of the duplicate search kept (one per catalogue state, threshold and verify), most recent last.
 DUPES_CACHED = 8
+#: A request for groups still being found waits this long, then answers 202 (ask again): the keypoint check of a
+#: large collection takes minutes (3,000 images: over 10 on 2 busy cores), longer than a request should stay open.
+DUPES_WAIT_S = 10.0
 KeepRule = Literal[dupes.KEEP_RULES]  # "largest", "newest", "first"
 
 DUPES_THRESHOLD = ("Cosine similarity at or above which images count as near-duplicates (default: the collection's, "
                    "0.88 with PCA, 0.80 on raw features)")  # fmt: skip
-DUPES_VERIFY = "Also count pairs below the threshold that keypoints confirm as copies (rotated, cropped; slower)"
+DUPES_VERIFY = ("Also count pairs below the threshold that keypoints confirm as copies (rotated, cropped), as `ris dupes` "
+                "does by default; minutes on a large collection")  # fmt: skip
 DUPES_KEEP = ("Which image of each group to keep: largest (most pixels, then bytes), newest (modification time) "
               "or first (by path)")  # fmt: skip
 
@@ -674,26 +683,33 @@ class DupesFinder:
     def __init__(self, service: CollectionService):
         self.service = service
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ris-dupes")
-        self._found: OrderedDict[tuple, Future[DupesFound]] = OrderedDict()
+        self._found: OrderedDict[tuple, tuple[Future[DupesFound], float]] = OrderedDict()  # and when it was asked for
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def find(self, threshold: float | None, verify: bool) -> tuple[DupesFound, bool]:
-        """The groups at this threshold (None: the collection's default), and whether they were known already."""
+    async def find(
+        self, threshold: float | None, verify: bool, wait: float | None = None
+    ) -> tuple[DupesFound | None, bool, float]:
+        """(the groups at this threshold (None: the collection's default), whether they were known already, seconds
+        since they were asked for); the groups are None when they take longer than `wait` seconds (None: no limit)
+        to find, and the computation goes on for the next request."""
         state, threshold = await anyio.to_thread.run_sync(self.service.call, self._state, threshold)
         key = (state, round(threshold, 6), verify)
         with self._lock:
-            future = self._found.get(key)
+            future, asked = self._found.get(key, (None, 0.0))
             cached = future is not None and future.done() and future.exception() is None
             if future is None or (future.done() and future.exception() is not None):
-                future = self._found[key] = self._pool.submit(self._compute, threshold, verify)
+                future, asked = self._found[key] = (self._pool.submit(self._compute, threshold, verify), time.monotonic())
                 while len(self._found) > DUPES_CACHED:
                     self._found.popitem(last=False)
             self._found.move_to_end(key)
-        # shielded: a client that goes away must not cancel a computation other requests wait for
-        return await asyncio.shield(asyncio.wrap_future(future)), cached
+        try:  # shielded: a client that goes away (or stops waiting) must not cancel what other requests wait for
+            found = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait)
+        except asyncio.TimeoutError:
+            return None, False, time.monotonic() - asked
+        return found, cached, time.monotonic() - asked
 
     def _state(self, threshold: float | None) -> tuple[tuple, float]:
         """(what identifies the catalogue's searchable images and their vectors, the threshold to use)."""
@@ -763,11 +779,13 @@ def create_app(
     hosts: list[str] | None = None,
     allow_origins: tuple[str, ...] = (),
     body_timeout: float = BODY_TIMEOUT_S,
+    dupes_wait: float = DUPES_WAIT_S,
 ) -> FastAPI:
     """The app over one collection; opens it and loads its model now, so startup fails fast.
 
     hosts: the Host header names accepted (default: loopback names; see allowed_hosts); allow_origins:
-    sites whose pages may POST and DELETE here (default: none but this server's own pages)."""
+    sites whose pages may POST and DELETE here (default: none but this server's own pages); dupes_wait: how long
+    GET /api/duplicates waits for groups still being found before answering 202."""
     service = CollectionService(Path(collection_path), weights, device, max_pixels)
     dupes_finder = DupesFinder(service)
 
@@ -902,10 +920,12 @@ def create_app(
         service.remove(row)
         return {"removed": image_id, "path": displayed(row.path)}
 
-    @app.get("/api/duplicates", response_model=DuplicatesOut, tags=["duplicates"])
+    pending = {202: {"model": DupesPending, "description": "Still finding the groups: ask again (see Retry-After)"}}
+
+    @app.get("/api/duplicates", response_model=DuplicatesOut, tags=["duplicates"], responses=pending)
     async def duplicates(
         threshold: Annotated[float | None, Query(gt=0, le=1, description=DUPES_THRESHOLD)] = None,
-        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = True,
+        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = False,
         keep: Annotated[KeepRule, Query(description=DUPES_KEEP)] = "largest",
         offset: Annotated[int, Query(ge=0, description="Groups to skip")] = 0,
         limit: Annotated[int, Query(ge=1, le=100, description="Groups to return")] = 20,
@@ -916,19 +936,24 @@ def create_app(
 
         The first request for a state of the collection, threshold and verify finds every group (seconds on
         a large collection, on a thread of its own: searches go on meanwhile); later pages and keep rules
-        reuse that result until the collection changes."""
-        found, cached = await dupes_finder.find(threshold, verify)
+        reuse that result until the collection changes. When finding them takes longer than a few seconds (the
+        keypoint check of a large collection: minutes) the answer is 202: ask again, the search goes on."""
+        found, cached, seconds = await dupes_finder.find(threshold, verify, dupes_wait)
+        if found is None:
+            return JSONResponse({"detail": "still finding the groups: ask again", "seconds": round(seconds, 1)}, 202,
+                                headers={"Retry-After": "1"})  # fmt: skip
         return await anyio.to_thread.run_sync(_dupes_out, found, cached, keep, offset, limit)
 
     @app.get("/api/duplicates/list", tags=["duplicates"], response_class=PlainTextResponse)
     async def duplicates_list(
         threshold: Annotated[float | None, Query(gt=0, le=1, description=DUPES_THRESHOLD)] = None,
-        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = True,
+        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = False,
         keep: Annotated[KeepRule, Query(description=DUPES_KEEP)] = "largest",
     ) -> PlainTextResponse:
         """Every image the keep rule would not keep, one a line, then a tab and the image kept in its place: what
         `ris dupes --keep` prints, as a download, for review. Nothing is deleted."""
-        found, _ = await dupes_finder.find(threshold, verify)
+        found, _, _ = await dupes_finder.find(threshold, verify)
+        assert found is not None  # no time limit given
 
         def listing() -> str:
             return "".join(f"{displayed(path)}\t{displayed(kept)}\n" for path, kept in dupes.to_delete(found.groups, keep))

@@ -5,12 +5,13 @@ const $ = (selector) => document.querySelector(selector);
 const state = {
   view: "search", k: 20, offset: 0, limit: 24, total: 0, seq: 0, query: null, uploads: new Map(), nextUpload: 1,
   lastSearch: null, // the search view's address and history entry, for its tab
-  dupes: { threshold: null, verify: true, keep: "largest", offset: 0, limit: 20, total: 0, seq: 0, timer: 0, shown: false },
+  dupes: { threshold: null, verify: false, keep: "largest", offset: 0, limit: 20, total: 0, seq: 0, timer: 0, shown: false },
 };
 
 // --- talking to the API ---------------------------------------------------------------------------
 
-async function api(url, options) {
+/** The status and JSON body of a request; an error answer throws, with what the server said. */
+async function fetchJson(url, options) {
   const response = await fetch(url, options);
   let body = null;
   try {
@@ -19,7 +20,11 @@ async function api(url, options) {
     body = null;
   }
   if (!response.ok) throw new Error(describeError(response.status, body));
-  return body;
+  return { status: response.status, body };
+}
+
+async function api(url, options) {
+  return (await fetchJson(url, options)).body;
 }
 
 function describeError(status, body) {
@@ -311,7 +316,7 @@ function dupesParams(api = false) {
   const d = state.dupes;
   const params = new URLSearchParams();
   if (d.threshold !== null) params.set("threshold", String(d.threshold));
-  if (!d.verify) params.set("verify", "false");
+  if (d.verify) params.set("verify", "true");
   if (d.keep !== "largest") params.set("keep", d.keep);
   if (d.offset) params.set("offset", String(d.offset));
   if (api) params.set("limit", String(d.limit));
@@ -327,7 +332,7 @@ function readDupesParams(params) {
   const d = state.dupes;
   const threshold = Number(params.get("threshold"));
   d.threshold = params.has("threshold") && Number.isFinite(threshold) ? threshold : null; // the server judges it
-  d.verify = params.get("verify") !== "false";
+  d.verify = params.get("verify") === "true";
   d.keep = ["largest", "newest", "first"].includes(params.get("keep")) ? params.get("keep") : "largest";
   const offset = Number(params.get("offset"));
   d.offset = Number.isInteger(offset) && offset > 0 ? offset : 0;
@@ -353,24 +358,34 @@ function showDupesMessage(text) {
   box.hidden = !text;
 }
 
-/** Ask for the groups the settings say; a newer request wins; a failure keeps the groups shown and says why. */
-async function loadDupes() {
+/** Ask for the groups the settings say; a newer request wins; a failure keeps the groups shown and says why.
+ * While the server is still finding them (202: the keypoint check of a large collection takes minutes) it is
+ * asked again each second. */
+async function loadDupes(again = false) {
   const d = state.dupes;
-  const seq = ++d.seq;
-  showDupesMessage("");
-  setDupesBusy(true);
-  const started = performance.now();
+  const seq = again ? d.seq : ++d.seq;
+  if (!again) {
+    showDupesMessage("");
+    setDupesBusy(true);
+    $("#dupes-loading-text").textContent = "Finding duplicates…";
+    d.started = performance.now();
+  }
+  let waiting = false;
   try {
-    const body = await api(`/api/duplicates?${dupesParams(true)}`);
+    const { status, body } = await fetchJson(`/api/duplicates?${dupesParams(true)}`);
     if (seq !== d.seq) return;
-    renderDupes(body, Math.round(performance.now() - started));
+    waiting = status === 202;
+    if (waiting) {
+      $("#dupes-loading-text").textContent = `Finding duplicates… ${Math.round(body.seconds)} s`;
+      d.timer = setTimeout(() => loadDupes(true), 1000);
+    } else renderDupes(body, Math.round(performance.now() - d.started));
   } catch (error) {
     if (seq !== d.seq) return;
     showDupesMessage(`Cannot find duplicates — ${error.message}`);
     if (!d.shown) $("#dupes-title").textContent = "No duplicates shown";
     document.body.dataset.dupes = "error";
   } finally {
-    if (seq === d.seq) setDupesBusy(false);
+    if (seq === d.seq && !waiting) setDupesBusy(false);
   }
 }
 
