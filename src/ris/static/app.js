@@ -410,9 +410,9 @@ function renderDupes(body, millis) {
     ? `${body.total.toLocaleString()} group${body.total === 1 ? "" : "s"} of duplicates`
     : "No duplicates";
   const found = body.cached ? "found before" : `found in ${body.seconds.toFixed(1)} s`;
+  const others = `${body.duplicates.toLocaleString()} image${body.duplicates === 1 ? "" : "s"} besides the ${body.keep} of each group · `;
   $("#dupes-note").textContent =
-    `${body.duplicates.toLocaleString()} image${body.duplicates === 1 ? "" : "s"} besides the one kept (${body.keep}) · ` +
-    `similarity ≥ ${threshold}${body.verify ? " or confirmed by keypoints" : ""} · ` +
+    `${body.total ? others : ""}similarity ≥ ${threshold}${body.verify ? " or confirmed by keypoints" : ""} · ` +
     `${body.images.toLocaleString()} images · ${found}, shown in ${millis} ms`;
   const last = Math.min(body.offset + body.groups.length, body.total);
   $("#dupes-page").textContent = body.total ? `groups ${body.offset + 1}–${last} of ${body.total}` : "";
