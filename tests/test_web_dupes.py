@@ -15,12 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from ris import dupes
 from ris.collection import Collection
 from ris.server import create_app, serve_in_thread
+from ris.tools import dupes
 from tests.server_fixtures import AUTH, CALTECH, TOKEN, upload
 from tests.test_dupes import _bench
 from tests.test_web_ui import DESKTOP, FIRST_THUMBS_LOADED, PHONE, boxes, browser_fixture, open_page, per_row, shoot  # noqa: F401 (fixture)
@@ -51,7 +52,7 @@ def make_images(root: Path) -> dict[str, str]:
             for kind in COPIES.get((cls, n), ()):
                 copy = root / "copies" / f"{kind}-{cls}-{src.name}"
                 copy.parent.mkdir(exist_ok=True)
-                kinds[kind](photo, copy)
+                kinds[kind](photo, copy, np.random.default_rng(0))  # these kinds draw nothing at random
                 origin[str(copy)] = str(photo)
     return origin
 

@@ -52,12 +52,13 @@ from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, dupes
+from . import __version__
 from .collection import Collection
 from .errors import CollectionLocked, DecodeError, RisError
 from .images.decode import open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
+from .tools import dupes
 from .vectors.catalog import ImageRow, displayed
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -174,8 +175,8 @@ class HealthOut(BaseModel):
 class DupeImageOut(ImageOut):
     similarity: float = Field(description="Cosine similarity to the group's representative (1: the representative "
                                           "itself, or a byte-for-byte copy)")  # fmt: skip
-    inliers: int | None = Field(description="Keypoint matches that confirmed it a copy of the representative "
-                                             "(verify=true), when its similarity is below the threshold")  # fmt: skip
+    inliers: int | None = Field(description="Agreeing keypoint matches with the representative (verify=true; "
+                                             "None: not matched)")  # fmt: skip
     representative: bool
     keep: bool = Field(description="The one image of its group the keep rule keeps")
 
@@ -249,6 +250,13 @@ class CollectionService:
         verify_with: the query file's bytes, for geometric verification of the top results (ris.search.verify)."""
         raw = self.extractor(pixels[None])
         return self.call(self._lookup, raw, k, name, verify_with)
+
+    def embed(self, images: list[Image.Image], batch: int = 32) -> np.ndarray:
+        """The vectors the index compares for these images (as Collection.embed; ris.tools.dupes embeds framed
+        pictures' content): the model in the calling thread, the PCA on the owner thread."""
+        pixels = np.stack([self.coll.query_pixels(img) for img in images])
+        raw = np.concatenate([self.extractor(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        return self.call(self.coll.reduce, raw)
 
     def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
         # reduce() reloads PCA and index if another process rewrote them
@@ -647,19 +655,22 @@ KeepRule = Literal[dupes.KEEP_RULES]  # "largest", "newest", "first"
 
 DUPES_THRESHOLD = ("Cosine similarity at or above which images count as near-duplicates (default: the collection's, "
                    "0.88 with PCA, 0.80 on raw features)")  # fmt: skip
-DUPES_VERIFY = ("Also count pairs below the threshold that keypoints confirm as copies (rotated, cropped), as `ris dupes` "
-                "does by default; minutes on a large collection")  # fmt: skip
+DUPES_VERIFY = ("Judge each candidate pair by its keypoints too, as `ris dupes` does by default: copies below the "
+                "threshold (rotated, cropped, framed) are found, look-alike photos above it dropped; minutes on a large "
+                "collection")  # fmt: skip
 DUPES_KEEP = ("Which image of each group to keep: largest (most pixels, then bytes), newest (modification time) "
               "or first (by path)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class FrozenCollection:
-    """What ris.dupes reads of a collection (every image's row and vector), read once on the catalogue
-    thread, so the grouping can take its seconds on another thread without touching SQLite or the index."""
+    """What ris.tools.dupes reads of a collection (every image's row and vector, read once on the catalogue
+    thread, and a way to embed a framed picture's content), so the grouping can take its seconds on another
+    thread without touching SQLite or the index."""
 
     rows: list[ImageRow]
     matrix: np.ndarray
+    embed: Callable[[list[Image.Image]], np.ndarray]
 
     def vectors(self) -> tuple[list[ImageRow], np.ndarray]:
         return self.rows, self.matrix
@@ -728,12 +739,12 @@ class DupesFinder:
 
     def _freeze(self) -> FrozenCollection:
         if not self.service.coll.catalog.counts()["ok"]:  # nothing searchable yet: no groups, not an error
-            return FrozenCollection([], np.zeros((0, 1), np.float32))
-        return FrozenCollection(*self.service.coll.vectors())
+            return FrozenCollection([], np.zeros((0, 1), np.float32), self.service.embed)
+        return FrozenCollection(*self.service.coll.vectors(), self.service.embed)
 
 
 def kept_paths(groups: list[dupes.DupeGroup], keep: str) -> list[str]:
-    """The path each group's keep rule keeps (ris.dupes.to_delete's choice; it reads image headers)."""
+    """The path each group's keep rule keeps (ris.tools.dupes.to_delete's choice; it reads image headers)."""
     return [next(kept for _, kept in dupes.to_delete([g], keep)) for g in groups]
 
 

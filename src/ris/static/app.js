@@ -412,7 +412,7 @@ function renderDupes(body, millis) {
   const found = body.cached ? "found before" : `found in ${body.seconds.toFixed(1)} s`;
   const others = `${body.duplicates.toLocaleString()} image${body.duplicates === 1 ? "" : "s"} besides the ${body.keep} of each group · `;
   $("#dupes-note").textContent =
-    `${body.total ? others : ""}similarity ≥ ${threshold}${body.verify ? " or confirmed by keypoints" : ""} · ` +
+    `${body.total ? others : ""}similarity ≥ ${threshold}${body.verify ? ", keypoints checked" : ""} · ` +
     `${body.images.toLocaleString()} images · ${found}, shown in ${millis} ms`;
   const last = Math.min(body.offset + body.groups.length, body.total);
   $("#dupes-page").textContent = body.total ? `groups ${body.offset + 1}–${last} of ${body.total}` : "";
@@ -460,8 +460,8 @@ function dupeCard(image) {
   const facts = [];
   if (image.representative) facts.push(["badge rep", "representative", "The image the others are compared with"]);
   else {
-    const matches = image.inliers ? ` · ${image.inliers} keypoint matches` : "";
-    const title = `cosine similarity to the representative (1 = identical)${matches ? `; confirmed a copy by${matches.slice(2)}` : ""}`;
+    const matches = image.inliers ? `; ${image.inliers} agreeing keypoint matches with it` : "";
+    const title = `cosine similarity to the representative (1 = identical)${matches}`;
     facts.push(["score", image.similarity.toFixed(3) + (image.inliers ? " ✓" : ""), title]);
   }
   if (image.keep) facts.push(["badge keep", "keep", "The one the keep rule keeps"]);
