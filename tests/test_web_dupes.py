@@ -140,6 +140,19 @@ def test_threshold_verify_keep_and_paging(client: httpx.Client, dupes_collection
     assert client.get("/api/duplicates", params={"offset": 3}).json()["groups"] == []
 
 
+def test_keypoint_checked_groups_are_what_ris_dupes_finds(client: httpx.Client, dupes_collection: tuple[Path, dict]) -> None:
+    """verify=true: the groups of `ris dupes` (its default), keypoint matches included."""
+    path, origin = dupes_collection
+    body = client.get("/api/duplicates", params={"verify": True}).json()
+    with Collection.open(path) as coll:
+        lib = dupes.find_duplicates(coll)
+    got = [(g["kind"], paths_of(g), [i["similarity"] for i in g["images"]], [i["inliers"] for i in g["images"]])
+           for g in body["groups"]]  # fmt: skip
+    assert [(g.kind, [r.path for r in g.images], g.scores, g.inliers) for g in lib] == got
+    assert {frozenset(paths_of(g)) for g in body["groups"]} == {frozenset([o, *(p for p, x in origin.items() if x == o)])
+                                                               for o in {o for p, o in origin.items() if p != o}}  # fmt: skip
+
+
 def test_the_list_is_what_ris_dupes_keep_prints(client: httpx.Client, dupes_collection: tuple[Path, dict[str, str]]) -> None:
     path, origin = dupes_collection
     for keep in dupes.KEEP_RULES:
