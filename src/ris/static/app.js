@@ -409,7 +409,7 @@ function renderDupes(body, millis) {
   $("#dupes-title").textContent = body.total
     ? `${body.total.toLocaleString()} group${body.total === 1 ? "" : "s"} of duplicates`
     : "No duplicates";
-  const found = body.cached ? "found before" : `found in ${body.seconds.toFixed(1)} s`;
+  const found = `found in ${body.seconds.toFixed(1)} s${body.cached ? " (kept since)" : ""}`;
   const others = `${body.duplicates.toLocaleString()} image${body.duplicates === 1 ? "" : "s"} besides the ${body.keep} of each group · `;
   $("#dupes-note").textContent =
     `${body.total ? others : ""}similarity ≥ ${threshold}${body.verify ? ", keypoints checked" : ""} · ` +
