@@ -5,7 +5,6 @@ of the same classes (three a class)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from ris.collection import Collection
+from ris.tools import dupes_eval
 from ris.tools.dupes import (
     DUPE_INLIERS,
     RAW_THRESHOLD,
@@ -29,16 +29,7 @@ from ris.tools.dupes import (
 
 from .conftest import CALTECH, run_cli
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "dupes_precision.py"
 N_ORIGINALS, COPIES_PER_KIND, CLASSES = 60, 4, 20
-
-
-def _bench():
-    """The benchmark module: the test and the benchmark generate and score copies the same way."""
-    spec = importlib.util.spec_from_file_location("dupes_precision", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def dupes_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     if not CALTECH.is_dir():
         pytest.skip(f"Caltech-101 not found at {CALTECH}")
     root = tmp_path_factory.mktemp("dupes")
-    origin = _bench().make_dataset(root / "images", N_ORIGINALS, COPIES_PER_KIND, seed=3, classes=CLASSES)
+    origin = dupes_eval.make_dataset(CALTECH, root / "images", N_ORIGINALS, COPIES_PER_KIND, seed=3, classes=CLASSES)
     with Collection.open_or_create(root / "c.ris") as coll:
         coll.index([root / "images"])
     return root / "c.ris", origin
@@ -55,19 +46,18 @@ def dupes_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_copies_are_found_with_high_precision_and_recall(dupes_set: tuple[Path, dict[str, str]]) -> None:
     path, origin = dupes_set
-    bench = _bench()
-    kinds = len(bench.COPY_KINDS)
+    kinds = len(dupes_eval.COPY_KINDS)
     assert len(origin) == N_ORIGINALS + kinds * COPIES_PER_KIND
     with Collection.open(path) as coll:
         assert default_threshold(coll) == RAW_THRESHOLD  # 100 images: raw features, no PCA yet
         groups = find_duplicates(coll)
         plain = find_duplicates(coll, verify=False)
-    precision, recall, _, ntrue = bench.pair_scores(groups, origin)
+    precision, recall, _, ntrue = dupes_eval.pair_scores(groups, origin)
     assert ntrue == kinds * COPIES_PER_KIND
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
-    assert bench.kind_recall(groups, origin, "rotscale") >= 0.8  # rotated and rescaled: confirmed by keypoints
-    assert bench.kind_recall(plain, origin, "rotscale") < bench.kind_recall(groups, origin, "rotscale")
-    assert bench.kind_recall(groups, origin, "pad") >= 0.75  # on a screen-sized canvas: found by its content
+    assert dupes_eval.kind_recall(groups, origin, "rotscale") >= 0.8  # rotated and rescaled: confirmed by keypoints
+    assert dupes_eval.kind_recall(plain, origin, "rotscale") < dupes_eval.kind_recall(groups, origin, "rotscale")
+    assert dupes_eval.kind_recall(groups, origin, "pad") >= 0.75  # on a screen-sized canvas: found by its content
     exact = [g for g in groups if g.kind == "exact"]
     exact_copies = {p for p, o in origin.items() if p != o and "_exact_" in Path(p).name}
     assert {r.path for g in exact for r in g.images} == exact_copies | {origin[p] for p in exact_copies}
@@ -111,10 +101,9 @@ def test_a_copy_joins_the_original_it_matches_best() -> None:
 
 def test_a_higher_threshold_never_finds_more(dupes_set: tuple[Path, dict[str, str]]) -> None:
     path, origin = dupes_set
-    bench = _bench()
     with Collection.open(path) as coll:
-        loose = bench.predicted_pairs(find_duplicates(coll, 0.8))
-        strict = bench.predicted_pairs(find_duplicates(coll, 0.97))
+        loose = dupes_eval.predicted_pairs(find_duplicates(coll, 0.8))
+        strict = dupes_eval.predicted_pairs(find_duplicates(coll, 0.97))
     assert strict <= loose
     # at 0.97 only the exact copies (and maybe a mild re-encode) remain
     assert {p for p in strict if any("_exact_" in x for x in p)} == {

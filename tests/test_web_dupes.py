@@ -21,9 +21,8 @@ from PIL import Image
 
 from ris.collection import Collection
 from ris.server import create_app, serve_in_thread
-from ris.tools import dupes
+from ris.tools import dupes, dupes_eval
 from tests.server_fixtures import AUTH, CALTECH, TOKEN, upload
-from tests.test_dupes import _bench
 from tests.test_web_ui import DESKTOP, FIRST_THUMBS_LOADED, PHONE, boxes, browser_fixture, open_page, per_row, shoot  # noqa: F401 (fixture)
 
 CLASSES = ("accordion", "anchor", "camera", "chair", "panda")
@@ -41,7 +40,7 @@ def make_images(root: Path) -> dict[str, str]:
     """The photos under root/<class>/ and the copies under root/copies/: {path: path of its original}."""
     if not CALTECH.is_dir():
         pytest.skip(f"Caltech-101 not found at {CALTECH}")
-    kinds = _bench().COPY_KINDS  # the copies `ris dupes`' own test and benchmark are measured on
+    kinds = dupes_eval.COPY_KINDS  # the copies `ris dupes`' own test and benchmark are measured on
     origin: dict[str, str] = {}
     for cls in CLASSES:
         (root / cls).mkdir(parents=True)
