@@ -154,18 +154,19 @@ def test_offline_without_weights_says_how_to_supply_them(monkeypatch, tmp_path: 
         models.build("vgg16")
 
 
-@pytest.mark.xfail(strict=True, reason="open quality problem, on the previous main too with a fresh cache (2026-12-04): int8 "
-                   "features sit at cosine 0.74-0.93 to fp32 on these images (0.97 wanted); see the session note. Strict: "
-                   "once int8 is fixed this XPASSes and the marker must go")
 def test_onnx_runtime_matches_pytorch_and_int8_stays_close(pixels) -> None:
+    """int8 stays close to fp32 on any CPU: before 7-bit weights in the dense convs (runtime._int8_plan),
+    int16 saturation on CPUs without VNNI took these images' features down to cosine 0.74-0.93."""
     eager, digest = runtime.load_extractor(device="cpu", runtime="torch")
     fp32, digest32 = runtime.load_extractor(device="cpu", precision="fp32")
-    int8, _ = runtime.load_extractor(device="cpu", precision="int8")
     assert digest == digest32
     ref = eager(pixels)
     assert ref.shape == (2, models.feature_dims("efficientnet-lite0", models.DEFAULT_POOLING)) == (2, 11520)
     assert _cos(fp32(pixels), ref).min() > 0.9999
-    assert _cos(int8(pixels), ref).min() > 0.97
+    for cpu_runtime in ("openvino", "onnx"):
+        int8, _ = runtime.load_extractor(device="cpu", precision="int8", runtime=cpu_runtime)
+        cos = _cos(int8(pixels), ref)
+        assert cos.min() > 0.98, (cpu_runtime, cos)
 
 
 def test_device_selection_degrades_to_cpu() -> None:
