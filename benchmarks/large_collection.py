@@ -66,9 +66,27 @@ def make_generator(real: str, root: Path) -> None:
     np.savez(gen_path(root), real=x, sigma=sigma, mean=mean, components=components)
 
 
+class Mixture(Generator):
+    """scale.py's mixture, its noise drawn as bytes: uniform with the same per-axis variance as the Gaussian (a
+    quarter of the cost of normal draws, which were half the build's CPU time). The similarities the index and
+    the PCA see are sums over 1,024 axes, Gaussian either way (central limit), so neighbours are as close."""
+
+    def chunk(self, j: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, j + 1])
+        src = rng.integers(0, len(self.real), n)
+        scale = (self.sigma * 2.0 ** rng.uniform(-1, 1, n)).astype(np.float32)
+        x = rng.integers(0, 256, (n, self.real.shape[1]), dtype=np.uint8).astype(np.float32)
+        x -= 127.5
+        x *= self.spread / np.float32(np.sqrt((256**2 - 1) / 12))  # unit variance, then the data's spread
+        x *= scale[:, None]
+        x += self.real[src]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x, src
+
+
 def generator(root: Path, seed: int) -> Generator:
     with np.load(gen_path(root)) as data:
-        return Generator(data["real"], seed=seed, sigma=float(data["sigma"]))
+        return Mixture(data["real"], seed=seed, sigma=float(data["sigma"]))
 
 
 def files_for(lo: int, count: int) -> tuple[list[SourceFile], list[str]]:

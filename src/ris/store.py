@@ -203,7 +203,10 @@ class VectorFile:
             raise RisError(f"vectors of width {data.shape[1:]} for a catalogue of width {self.width}")
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, data.tobytes(), slot * self.row_bytes)
+            view, offset = memoryview(data).cast("B"), slot * self.row_bytes  # no copy of the rows
+            while len(view):  # a write may stop short (Linux: 2 GiB at most a call)
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
         finally:
             os.close(fd)
 
