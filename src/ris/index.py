@@ -68,6 +68,13 @@ MMAP_FROM_BYTES = 64 << 20
 REFINE_FACTOR = 4
 #: Fewer training vectors per IVF list than this and k-means is noisy; more costs time for nothing.
 TRAIN_PER_LIST = 64
+#: ...but at most this many (10M vectors: 16,384 lists; 32 a list are enough for a two-level k-means).
+TRAIN_MAX = 524_288
+#: From this many vectors "auto" puts an HNSW graph over the IVF centroids (FAISS's IVF{nlist}_HNSW32) and
+#: uses 4x more lists: finding each added vector's or query's list among tens of thousands of centroids by
+#: brute force costs nlist products a vector (10M x 16k x 256: hours on 2 cores), the graph a few hundred.
+#: Such an index is trained by two-level k-means (sqrt(nlist) clusters, then each split; faiss.contrib).
+HNSW_QUANTIZER_FROM = 2_000_000
 #: Where searches may run (`device` argument, else the RIS_SEARCH_DEVICE environment variable).
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 #: "auto" goes to the GPU for at least this many query x vector pairs (or when the index is already
@@ -85,14 +92,18 @@ FP16_CANDIDATES = 16
 
 
 def nlist_for(n: int) -> int:
-    """IVF lists for n vectors: the power of two nearest sqrt(n), with at least 39 vectors a list."""
-    want = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
+    """IVF lists for n vectors: the power of two nearest sqrt(n) (4 sqrt(n) from HNSW_QUANTIZER_FROM: shorter
+    lists, found by the graph), with at least 39 vectors a list."""
+    per_root = 4 if n >= HNSW_QUANTIZER_FROM else 1
+    want = 2 ** round(math.log2(max(1.0, per_root * math.sqrt(n))))
     cap = 2 ** int(math.log2(max(1, n // 39))) if n >= 39 else 1
     return int(max(1, min(want, cap, 65536)))
 
 
 def ivf_factory(n: int) -> str:
-    return f"IVF{nlist_for(n)},SQ6"
+    """IVF with 6-bit codes; from HNSW_QUANTIZER_FROM vectors its centroids are found through an HNSW graph."""
+    nlist = nlist_for(n)
+    return f"IVF{nlist}_HNSW32,SQ6" if n >= HNSW_QUANTIZER_FROM else f"IVF{nlist},SQ6"
 
 
 def default_nprobe(nlist: int) -> int:
@@ -182,14 +193,24 @@ def ids_of(index: faiss.Index) -> np.ndarray:
 
 def train_size(index: faiss.Index) -> int:
     ivf = _ivf(index)
-    return max(TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 1), 65536)
+    return min(max(TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 1), 65536), TRAIN_MAX)
 
 
 def _train(index: faiss.Index, wanted: np.ndarray, vectors_for: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Train on a random sample of the wanted vectors (IVF centroids, quantiser ranges)."""
+    """Train on a random sample of the wanted vectors (IVF centroids, quantiser ranges). An IVF over an HNSW
+    graph gets its centroids from a two-level k-means first (a flat k-means of 16k centroids: 10 TFLOP)."""
     size = train_size(index)
     sample = wanted if len(wanted) <= size else np.sort(np.random.default_rng(0).choice(wanted, size, replace=False))
-    index.train(np.ascontiguousarray(vectors_for(sample), dtype=np.float32))
+    x = np.ascontiguousarray(vectors_for(sample), dtype=np.float32)
+    ivf = _ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW) and len(x) >= ivf.nlist:
+        from faiss.contrib.clustering import two_level_clustering
+
+        spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT  # unit centroids: nearest by inner product
+        centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10,
+                                            spherical=spherical, seed=1234)  # fmt: skip
+        ivf.quantizer.add(centroids)  # index.train then trains only the codes' quantiser
+    index.train(x)
 
 
 def reconcile(
