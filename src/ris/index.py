@@ -6,7 +6,8 @@ next run, and incremental updates cost work proportional to the change.
 
 Which index: a collection asks for a FAISS factory string or "auto" (the default). "auto" is exact
 search below `APPROX_FROM` vectors and an inverted-file index with 6-bit scalar quantisation above
-(`ivf_factory`), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
+(`ivf_factory`; from HNSW_QUANTIZER_FROM vectors with 4x more lists, found through an HNSW graph of
+their centroids), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
 from its catalogue (`rerank`). Measured in benchmarks/scale.py on 10M synthetic 256-d vectors shaped
 like the real features, recall@10 without / with re-scoring: SQ4 0.33 / 0.68, SQ6 0.73 / 0.99,
 SQ8 0.92 / -; IVF,SQ6 is 201 bytes a vector (1.9 GiB for 10M), SQ8 265. Indexes of
@@ -208,7 +209,7 @@ def _train(index: faiss.Index, wanted: np.ndarray, vectors_for: Callable[[np.nda
 
         spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT  # unit centroids: nearest by inner product
         centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10,
-                                            spherical=spherical, seed=1234)  # fmt: skip
+                                            spherical=spherical, seed=1234, min_points_per_centroid=16)  # fmt: skip
         ivf.quantizer.add(centroids)  # index.train then trains only the codes' quantiser
     index.train(x)
 
