@@ -1,4 +1,4 @@
-"""Rebuild the model files ris ships pre-built (src/ris/prebuilt/): `python scripts/build_prebuilt.py`.
+"""Rebuild the model files ris ships pre-built (src/ris/model/prebuilt/): `python scripts/build_prebuilt.py`.
 
 Each is made exactly as a first run on a user's machine would make it (runtime.export_onnx, then
 runtime.quantize_int8 calibrated on the bundled sample photos with a fixed seed), from the weights
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ris import models, runtime
+from ris.model import registry as models, runtime
 
 #: (model, pooling, precision): the default collection's model only (what a first `ris index` uses).
 SHIPPED = [(models.DEFAULT_MODEL, models.DEFAULT_POOLING, "int8")]
@@ -41,7 +41,7 @@ def build(out_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "src" / "ris" / "prebuilt"
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "src/ris/model/prebuilt"
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = build(out_dir)
     keep = {e["file"] for e in entries}

@@ -68,7 +68,7 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
 
 def derived_file(collection: Path, kind: str) -> Path:
     """The current generation's derived file of a collection: kind is "pca", "index" or "dba"."""
-    from ris.store import Catalog
+    from ris.vectors.catalog import Catalog
     from ris.vectors.derived import DERIVED, files
 
     catalog = Catalog(collection / "catalog.sqlite")

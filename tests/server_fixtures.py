@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from ris.collection import Collection
-from ris.demo import sample_paths
 from ris.server import create_app, serve_in_thread
+from ris.tools.demo import sample_paths
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared/datasets/caltech101/101_ObjectCategories"
 CATEGORIES = ("accordion", "anchor", "ant", "barrel", "camera", "chair")

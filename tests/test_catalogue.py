@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import reduce
 from ris.collection import Collection
 from ris.errors import RisError
-from ris.sources import SourceFile, scan
+from ris.files.sources import SourceFile, scan
+from ris.vectors import reduce
 from tests.conftest import derived_file, run_cli
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from ris import evaluate
 from ris.collection import Collection
 from ris.errors import CollectionLocked, RisError
+from ris.tools import evaluate
 
 from .conftest import PER_CLASS, SUBSET_CLASSES, caltech_files
 
@@ -88,7 +88,7 @@ def test_resync_is_incremental(subset_dir: Path, tmp_path: Path) -> None:
         paths = {r.path for r in coll.catalog.all_rows()}
         assert str(photos / "cup" / "new.jpg") in paths and str(deleted) not in paths
         # the index follows the catalogue exactly
-        from ris import index
+        from ris.vectors import faiss_index as index
 
         idx = coll.derived.snapshot().store.faiss_index
         assert sorted(index.ids_of(idx)) == sorted(coll.catalog.ok_ids())
@@ -206,7 +206,7 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    from ris.store import Catalog
+    from ris.vectors.catalog import Catalog
 
     with pytest.raises(RisError, match="newer ris"):
         Catalog(tmp_path / "c.ris" / "catalog.sqlite")
@@ -238,9 +238,9 @@ def test_features_keep_order_and_repeats(subset_collection: Path) -> None:
 
 
 def test_vectors_are_stored_as_bfloat16_rounded_to_nearest(tmp_path: Path) -> None:
-    """ris.store.as_stored: bfloat16 bits (float32's top half, rounded to nearest even), float32's range kept
+    """ris.vectors.catalog.as_stored: bfloat16 bits (float32's top half, rounded to nearest even), float32's range kept
     (GeM's ~1e-6 dark cells are not flushed); a committed batch reads back as exactly that."""
-    from ris.store import Catalog, as_stored, from_stored
+    from ris.vectors.catalog import Catalog, as_stored, from_stored
 
     x = np.array([[0.5, 1e-6, -3e-5, 2.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.25, 123.456]], np.float32)
     got = as_stored(x)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import index
 from ris.collection import Collection
+from ris.vectors import faiss_index as index
 
 from .conftest import copy_classes, run_cli
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ris.decode import MAX_PIXELS, decode_bytes, decode_file, open_image
 from ris.errors import DecodeError
+from ris.images.decode import MAX_PIXELS, decode_bytes, decode_file, open_image
 
 from .conftest import caltech_files
 
@@ -95,7 +95,7 @@ def test_decompression_bomb_is_refused() -> None:
 @pytest.mark.parametrize("side", [300, 1000, 3000])
 def test_resize_stays_close_to_an_antialiased_resize(side: int) -> None:
     """The fast bilinear path must not alias: large images are box-reduced first."""
-    from ris.decode import resize
+    from ris.images.decode import resize
 
     img = _photo().resize((side, side * 3 // 4))
     fast = resize(img, 224).astype(np.float32)
@@ -108,7 +108,7 @@ def test_resize_on_a_tensor_matches_the_cpu_resize(side: int) -> None:
     """GPU-decoded images go through resize_tensor (run here on CPU tensors): same pixels within rounding."""
     import torch
 
-    from ris.decode import resize, resize_tensor
+    from ris.images.decode import resize, resize_tensor
 
     img = _photo().resize((side, side * 3 // 4 + 7))
     chw = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()

@@ -10,7 +10,7 @@ import pytest
 
 from ris.collection import Collection
 from ris.errors import RisError
-from ris.export import export
+from ris.tools.export import export
 
 from .conftest import PER_CLASS, SUBSET_CLASSES, run_cli
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import extract
-from ris.decode import decode_file
+from ris.extract import pipeline as extract
+from ris.images.decode import decode_file
 
 from .conftest import caltech_files
 
@@ -90,3 +90,39 @@ def test_a_writer_error_reaches_the_caller_after_what_was_queued(files: list[str
     with pytest.raises(OSError, match="disk full"):
         extract.run(list(enumerate(files)), model, 64, on_batch, batch_size=4, workers=1)
     assert committed and committed == sorted(committed)
+
+
+def test_the_torch_engine_projects_on_its_device_as_the_sink_would(tmp_path: Path) -> None:
+    """A GPU engine hands the writer stored vectors (ris.model.torch_runtime projects there); run here on the CPU with
+    the real network: the same numbers as the sink's projection on the host, raw features before the fit, raw
+    features for queries through the original extractor, and a merged batch of both widths stored as one."""
+    pytest.importorskip("torch")
+    from ris.model import registry as models
+    from ris.model.torch_runtime import TorchExtractor
+    from ris.vectors import reduce
+    from ris.vectors.catalog import Catalog
+    from ris.vectors.sink import CatalogSink
+
+    net, _ = models.build("efficientnet-lite0")
+    ext = TorchExtractor(net, "efficientnet-lite0", 224, 11520)
+    pixels = np.stack([decode_file(str(f), 224).pixels for f in caltech_files("ant", 6) + caltech_files("camera", 6)])
+    raw = ext(pixels)
+    fitted: list[reduce.Projection] = []
+    projecting = ext.projecting(lambda: fitted[0] if fitted else None)
+    assert np.array_equal(projecting(pixels[:2]), raw[:2])  # nothing fitted yet: raw
+    fitted.append(reduce.Projection.fit(raw, 8))
+    on_device, on_host = projecting(pixels), fitted[0](raw)
+    assert on_device.shape == (12, 8) and np.abs(on_device - on_host).max() < 1e-4 * np.abs(on_host).max()
+    assert ext(pixels[:1]).shape == (1, 11520)  # the original still gives raw features
+
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    with catalog.db:
+        catalog.db.executemany("INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, 1, 1, 'x', 'pending')",
+                               [(f"/img/{i}.jpg",) for i in range(4)])  # fmt: skip
+    sink = CatalogSink(catalog, 11520, fitted[0])
+    assert sink.projecting(ext)._projection_of() is fitted[0]
+    shas = [f"{i:064x}" for i in range(1, 5)]
+    sink.commit(list(zip(range(1, 5), shas, strict=True)), {shas[0]: raw[0], shas[1]: raw[1], shas[2]: on_device[2],
+                shas[3]: on_device[3]}, [])  # fmt: skip
+    stored = catalog.vectors([1, 2, 3, 4])
+    assert catalog.width == 8 and np.allclose(stored, on_host[:4], atol=0.01 * np.abs(on_host).max())

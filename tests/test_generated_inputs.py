@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ris.decode import FORMATS, MAX_DECODE_BYTES, decode_cost, max_file_bytes
+from ris.images.decode import FORMATS, MAX_DECODE_BYTES, decode_cost, max_file_bytes
 
 from .conftest import run_cli
 

@@ -1,4 +1,4 @@
-"""Device-aware search (ris.index.search / range_search): device choice, the PyTorch path against FAISS.
+"""Device-aware search (ris.vectors.faiss_index.search / range_search): device choice, the PyTorch path against FAISS.
 
 The PyTorch path is the GPU's code; here it runs on CPU tensors ("torch:cpu"), and also on CUDA
 ("torch:cuda") where PyTorch sees a GPU. Real FAISS indexes, real vectors of real images.
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ris import evaluate, index
 from ris.collection import Collection
-from ris.dupes import similar_pairs
 from ris.errors import RisError
+from ris.tools import evaluate
+from ris.tools.dupes import similar_pairs
+from ris.vectors import faiss_index as index
 
 from .test_index import _clustered, _filled
 

@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from ris import index
 from ris.collection import Collection
 from ris.errors import RisError
+from ris.vectors import faiss_index as index
 
 
 def _clustered(n: int, dims: int = 64, centres: int = 50, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles (what Python runs when it imports a module), and a facade that stays small."""
+"""The package's shape: a folder per stage the data passes through, no import cycles (what Python runs when it
+imports a module), and a facade that stays small."""
 
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def test_no_import_cycles() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: the stages in the order the data passes through them: files -> images -> model -> extract -> vectors -> search,
+#: and the tools built on a collection; each a package whose docstring says what the stage does
+STAGES = ("files", "images", "model", "extract", "vectors", "search", "tools")
+#: what sits at the top level: the public API, the facade and what every stage shares, and the two front ends
+TOP_LEVEL = {"__init__.py", "__main__.py", "collection.py", "manifest.py", "config.py", "errors.py", "extras.py", "cli.py",
+             "server.py"}  # fmt: skip
+
+
+def test_each_stage_has_its_folder() -> None:
+    for stage in STAGES:
+        init = PACKAGE / stage / "__init__.py"
+        assert init.is_file(), stage
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{stage}/__init__.py says what the stage does"
+
+
+def test_no_module_sits_at_the_top_level_outside_the_allowed_list() -> None:
+    assert {p.name for p in PACKAGE.glob("*.py")} <= TOP_LEVEL
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == {*STAGES, "static"}
 
 
 def test_the_facade_stays_small() -> None:

@@ -25,10 +25,10 @@ from tests.conftest import SUBSET_CLASSES, run_cli
 pytest.importorskip("pymilvus", reason='needs pip install -e ".[milvus]"')
 pytest.importorskip("milvus_lite", reason='needs pip install -e ".[milvus]"')
 
-from ris import milvus_store  # noqa: E402
 from ris.collection import Collection  # noqa: E402
 from ris.errors import RisError  # noqa: E402
 from ris.server import create_app, serve_in_thread  # noqa: E402
+from ris.vectors import milvus as milvus_store  # noqa: E402
 
 QUERY_CLASSES = SUBSET_CLASSES  # one indexed image of each class is a query
 

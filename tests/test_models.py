@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from ris import models, runtime, torch_runtime
-from ris.decode import decode_file
 from ris.errors import RisError
+from ris.images.decode import decode_file
+from ris.model import registry as models, runtime, torch_runtime
 
 from .conftest import caltech_files
 
@@ -190,7 +190,7 @@ def test_torch_extractor_autocast_matches_fp32(pixels) -> None:
 
 def test_gpu_decode_path_degrades_to_the_cpu_decoder(pixels) -> None:
     """Without a GPU (or torchvision) the device-decode stage hands every file to the CPU decoder."""
-    from ris import extract
+    from ris.extract import pipeline as extract
 
     files = caltech_files("panda", 2)
     todo = {f"sha{i}": f.read_bytes() for i, f in enumerate(files)}
@@ -248,8 +248,8 @@ def test_default_model_runs_without_pytorch(tmp_path: Path) -> None:
     it is compiling only the first time."""
     script = (
         "import sys, numpy as np\n"
-        "from ris import runtime\n"
-        "from ris.models import cache_dir  # a from-import must not pull in the networks (PyTorch)\n"
+        "from ris.model import runtime\n"
+        "from ris.model.registry import cache_dir  # a from-import must not pull in the networks (PyTorch)\n"
         "for attempt in (1, 2):\n"
         "    seen = []\n"
         "    with runtime.preparation_listener(seen.append):\n"

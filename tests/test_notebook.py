@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ris.demo import sample_paths
 from ris.errors import RisError
+from ris.tools.demo import sample_paths
 
 from .conftest import SUBSET_CLASSES, caltech_files, run_cli
 
@@ -86,8 +86,8 @@ def test_notebook_runs_on_the_bundled_photos(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_notebook_evaluates_as_ris_eval(subset_collection: Path) -> None:
     """`ris eval` and the notebook's evaluation are one library function (figures agree exactly)."""
-    from ris import evaluate
     from ris.collection import Collection
+    from ris.tools import evaluate
 
     cli = json.loads(run_cli("eval", "-c", str(subset_collection), "--json").stdout)
     with Collection.open(subset_collection) as coll:
@@ -120,8 +120,8 @@ def test_result_prints_as_table_and_renders_thumbnails(sample_collection: Path) 
 def test_map_cli_draws_a_labelled_grid(subset_collection: Path, tmp_path: Path) -> None:
     """`ris map` on labelled Caltech images: a grid of whole thumbnails where images of a class sit side
     by side, every folder label written, and the same map as a page."""
-    from ris import maps
     from ris.collection import Collection
+    from ris.tools import maps
 
     out, page = tmp_path / "maps" / "map.png", tmp_path / "maps" / "map.html"
     proc = run_cli("map", "--collection", str(subset_collection), "--out", str(out), "--html", str(page), "--thumb", "60")
@@ -150,7 +150,7 @@ def test_map_cli_draws_a_labelled_grid(subset_collection: Path, tmp_path: Path) 
 
 
 def test_map_samples_with_a_fixed_seed(sample_collection: Path, tmp_path: Path) -> None:
-    from ris.maps import make_map
+    from ris.tools.maps import make_map
 
     n = len(sample_paths())
     (first,), drawn, total = make_map(sample_collection, tmp_path / "a.png", method="pca", limit=5, thumb=40)
@@ -190,7 +190,7 @@ def test_map_cli_errors(tmp_path: Path) -> None:
 
 
 def test_layout_grid_and_labels(tmp_path: Path) -> None:
-    from ris import maps
+    from ris.tools import maps
 
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(12, 16)).astype(np.float32)

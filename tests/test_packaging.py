@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import ris
-from ris import demo, models
+from ris.model import registry as models
+from ris.tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what the default job must not need (each has its extra)
@@ -35,10 +36,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
 def test_wheel_carries_types_model_and_photos(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
     assert "ris/py.typed" in names  # PEP 561: type checkers use ris' annotations
-    shipped = {f"ris/prebuilt/{p.file}" for p in models.prebuilt_models()}
-    assert shipped and shipped | {"ris/prebuilt/prebuilt.json"} <= names
-    photos = {n for n in names if n.startswith("ris/samples/") and n.endswith((".jpg", ".png"))}
-    assert len(photos) == len(demo.sample_paths()) >= 12 and "ris/samples/CREDITS.md" in names
+    shipped = {f"ris/model/prebuilt/{p.file}" for p in models.prebuilt_models()}
+    assert shipped and shipped | {"ris/model/prebuilt/prebuilt.json"} <= names
+    photos = {n for n in names if n.startswith("ris/tools/samples/") and n.endswith((".jpg", ".png"))}
+    assert len(photos) == len(demo.sample_paths()) >= 12 and "ris/tools/samples/CREDITS.md" in names
     assert {"ris/static/index.html"} <= names
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "benchmarks/"))]
 
@@ -72,7 +73,7 @@ def test_default_install_leaves_the_rest_to_extras() -> None:
     optional = project["optional-dependencies"]
     # every extra the code names in its "install ris[...]" messages exists
     named = set()
-    for path in (ROOT / "src" / "ris").glob("*.py"):
+    for path in (ROOT / "src" / "ris").rglob("*.py"):
         named |= set(re.findall(r"""(?:require\([^)]*?|install_hint\()["'](\w+)["']\)""", path.read_text()))
     assert named and named <= set(optional), named - set(optional)
     # the test extra brings every extra's packages (but the GPU's)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ris.decode import decode_file
-from ris.sources import scan
+from ris.files.sources import scan
+from ris.images.decode import decode_file
 
 from .conftest import caltech_files, run_cli
 

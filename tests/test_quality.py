@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import dba, evaluate, index
 from ris.collection import Collection
-from ris.ranking import ANCHOR_POOL
+from ris.search.ranking import ANCHOR_POOL
+from ris.tools import evaluate
+from ris.vectors import dba, faiss_index as index
 from tests.conftest import SUBSET_CLASSES, copy_classes, derived_file, run_cli
 
 N = 5
@@ -90,7 +91,7 @@ def test_leave_one_out_with_dba_never_lets_the_query_help_itself(dba_collection:
 
 
 def test_the_first_result_is_the_plain_nearest_and_the_rest_keep_the_served_order(dba_collection: Path) -> None:
-    """Anchoring (ris.evaluate.anchor_first, as Collection.search_vectors serves): with a pool covering
+    """Anchoring (ris.tools.evaluate.anchor_first, as Collection.search_vectors serves): with a pool covering
     every image, precision@1 is exactly the plain vectors' and ranks 2.. are the DBA ranking's."""
     with Collection.open(dba_collection) as coll:
         rows, x = coll.vectors()
@@ -163,7 +164,7 @@ def test_the_graph_keeps_plain_vectors_and_starts_over_for_another_pca(dba_colle
 
 
 def test_adds_and_removes_keep_the_augmented_index_exact(tmp_path: Path) -> None:
-    """Incremental upkeep (ris.dba.update) gives the from-scratch vectors, in an exact and an IVF index."""
+    """Incremental upkeep (ris.vectors.dba.update) gives the from-scratch vectors, in an exact and an IVF index."""
     images = copy_classes(tmp_path / "img", SUBSET_CLASSES, 6)
     later = SUBSET_CLASSES[3:]
     shutil.move(str(images / later[0]), tmp_path / later[0])  # a class added afterwards
@@ -259,9 +260,9 @@ def test_copy_detection_refuses_another_dba(dba_collection: Path) -> None:
 
 @pytest.mark.parametrize("transform", ["rotate10", "gray", "flip", "border", "crop"])
 def test_verification_puts_a_copy_s_original_first(subset_dir: Path, transform: str) -> None:
-    from ris.decode import open_image, read_file
-    from ris.demo import TRANSFORMS
-    from ris.verify import Verifier
+    from ris.images.decode import open_image, read_file
+    from ris.search.verify import Verifier
+    from ris.tools.demo import TRANSFORMS
 
     files = [str(f) for f in sorted((subset_dir / "airplanes").glob("*.jpg"))]
     copy = TRANSFORMS[transform](open_image(read_file(files[0])))
@@ -276,7 +277,7 @@ def test_verification_puts_a_copy_s_original_first(subset_dir: Path, transform: 
 
 
 def test_rmac_regions_cover_the_map() -> None:
-    from ris.networks import rmac_regions
+    from ris.model.networks import rmac_regions
 
     regions = rmac_regions(7, 7)
     assert regions[0] == (0, 0, 7) and len(regions) == 14
@@ -287,8 +288,8 @@ def test_search_with_verification_keeps_the_top_set_and_puts_the_original_first(
     subset_collection: Path, subset_dir: Path, tmp_path: Path
 ) -> None:
     """`ris search --verify`: same top 5 as without, re-ranked 1..5, a rotated copy's original first."""
-    from ris.decode import open_image, read_file
-    from ris.demo import TRANSFORMS
+    from ris.images.decode import open_image, read_file
+    from ris.tools.demo import TRANSFORMS
 
     original = str(sorted((subset_dir / "airplanes").glob("*.jpg"))[0])
     copy = tmp_path / "copy.jpg"
@@ -310,8 +311,8 @@ def test_grid_pooling_keeps_the_layout_and_indexes_end_to_end(subset_dir: Path, 
     import torch
     from PIL import ImageOps
 
-    from ris import models
-    from ris.decode import open_image, read_file, resize
+    from ris.images.decode import open_image, read_file, resize
+    from ris.model import registry as models
 
     net, _ = models.build("efficientnet-lite0", "grid")
     photo = open_image(read_file(str(sorted((subset_dir / "airplanes").glob("*.jpg"))[0])))
@@ -337,8 +338,8 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
     """`--pooling grid3`: 3x3 cells of side 3 at rows/columns 0, 2 and 4 of Lite0's 7x7 map, 9 x 1280 raw."""
     import torch
 
-    from ris import models
-    from ris.networks import _gem, grid_gem
+    from ris.model import registry as models
+    from ris.model.networks import _gem, grid_gem
 
     fmap = torch.rand(2, 8, 7, 7)
     want = torch.cat([_gem(fmap[:, :, t : t + 3, c : c + 3]) for t in (0, 2, 4) for c in (0, 2, 4)], dim=1)
@@ -350,12 +351,12 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
     assert models.feature_dims("vgg16", "grid3") == 4096  # fc2 is not pooled
 
 
-# --- copies under harsh edits (ris.edits, ris.copies) -------------------------------------------
+# --- copies under harsh edits (ris.images.edits, ris.copies) -------------------------------------------
 
 
 def test_copy_sets_are_seeded_and_the_held_out_set_is_apart(subset_collection: Path) -> None:
-    from ris.decode import open_image, read_file
-    from ris.edits import HARSH, HELDOUT
+    from ris.images.decode import open_image, read_file
+    from ris.images.edits import HARSH, HELDOUT
 
     assert not set(HARSH) & set(HELDOUT)
     with Collection.open(subset_collection) as coll:
@@ -373,7 +374,7 @@ def test_copy_sets_are_seeded_and_the_held_out_set_is_apart(subset_collection: P
 
 
 def test_eval_reports_recall_per_harsh_edit(subset_collection: Path) -> None:
-    from ris.edits import HARSH
+    from ris.images.edits import HARSH
 
     out = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--harsh", "--json").stdout)
     assert out["copy_set"] == "harsh" and set(out["transforms"]) == set(HARSH) | {"all"}

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris import distributed
 from ris.collection import Collection
-from ris.distributed import plan_shards, ray_extract
-from ris.sources import scan
+from ris.extract import ray as distributed
+from ris.extract.ray import plan_shards, ray_extract
+from ris.files.sources import scan
 
 from .conftest import copy_classes
 
@@ -23,7 +23,7 @@ PER_CLASS = 8
 SHARD = 10  # ids 1..27: shards of ids 1-9, 10-19, 20-27
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data"),  # Ray's own deprecated settings
-    pytest.mark.filterwarnings("error::DeprecationWarning:ris.distributed"),  # but ris calls no deprecated Ray API
+    pytest.mark.filterwarnings("error::DeprecationWarning:ris.extract.ray"),  # but ris calls no deprecated Ray API
 ]
 
 

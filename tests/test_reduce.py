@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ris import reduce
+from ris.vectors import reduce
 
 
 def _structured(n: int, d: int, rank: int, seed: int = 0) -> np.ndarray:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ris.decode import open_image, read_file, resize, thumbnail
 from ris.errors import DecodeError
-from ris.verify import Verifier, features
+from ris.images.decode import open_image, read_file, resize, thumbnail
+from ris.search.verify import Verifier, features
 
 from .conftest import caltech_files, run_cli
 
@@ -186,7 +186,7 @@ def test_decoding_is_bounded_by_memory_not_only_pixels() -> None:
     script = textwrap.dedent("""
         import io, resource, sys
         from PIL import Image
-        from ris.decode import open_image
+        from ris.images.decode import open_image
         from ris.errors import DecodeError
         buf = io.BytesIO()
         Image.new("1", (13000, 13000)).save(buf, "PNG")

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from ris.collection import Collection
-from ris.demo import sample_paths
 from ris.server import DEFAULT_MAX_UPLOAD_BYTES, create_app, serve_in_thread
+from ris.tools.demo import sample_paths
 from tests.server_fixtures import AUTH, TOKEN, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)
 
 
@@ -67,8 +67,8 @@ def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collect
 
 def test_search_with_verification_answers_as_the_library(client: httpx.Client, collection_path: Path, tmp_path: Path) -> None:
     """verify=true: the library's verified answer for a rotated copy (top 5 kept, a confirmed original first)."""
-    from ris.decode import open_image, read_file
-    from ris.demo import TRANSFORMS
+    from ris.images.decode import open_image, read_file
+    from ris.tools.demo import TRANSFORMS
 
     original = caltech_images()[3]
     copy = tmp_path / "rotated.jpg"

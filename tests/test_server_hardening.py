@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from ris.collection import Collection
-from ris.search import Match, SearchResult
+from ris.search.results import Match, SearchResult
 from ris.server import create_app, serve_in_thread
 from tests.conftest import derived_file
 from tests.server_fixtures import AUTH, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)

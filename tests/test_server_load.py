@@ -1,4 +1,4 @@
-"""A short hostile load on a real `ris serve` subprocess (benchmarks/load_test.py --hostile): no 5xx, bounded memory.
+"""A short hostile load on a real `ris serve` subprocess (benchmarks/search/load_test.py --hostile): no 5xx, bounded memory.
 
 The long run (8 clients, 30 s) and its figures are in benchmarks/RESULTS.md; here 4 clients for a few seconds
 check the properties, never timings. Before the pixel budget, each 13000 x 13000 PNG bomb took ~1.8 GB.
@@ -27,7 +27,7 @@ def test_hostile_mix_gets_no_5xx_and_bounded_memory(tmp_path: Path) -> None:
     collection = build_collection(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/load_test.py"), "--hostile", "--seconds", "5", "--concurrency", "4",
+        [sys.executable, str(ROOT / "benchmarks/search/load_test.py"), "--hostile", "--seconds", "5", "--concurrency", "4",
          "--collection", str(collection), "--json"],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip

@@ -12,13 +12,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Lazy: worker processes import ris.decode and must not pay for torch/faiss imports.
+    # Lazy: worker processes import ris.images.decode and must not pay for torch/faiss imports.
     if name in ("Collection", "Manifest", "IndexReport"):
         from . import collection
 
         return getattr(collection, name)
     if name in ("SearchResult", "Match"):
-        from . import search
+        from .search import results as search
 
         return getattr(search, name)
     if name == "RisError":
@@ -32,6 +32,6 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-#: The public API (README, docs/python-api.md). Everything else lives in submodules (ris.maps, ris.evaluate, …),
+#: The public API (README, docs/python-api.md). Everything else lives in submodules (ris.tools.maps, ris.tools.evaluate, …),
 #: importable but not promised to stay as it is.
 __all__ = ["Collection", "IndexReport", "Manifest", "Match", "RisError", "SearchResult", "__version__"]

@@ -63,8 +63,8 @@ class PreparationDisplay:
         self.task = None
 
     def __call__(self, event) -> None:
-        from .models import cache_dir
-        from .runtime import STEP_TEXT
+        from .model.registry import cache_dir
+        from .model.runtime import STEP_TEXT
 
         if event.step == "ready":
             self._stop()
@@ -122,7 +122,7 @@ def progress_bar(enabled: bool = True, before: Callable[[], object] | None = Non
 
 
 def _paths(paths: list[str] | None, from_list: Path | None) -> list[str]:
-    from .sources import read_list_file
+    from .files.sources import read_list_file
 
     items = list(paths or [])
     if from_list:
@@ -220,7 +220,7 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     if batch_size < 1:
         raise RisError("--batch-size must be at least 1")
     if ray is not None:  # a wrong address form is told before a collection is created
-        from .distributed import check_address
+        from .extract.ray import check_address
 
         check_address(ray)
     for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
@@ -284,7 +284,7 @@ def _download(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
-    from .decode import MAX_FILE_ENV, max_file_bytes
+    from .images.decode import MAX_FILE_ENV, max_file_bytes
 
     cap = max_file_bytes()
     try:
@@ -301,7 +301,7 @@ def _query(arg: str) -> str | bytes:
     """A query argument as Collection.search takes it: '-' reads the image from stdin, an http(s) URL is
     downloaded, anything else is a path."""
     if arg == "-":
-        from .decode import max_file_bytes
+        from .images.decode import max_file_bytes
 
         cap = max_file_bytes()
         data = sys.stdin.buffer.read(cap + 1)
@@ -361,7 +361,7 @@ def search(
     cosine similarity of query and image, 1 = identical); they differ where DBA, query expansion or
     verification re-rank."""
     from .collection import Collection
-    from .render import grid_png, results_html
+    from .tools.render import grid_png, results_html
 
     if fmt not in ("table", "json", "paths"):
         raise RisError(f"--format must be table, json or paths, not {fmt!r}")
@@ -412,8 +412,8 @@ def demo(
 ) -> None:
     """Run the whole job offline on sample photos bundled with ris, with the bundled model."""
     from .collection import Collection
-    from .demo import make_queries, sample_paths
-    from .render import grid_png, results_html
+    from .tools.demo import make_queries, sample_paths
+    from .tools.render import grid_png, results_html
 
     files = [str(p) for p in sample_paths()]
     err.print(f"indexing {len(files)} sample photos bundled with ris …")
@@ -456,10 +456,10 @@ def evaluate(
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
 
     A collection with --dba is evaluated as it serves: an augmented database, plain queries; in
-    leave-one-out no database vector holds the query itself (ris.dba.without_query).
+    leave-one-out no database vector holds the query itself (ris.vectors.dba.without_query).
     """
-    from . import evaluate as ev
     from .collection import Collection
+    from .tools import evaluate as ev
 
     ks = sorted({1, 5, 10, k})
     excluded = tuple(exclude) if exclude else ev.DEFAULT_EXCLUDE
@@ -505,8 +505,8 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one line of JSON.")] = False,
 ) -> None:
     """Measure end-to-end indexing throughput against the tutorial's one-image loop, in one run."""
-    from .bench import run_bench
-    from .models import DEFAULT_POOLING
+    from .model.registry import DEFAULT_POOLING
+    from .tools.bench import run_bench
 
     result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit,
                        baseline_weights, pooling or DEFAULT_POOLING)  # fmt: skip
@@ -579,7 +579,7 @@ def map_(
 
     Needs the map extra (scikit-learn's t-SNE, SciPy): pip install "ris[map]".
     """
-    from .maps import make_map
+    from .tools.maps import make_map
 
     written, drawn, total = make_map(collection, out_file, method=method, limit=limit, html_out=html_out, thumb=thumb)
     err.print(f"wrote {written[0]} ({drawn} of {total} images, {method})", highlight=False, markup=False)
@@ -591,23 +591,28 @@ def map_(
 def dupes(
     collection: CollectionOpt = Path("collection.ris"),
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which images are near-duplicates "
-                                                    "(default 0.88; 0.80 before the collection has its PCA).")] = None,
+                                                    "unless their keypoints disagree (default 0.88; 0.80 before the "
+                                                    "collection has its PCA).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Groups, and each image with its duplicates and scores.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print one CSV row per image in a group.")] = False,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a review page of each group's thumbnails.")] = None,
     keep: Annotated[str | None, typer.Option("--keep", help="largest|newest|first: print the others of each group "
                                              "(path, tab, the one kept) as a list to delete; deletes nothing.")] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Also group pairs below the threshold that "
-                                         "keypoint matching confirms (rotated, cropped copies); ~1 min per 10k images.")] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Match the keypoints of candidate pairs: "
+                                         "rotated, cropped or framed copies below the threshold join, look-alike "
+                                         "photos above it stay apart. --no-verify: the cosine alone.")] = True,
 ) -> None:
     """Groups of exact (same content hash) and near-duplicate images.
 
-    Each group is a representative and the images at or above the threshold against it (no chains of
-    look-alikes); its similarity is the lowest of theirs to the representative."""
-    from .dupes import dupes_command
+    Each group is a representative and its near-duplicates (no chains of look-alikes); an image joins
+    the representative it matches best. A group's similarity is the lowest cosine to the representative."""
+    from .tools.dupes import dupes_output
 
-    dupes_command(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
-                  html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
+    text, page = dupes_output(collection, threshold=threshold, as_json=json_out, as_csv=csv_out,
+                              html_out=str(html_out) if html_out else None, keep=keep, verify=verify)  # fmt: skip
+    if page:
+        sys.stderr.write(f"review page: {page.absolute()}\n")
+    sys.stdout.write(text)
 
 
 @app.command()
@@ -618,7 +623,7 @@ def export(
 ) -> None:
     """Write features and metadata for other tools."""
     from .collection import Collection
-    from .export import export as write_export
+    from .tools.export import export as write_export
 
     with Collection.open(collection) as coll:  # stdout stays clean: the note goes to stderr
         n = coll.info()["images"]
@@ -638,7 +643,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
     import logging
 
-    from .runtime import preparation_listener
+    from .model.runtime import preparation_listener
 
     _bytes_safe_streams()
     handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines

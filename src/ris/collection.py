@@ -1,9 +1,8 @@
 """The facade: a persistent, searchable collection of images. CLI, API and server are thin over it.
 
-It ties the stages together and holds no stage's logic: files (ris.sources) -> images (ris.decode) ->
-model (ris.runtime) -> extraction engines (ris.extract locally, ris.distributed on Ray) -> the catalogue
-(ris.store) -> derived vectors (ris.vectors.derived: PCA, DBA, the FAISS or Milvus store) -> ranking
-(ris.ranking). The files on disk: docs/collections.md.
+It ties the stages together and holds no stage's logic: ris.files (scan) -> ris.images (decode) -> ris.model (run) ->
+ris.extract (the engines: locally, or on Ray) -> ris.vectors (the catalogue; PCA, DBA, the FAISS or Milvus store) ->
+ris.search (ranking, verification). The files on disk: docs/collections.md.
 """
 
 from __future__ import annotations
@@ -16,19 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from . import dba, milvus_store, models, sources
 from .errors import RisError
-from .extract import IndexReport, ModelSettings, StageTimes, default_workers
-from .lock import WriterLock
+from .extract.pipeline import IndexReport, ModelSettings, StageTimes, default_workers
+from .files import sources
+from .files.lock import WriterLock
+from .images.query import Query, query_name, query_pixels
 from .manifest import FORMAT_VERSION, Manifest, Options
-from .migrate import upgrade
-from .milvus_store import MilvusStore
-from .query import Query, query_name, query_pixels
-from .ranking import Ranker
-from .runtime import cpu_runtime
-from .search import SearchResult
-from .store import Catalog
+from .model import registry as models, runtime
+from .model.runtime import cpu_runtime
+from .search.ranking import Ranker
+from .search.results import SearchResult
+from .vectors import dba, milvus as milvus_store
+from .vectors.catalog import Catalog
 from .vectors.derived import Derived
+from .vectors.migrate import upgrade
+from .vectors.milvus import MilvusStore
 from .vectors.sink import CatalogSink
 
 
@@ -186,8 +187,6 @@ class Collection:
 
     def extractor(self, device: str = "auto", threads: int | None = None):
         """The model for this collection's manifest, loaded once and shared (thread-safe to call)."""
-        from . import runtime
-
         dev = runtime.resolve_device(device)
         key = (dev, threads or runtime.cpu_threads())
         if self._extractor is None or self._extractor[0] != key:
@@ -203,7 +202,7 @@ class Collection:
         return self._extractor[1]
 
     def sink(self) -> CatalogSink:
-        """Where extraction engines deliver features (ris.extract.Sink); the caller holds the writer lock."""
+        """Where extraction engines deliver features (ris.extract.pipeline.Sink); the caller holds the writer lock."""
         return CatalogSink(self.catalog, self.manifest.raw_dims, self.derived.projection())
 
     # --- writing -------------------------------------------------------------------------------
@@ -220,7 +219,7 @@ class Collection:
         ray: a Ray address ("local", "auto", "ray://host:10001") to extract on a cluster instead.
         exclude: globs on paths relative to a scanned folder left out (as its .risignore's; sources.scan).
         """  # fmt: skip
-        from . import extract, runtime
+        from .extract import pipeline as extract
 
         paths = list(paths)
         files = sources.scan(paths, exclude)
@@ -234,13 +233,13 @@ class Collection:
             if todo:
                 tick = progress(len(todo), len(files)) if progress else None
                 if ray is not None:  # device and workers are the cluster's
-                    from .distributed import SHARD_DIR, ray_extract
+                    from .extract.ray import SHARD_DIR, ray_extract
 
                     times = ray_extract(todo, self.model_settings(), sink, self.path / SHARD_DIR, ray,
                                         batch_size=batch_size, shard_size=shard_size, progress=tick)  # fmt: skip
                 else:
                     cores = threads or runtime.cpu_threads()
-                    ext = self.extractor(device, threads=cores)
+                    ext = sink.projecting(self.extractor(device, threads=cores))
                     nworkers = default_workers(cores) if workers is None else workers
                     times = extract.run(todo, ext, self.manifest.input_size, lambda b, f: sink.commit(b.ok, f, b.failed),
                                         known=sink.known, batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
@@ -296,7 +295,7 @@ class Collection:
 
     def search_many(self, queries: Sequence[Query], k: int = 5, device: str = "auto", qe: int | None = None,
                     nprobe: int | None = None, verify: bool | None = None) -> list[SearchResult]:  # fmt: skip
-        """The k most similar indexed images for each query, in one batched model call and search (ris.ranking).
+        """The k most similar indexed images for each query, in one batched model call and search (ris.search.ranking).
 
         verify (default: the collection's): geometric verification of the 5 nearest by plain vectors puts the
         image a query was copied from first when local features confirm it (~20-45 ms a query).
@@ -310,21 +309,19 @@ class Collection:
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
                        nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
                        ) -> list[SearchResult]:  # fmt: skip
-        """The k nearest indexed images per reduced vector (ris.ranking.Ranker.search). verify_with: each query's
+        """The k nearest indexed images per reduced vector (ris.search.ranking.Ranker.search). verify_with: each query's
         image (or a loader of it), to verify the first result geometrically."""
-        from . import runtime
-
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None
         return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads())
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
-        """αQE: each query moved towards its n nearest indexed images (ris.ranking.Ranker.expand)."""
+        """αQE: each query moved towards its n nearest indexed images (ris.search.ranking.Ranker.expand)."""
         return self.ranker.expand(vectors, n, nprobe or self.manifest.nprobe or None)
 
     def vectors(self) -> tuple[list, np.ndarray]:
         """Every searchable image's catalogue row and its plain reduced vector (with DBA the index holds these
-        averaged with their neighbours, see ris.dba)."""
+        averaged with their neighbours, see ris.vectors.dba)."""
         snap = self.derived.snapshot()
         rows = self.catalog.all_rows()
         return rows, self.ranker.plain(snap, np.array([r.id for r in rows], dtype=np.int64))

@@ -14,10 +14,12 @@ import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__, dba, index, milvus_store, models
-from .atomic import write_text
+from . import __version__
 from .errors import RisError
-from .reduce import DEFAULT_DIMS
+from .files.atomic import write_text
+from .model import registry as models
+from .vectors import dba, faiss_index as index, milvus as milvus_store
+from .vectors.reduce import DEFAULT_DIMS
 
 #: 2: the compact catalogue (stored vectors in vectors.G.bf16, derived files by generation); 1: raw features in SQLite.
 FORMAT_VERSION = 2
@@ -36,7 +38,7 @@ class Options:
     nprobe: int = 0  # IVF lists visited per query (HNSW: efSearch); 0 = the index's default
     store: str = ""  # "" = index.faiss; "milvus-lite://PATH.db" or "milvus://HOST:PORT"
     dba: int = dba.DEFAULT_NEIGHBOURS  # αDBA neighbours (0: off)
-    verify: bool = True  # searches verify the first result geometrically (ris.verify)
+    verify: bool = True  # searches verify the first result geometrically (ris.search.verify)
     query_expansion: int = 0  # αQE neighbours (0: off)
 
     CHANGEABLE: typing.ClassVar[tuple[str, ...]] = ("index_factory", "nprobe", "dba", "verify", "query_expansion")

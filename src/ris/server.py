@@ -52,11 +52,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .collection import Collection
-from .decode import open_image, resize
 from .errors import CollectionLocked, DecodeError, RisError
-from .runtime import cpu_threads
-from .search import Match, SearchResult
-from .store import ImageRow, displayed
+from .images.decode import open_image, resize
+from .model.runtime import cpu_threads
+from .search.results import Match, SearchResult
+from .vectors.catalog import ImageRow, displayed
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_SIZE = 256
@@ -207,7 +207,7 @@ class CollectionService:
     def search(self, pixels: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
         """Model in the calling thread, PCA and index lookup on the owner thread.
 
-        verify_with: the query file's bytes, for geometric verification of the top results (ris.verify)."""
+        verify_with: the query file's bytes, for geometric verification of the top results (ris.search.verify)."""
         raw = self.extractor(pixels[None])
         return self.call(self._lookup, raw, k, name, verify_with)
 
@@ -328,7 +328,7 @@ class CollectionService:
     def verify_image(self, data: bytes) -> Image.Image:
         """The query as geometric verification sees it, shrunk to at most twice verify's working size: held
         while the search waits for the catalogue thread, it must stay small."""
-        from .verify import MAX_SIDE
+        from .search.verify import MAX_SIDE
 
         img = self.decode(data, MAX_SIDE)
         factor = max(img.size) // (2 * MAX_SIDE)

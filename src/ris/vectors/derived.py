@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import dba, index, milvus_store
 from ..errors import RisError
-from ..reduce import Projection, Reducer, block_rows, fit_sample
-from ..store import Catalog
+from . import dba, faiss_index as index, milvus as milvus_store
+from .catalog import Catalog
+from .reduce import Projection, Reducer, block_rows, fit_sample
 from .stores import FaissStore, MilvusVectors, VectorStore
 
 #: catalogue meta key: {"generation": G, "index": the factory/kind built, "dims": d} of the current set
@@ -231,7 +231,7 @@ class Derived:
         """(vectors_for, ids whose stored vector must be replaced, DBA graph to keep or None).
 
         Without DBA: the reduced vectors, nothing to replace (unless the index still holds augmented ones).
-        With --dba N (up to dba.MAX_IMAGES images): the neighbour graph brought up to date (ris.dba.update,
+        With --dba N (up to dba.MAX_IMAGES images): the neighbour graph brought up to date (ris.vectors.dba.update,
         n x dims float32 in memory), and vectors derived from it. The graph keeps the plain reduced vectors,
         so a write reads the stored vectors of new images only.
         """

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .. import reduce
-from ..reduce import Projection, projects
-from ..store import Catalog
+from . import reduce
+from .catalog import Catalog
+from .reduce import Projection, projects
 
 log = logging.getLogger("ris")
 
 
 class CatalogSink:
-    """The extraction engines' Sink (ris.extract.Sink) over the catalogue: raw features in, stored vectors kept.
+    """The extraction engines' Sink (ris.extract.pipeline.Sink) over the catalogue: raw features in, stored vectors kept.
 
     A collection with wide raw features keeps them raw until it holds FIT_SAMPLE images, then fits the
     projection on them (on the writer's thread, ~1 s once), rewrites them projected, and projects the rest
-    as they come (ris.reduce). `sample_first` orders a run so those first images are a random sample of it.
+    as they come (ris.vectors.reduce). `sample_first` orders a run so those first images are a random sample of it.
     """
 
     def __init__(self, catalog: Catalog, raw_dims: int, projection: Projection | None):
@@ -36,14 +37,21 @@ class CatalogSink:
         first[np.random.default_rng(0).choice(len(todo), room, replace=False)] = True
         return [t for t, f in zip(todo, first, strict=True) if f] + [t for t, f in zip(todo, first, strict=True) if not f]
 
+    def projecting(self, extractor: Any) -> Any:
+        """The extractor, delivering projected features from the fit onwards where it can do so on its device."""
+        if projects(self.raw_dims) and hasattr(extractor, "projecting"):
+            return extractor.projecting(lambda: self.projection)
+        return extractor
+
     def known(self, hashes: Sequence[str]) -> set[str]:
         return self.catalog.known_hashes(hashes)
 
     def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
         if features and self.projection is not None:
-            x = np.stack(list(features.values()))
-            if x.shape[1] == self.raw_dims:  # an engine may have projected them already (a GPU does it on the device)
-                features = dict(zip(features, self.projection(x), strict=True))
+            raw = [sha for sha, f in features.items() if len(f) == self.raw_dims]
+            if raw:  # an engine may deliver them projected already (ris.model.torch_runtime projects on the GPU)
+                projected = self.projection(np.stack([features[sha] for sha in raw]))
+                features = {**features, **dict(zip(raw, projected, strict=True))}
         self.catalog.commit_batch(done, features, failed)
         if self._raw and features:
             self._live += len(features)

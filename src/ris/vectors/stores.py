@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .. import index
 from ..errors import RisError
-from ..store import ImageRow
+from . import faiss_index as index
+from .catalog import ImageRow
 
 VectorsFor = Callable[[np.ndarray], np.ndarray]
 RowsFor = Callable[[Sequence[int]], dict[int, ImageRow]]
@@ -118,11 +118,11 @@ class FaissStore:
 
 
 class MilvusVectors:
-    """A Milvus collection as a VectorStore (ris.milvus_store is the client): it keeps paths and labels too,
+    """A Milvus collection as a VectorStore (ris.vectors.milvus is the client): it keeps paths and labels too,
     so its search answers rows; its scores are exact inner products (no re-scoring)."""
 
     def __init__(self, client):
-        self.client = client  # ris.milvus_store.MilvusStore
+        self.client = client  # ris.vectors.milvus.MilvusStore
 
     def built(self) -> tuple[int, str] | None:
         return self.client.describe(fresh=True)

@@ -1,0 +1,1 @@
+"""Extraction: files in, features out, locally (pipeline) or on a Ray cluster (ray)."""

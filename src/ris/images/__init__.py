@@ -1,0 +1,1 @@
+"""Images: decoding files into pixels, query inputs, and the edits that make test copies."""

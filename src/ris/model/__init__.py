@@ -1,0 +1,1 @@
+"""Model: which networks exist, building them, and running them (OpenVINO, ONNX Runtime, PyTorch)."""

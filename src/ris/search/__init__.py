@@ -1,0 +1,1 @@
+"""Search: ranking a query against the stored vectors, verifying the top results, what a result holds."""

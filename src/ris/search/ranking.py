@@ -1,0 +1,154 @@
+"""Ranking: from query vectors to ordered, scored results, over whatever vector store the collection has.
+
+The served order comes from the store (DBA-augmented vectors when the collection has DBA). The first
+result is the image nearest to the query by its own (plain) vector: DBA and αQE favour an image's class
+over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on Caltech-101), so the
+first place goes to the plain nearest of the served top ANCHOR_POOL, or to the one of the 5 plain nearest
+that geometric verification confirms (ris.search.verify); the rest follow in served order.
+
+Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
+ranked it: the served score, never increasing down the list (a first result promoted as the query's
+copy is shown at least at the score of the result below it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..images.query import Query, query_image
+from ..tools.evaluate import QE_ALPHA
+from ..vectors import faiss_index as index
+from ..vectors.catalog import Catalog, ImageRow
+from ..vectors.derived import Derived, Snapshot
+from .results import Match, SearchResult
+
+#: With DBA or αQE, the first result is the plain nearest among this many served candidates.
+ANCHOR_POOL = 32
+
+Candidates = list[tuple[float, ImageRow]]
+
+
+class Ranker:
+    """Searches one collection's current derived set; keeps the verifier's keypoint cache between searches."""
+
+    def __init__(self, catalog: Catalog, derived: Derived):
+        self.catalog, self.derived = catalog, derived
+        self._verifier = None
+
+    def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
+        """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
+        (32 candidates: ~0.1 ms), else from the catalogue's stored vectors."""
+        ids = np.asarray(ids, dtype=np.int64)
+        graph = snap.graph
+        if graph is not None and graph.x is not None and len(ids):
+            kept = graph.plain(ids, snap.space.fingerprint)
+            if kept is not None:
+                return kept
+        return self.derived.reduced(snap.space, ids)
+
+    def _served(self, snap: Snapshot) -> Callable[[np.ndarray], np.ndarray]:
+        """What the store holds for a chunk of ids (re-scoring approximate candidates): plain or augmented."""
+        plain = lambda c: self.plain(snap, c)  # noqa: E731
+        return plain if snap.graph is None else (lambda c: snap.graph.vectors(c, plain))
+
+    def nearest(self, snap: Snapshot, vectors: np.ndarray, k: int, nprobe: int | None):
+        """(scores, ids, rows by id) of at least the k nearest searchable images per vector; -1 where none.
+
+        Rows come from the store when it keeps them (Milvus), else from the catalogue (which also drops ids
+        deleted since the index was written). Approximate stores' candidates are re-scored exactly.
+        """
+        store = snap.store
+        want = min(store.ntotal, k + 8)  # margin for rows deleted since
+        if not want:
+            return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), {}
+        if not store.approximate():
+            scores, ids, rows = store.search(vectors, want, nprobe)
+            return scores, ids, rows or self.catalog.rows(np.unique(ids[ids >= 0]))
+        _, ids, rows = store.search(vectors, min(store.ntotal, want * index.REFINE_FACTOR), nprobe)
+        rows = rows or self.catalog.rows(np.unique(ids[ids >= 0]))
+        ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
+        scores, ids = index.rerank(vectors, ids, self._served(snap), want)
+        return scores, ids, rows
+
+    def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
+        """αQE: each query moved towards its n nearest indexed images (weighted by similarity), using their plain
+        vectors (approximate indexes cannot reconstruct by id, or only lossily)."""
+        snap = self.derived.snapshot()
+        sims, ids, rows = self.nearest(snap, vectors, n, nprobe)
+        sims, ids = sims[:, :n], ids[:, :n]
+        known = np.array(sorted(i for i in np.unique(ids[ids >= 0]) if int(i) in rows), dtype=np.int64)
+        found = np.isin(ids, known)
+        neighbours = np.zeros((*ids.shape, snap.space.dims), np.float32)
+        if len(known):
+            neighbours[found] = self.plain(snap, ids[found])
+        weights = np.clip(np.where(found, sims, 0), 0, None)[..., None] ** QE_ALPHA
+        out = vectors + (weights * neighbours).sum(axis=1)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        names: Sequence[str],
+        qe: int = 0,
+        nprobe: int | None = None,
+        verify_with: Sequence[Query | Callable[[], Image.Image]] | None = None,
+        threads: int = 1,
+    ) -> list[SearchResult]:
+        """The k nearest indexed images per query vector, ordered and scored as the module docstring says.
+
+        verify_with: each query's image (or a loader of it); the first place then goes to the one of the 5
+        plain nearest that geometric verification confirms.
+        """  # fmt: skip
+        from .verify import TOP
+
+        snap = self.derived.snapshot()
+        plain = vectors
+        if qe and snap.store.ntotal:
+            vectors = self.expand(vectors, min(qe, snap.store.ntotal), nprobe)
+        reordered = bool(qe) or snap.augmented
+        want = max(k, ANCHOR_POOL) if reordered else max(k, TOP) if verify_with is not None else k
+        scores, ids, rows = self.nearest(snap, vectors, want, nprobe)
+        served = [[(float(sc), rows[int(i)]) for sc, i in zip(srow, irow, strict=True) if int(i) in rows]
+                  for srow, irow in zip(scores, ids, strict=True)]  # fmt: skip
+        if reordered:  # the served scores compare with augmented or expanded vectors: plain cosines read once for all
+            pool = np.unique([row.id for cands in served for _, row in cands]).astype(np.int64)
+            pool_vectors = self.plain(snap, pool) if len(pool) else np.zeros((0, snap.space.dims), np.float32)
+            sims = [pool_vectors[np.searchsorted(pool, [row.id for _, row in c])] @ plain[q] if c else np.zeros(0)
+                    for q, c in enumerate(served)]  # fmt: skip
+        else:  # the store serves the plain vectors: its scores are the plain cosines (re-scored exactly when approximate)
+            sims = [np.array([score for score, _ in c], np.float32) for c in served]
+        by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
+        firsts = self._verified_firsts(verify_with, by_plain, threads) if verify_with is not None else [0] * len(served)
+        results = []
+        for name, cands, sim, ranked, first in zip(names, served, sims, by_plain, firsts, strict=True):
+            similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
+            if cands and (reordered or verify_with is not None):
+                head = ranked[first]
+                cands = [head] + [c for c in cands if c[1].id != head[1].id]
+            results.append(SearchResult(name, _matches(cands[:k], similarity)))
+        return results
+
+    def _verified_firsts(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
+                         threads: int) -> list[int]:  # fmt: skip
+        """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached);
+        queries are decoded at verification's working size."""
+        from .verify import MAX_SIDE, TOP, Verifier
+
+        self._verifier = self._verifier or Verifier()
+        loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
+        jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
+        return self._verifier.firsts(jobs, threads)
+
+
+def _matches(cands: Candidates, similarity: dict[int, float]) -> list[Match]:
+    """Matches in this order; `score` the served score made non-increasing from the bottom up (a promoted first
+    result is shown at least at the score below it), `similarity` the plain cosine."""
+    scores = [score for score, _ in cands]
+    for i in range(len(scores) - 2, -1, -1):
+        scores[i] = max(scores[i], scores[i + 1])
+    return [Match(rank, row.path, score, row.label, row.id, similarity.get(row.id, score))
+            for rank, (score, (_, row)) in enumerate(zip(scores, cands, strict=True), start=1)]  # fmt: skip

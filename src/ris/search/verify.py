@@ -1,0 +1,147 @@
+"""Geometric verification of a copy's nearest images: local features confirm which candidate it was made from.
+
+Global descriptors put a copy's original among the first few results, but in tight classes (portraits
+against one wall, airplanes in side view) another image can come first. ORB keypoints of the query
+(and of its mirror image) are matched to each of the top candidates (Lowe's ratio test), and a RANSAC
+similarity transform (rotation, scale, shift) counts the matches that agree. A candidate that is
+geometrically confirmed (`MIN_INLIERS`) and clearly better confirmed than the first result (`MARGIN` x
+its inliers) moves to the top; otherwise the order is kept, so the set of the top 5 never changes.
+Costs ~20 ms a query on 2 cores with the candidates' keypoints cached, ~45 ms without (5 candidates
+decoded), nothing at indexing time. Measured in benchmarks/RESULTS.md.
+
+Any decoded image can arrive (1 x 1 px, 4000 x 12 px): one too small for ORB, or a candidate whose file
+can no longer be decoded, simply has no keypoints, so it confirms nothing and the plain order stands.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..errors import DecodeError, RisError
+
+#: Candidates checked per query, keypoints per image, longest side they are found at.
+TOP = 5
+FEATURES = 500
+MAX_SIDE = 480
+#: ORB finds no keypoint within its edge threshold (31 px) of a border: narrower images have none.
+MIN_SIDE = 2 * 31 + 1
+#: A candidate moves up with at least this many agreeing matches, and MARGIN x the first result's.
+MIN_INLIERS = 12
+MARGIN = 2.0
+RATIO = 0.8
+REPROJ_PX = 5.0
+
+Features = tuple[np.ndarray, np.ndarray | None]  # (N x 2 keypoint positions, N x 32 descriptors)
+NO_FEATURES: Features = (np.zeros((0, 2), np.float32), None)
+
+
+def features(img: Image.Image, nfeatures: int = FEATURES) -> Features:
+    """ORB keypoints of the image, its longest side brought to MAX_SIDE; none when a side is under MIN_SIDE
+    (ORB's pyramid asserts on a 1-px side, and finds nothing that narrow anyway). `ris dupes` asks for 1000,
+    so that a caption's or a border's strong corners do not crowd out the picture's own."""
+    grey = np.asarray(img.convert("L"))
+    scale = MAX_SIDE / max(grey.shape)
+    if scale < 1:
+        size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+    if min(grey.shape) < MIN_SIDE:
+        return NO_FEATURES
+    points, desc = cv2.ORB_create(nfeatures=nfeatures, fastThreshold=10).detectAndCompute(grey, None)
+    return np.float32([p.pt for p in points]).reshape(-1, 2), desc
+
+
+def inliers(a: Features, b: Features) -> int:
+    """Matches of a to b that one similarity transform explains (RANSAC)."""
+    (pa, da), (pb, db) = a, b
+    if da is None or db is None or len(pa) < 3 or len(pb) < 3:
+        return 0
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
+    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+    if len(good) < 4:
+        return 0
+    src = pa[[m.queryIdx for m in good]]
+    dst = pb[[m.trainIdx for m in good]]
+    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJ_PX)
+    return int(mask.sum()) if mask is not None else 0
+
+
+class Verifier:
+    """Re-orders a query's top candidates by geometric agreement; candidates' features are cached by path.
+
+    Thread-safe: OpenCV releases the GIL, so a batch of queries is verified on several threads (`firsts`).
+    """
+
+    def __init__(self, cache_size: int = 4096):
+        self._cache: OrderedDict[str, Features] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_size = cache_size
+
+    def _candidate(self, path: str) -> Features:
+        """A candidate's keypoints (cached); none when its file can no longer be decoded."""
+        from ..images.decode import open_image, read_file
+
+        with self._lock:
+            if path in self._cache:
+                self._cache.move_to_end(path)
+                return self._cache[path]
+        try:  # outside the lock: another thread may do the same
+            feats = features(open_image(read_file(path), draft_size=MAX_SIDE))
+        except DecodeError:
+            return NO_FEATURES  # not cached: the file may come back
+        with self._lock:
+            self._cache[path] = feats
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return feats
+
+    def firsts(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[int]:
+        """`first` for many (query loader, candidate paths) pairs, on up to `threads` threads."""
+
+        def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> int:
+            if len(job[1]) < 2:
+                return 0
+            try:
+                query = job[0]()
+            except (DecodeError, RisError):  # the query file changed since it was embedded: plain order
+                return 0
+            return self.first(query, job[1])
+
+        if threads <= 1 or len(jobs) <= 1:
+            return [run(job) for job in jobs]
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            return list(pool.map(run, jobs))
+
+    def counts(self, views: Sequence[Features], paths: Sequence[str]) -> list[int]:
+        """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate."""
+        return [max(inliers(v, self._candidate(p)) for v in views) for p in paths]
+
+    def first(self, query: Image.Image, paths: Sequence[str]) -> int:
+        """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
+        if len(paths) < 2:
+            return 0
+        views = (features(query), features(query.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))  # mirrored copies too
+        counts = [max(inliers(v, self._candidate(p)) for v in views) for p in paths[:TOP]]
+        best = int(np.argmax(counts))
+        return best if counts[best] >= MIN_INLIERS and counts[best] >= MARGIN * counts[0] else 0
+
+
+#: Queries smaller than this (longest side) are enlarged to UPSAMPLE_TO before their keypoints are found.
+UPSAMPLE_BELOW = 240
+UPSAMPLE_TO = 320
+
+
+def query_views(img: Image.Image, nfeatures: int = FEATURES) -> tuple[Features, Features]:
+    """ORB features of a query and of its mirror image; a thumbnail is enlarged first (to UPSAMPLE_TO on its
+    longest side), so that a fifth-size copy still yields keypoints (harsh set: inliers of its original
+    median 27 this way)."""
+    if max(img.size) < UPSAMPLE_BELOW:
+        f = UPSAMPLE_TO / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
+    return features(img, nfeatures), features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)

@@ -1,0 +1,1 @@
+"""Tools: duplicates, evaluation, maps, export, benchmark and demo, built on a Collection."""
