@@ -86,6 +86,20 @@ def test_ivf_over_an_hnsw_graph_of_centroids() -> None:
     assert index.reconcile(ivf, ids[100:], lambda chunk: x[[lookup[int(i)] for i in chunk]]) == (0, 100)
 
 
+def test_default_nprobe_reaches_the_measured_recall() -> None:
+    """Probes for recall@10 >= 0.95 on 1M vectors drawn like real ones: ~70 of 1,024 lists, ~460 of 16,384."""
+    probes = [index.default_nprobe(n) for n in (1, 8, 64, 1024, 4096, 16384, 65536)]
+    assert probes[:2] == [1, 8] and probes[2] == 17 and probes == sorted(probes)
+    assert 70 <= index.default_nprobe(1024) <= 128 and 460 <= index.default_nprobe(16384) <= 640
+
+
+def test_an_approximate_index_is_searched_without_probing_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only FAISS's GPU build searches an IVF on a GPU: "auto" must not ask PyTorch's CUDA each query."""
+    ivf = _filled("IVF16,SQ8", _clustered(3000), np.arange(3000, dtype=np.int64))
+    monkeypatch.setattr(index, "_cuda", lambda: pytest.fail("CUDA probed for an IVF search"))
+    assert index.search_plan(ivf, 1000, 10, "auto") == ("faiss-gpu" if faiss.get_num_gpus() else "faiss-cpu")
+
+
 def test_reconcile_adds_and_removes_on_ivf() -> None:
     x = _clustered(3000)
     ids = np.arange(3000, dtype=np.int64) * 2
