@@ -98,6 +98,8 @@ def files_for(lo: int, count: int) -> tuple[list[SourceFile], list[str]]:
 def inject(coll: Collection, gen: Generator, first: int, n: int, log=None) -> None:
     """Images #first..first+n (deterministic per block: a resumed run draws the same ones) into the catalogue."""
     done = coll.catalog.counts()["ok"] if first == 0 else 0  # resume the build where it stopped
+    if done >= n:
+        return
     with coll.catalog.bulk():
         for lo in range(first + done - done % CHUNK, first + n, CHUNK):
             t = time.perf_counter()
