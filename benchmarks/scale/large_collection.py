@@ -212,7 +212,8 @@ def change(args: argparse.Namespace) -> dict:
         coll.lock()
         try:
             t = time.perf_counter()
-            inject(coll, gen, 10**9, n // 100, bulk=False)
+            first = 10**9 + int(coll.catalog.meta("last_id") or 0)  # names never used before: the step can be re-run
+            inject(coll, gen, first, n // 100, bulk=False)
             coll.derived.update()
             coll.record_built()
             add_s = time.perf_counter() - t
