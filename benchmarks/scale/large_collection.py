@@ -169,7 +169,7 @@ def truth(args: argparse.Namespace) -> dict:
             i = np.concatenate([best_i, np.broadcast_to(ids[start : start + CHUNK], sims.shape)], axis=1)
             top = np.argpartition(-s, K, axis=1)[:, :K]
             best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
-        np.savez(root.with_name(root.name + ".truth.npz"), ids=best_i, n=len(ids), generation=snap.generation)
+        np.savez(root.with_name(root.name + ".truth.npz"), ids=best_i, state=state_of(coll))
     return {"images": len(ids), "exact_s": round(time.perf_counter() - t), "peak_rss_mb": rss_mb()}
 
 
@@ -178,9 +178,11 @@ def search(args: argparse.Namespace) -> dict:
     root = Path(args.measure_only)
     stored = queries_of(root, args.queries)
     with np.load(root.with_name(root.name + ".truth.npz")) as data:
-        expected = data["ids"]
+        expected, state = data["ids"], data["state"]
     out: dict = {}
     with Collection.open(root) as coll:
+        if not np.array_equal(state, state_of(coll)):
+            raise SystemExit(f"{root} changed since its exact top 10 were computed: run --step truth first")
         snap = coll.derived.snapshot()
         ivf = index._ivf(snap.store.faiss_index)
         default = index.default_nprobe(ivf.nlist) if ivf is not None else 0
@@ -226,6 +228,11 @@ def change(args: argparse.Namespace) -> dict:
         images = coll.catalog.counts()["ok"]
     return {"add_images": n // 100, "add_1pct_s": round(add_s, 1), "removed": len(doomed), "remove_1pct_s": round(remove_s, 1),
             "images_after": images, "disk_bytes_after": du(root)}  # fmt: skip
+
+
+def state_of(coll: Collection) -> np.ndarray:
+    """What the exact top 10 depend on: the images (their count, the last id given) and the PCA's generation."""
+    return np.array([coll.catalog.counts()["ok"], int(coll.catalog.meta("last_id") or 0), coll.derived.state()["generation"]])
 
 
 def rss_mb() -> int:
