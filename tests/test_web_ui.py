@@ -44,8 +44,9 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture():
+    """Headless Chromium (Debian's), one per test module; tests/test_web_dupes.py imports this fixture too."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):  # .ci/run installs it: a missing browser in CI is a failure, not a skip
             pytest.fail(f"no Chromium at {CHROMIUM}")

@@ -309,11 +309,12 @@ class Collection:
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
                        nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
                        ) -> list[SearchResult]:  # fmt: skip
-        """The k nearest indexed images per reduced vector (ris.search.ranking.Ranker.search). verify_with: each query's
-        image (or a loader of it), to verify the first result geometrically."""
+        """The k nearest indexed images per reduced vector (ris.search.ranking.Ranker.search). verify_with: each
+        query's image (or a loader of it), to verify the first result geometrically, with a second look
+        (ris.search.views)."""
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None
-        return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads())
+        return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads(), self.embed)
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (ris.search.ranking.Ranker.expand)."""

@@ -15,6 +15,7 @@ errors are one line of JSON (the details go to the server's log) and keep the co
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -29,18 +30,19 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, TypeVar
+from typing import Annotated, Any, BinaryIO, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -56,6 +58,7 @@ from .errors import CollectionLocked, DecodeError, RisError
 from .images.decode import open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
+from .tools import dupes
 from .vectors.catalog import ImageRow, displayed
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -169,6 +172,43 @@ class HealthOut(BaseModel):
     detail: str | None = None
 
 
+class DupeImageOut(ImageOut):
+    similarity: float = Field(description="Cosine similarity to the group's representative (1: the representative "
+                                          "itself, or a byte-for-byte copy)")  # fmt: skip
+    inliers: int | None = Field(description="Agreeing keypoint matches with the representative (verify=true; "
+                                             "None: not matched)")  # fmt: skip
+    representative: bool
+    keep: bool = Field(description="The one image of its group the keep rule keeps")
+
+
+class DupeGroupOut(BaseModel):
+    group: int = Field(description="Its place among all groups (1: the largest)")
+    kind: Literal["exact", "near"] = Field(description="exact: every image has one content hash; near: near-duplicates")
+    similarity: float = Field(description="The lowest similarity of a member to the representative")
+    representative: int = Field(description="The id of the representative (the first image)")
+    keep: int = Field(description="The id of the image the keep rule keeps")
+    images: list[DupeImageOut]
+
+
+class DupesPending(BaseModel):
+    detail: str
+    seconds: float = Field(description="Since the groups were first asked for")
+
+
+class DuplicatesOut(BaseModel):
+    threshold: float = Field(description="The similarity threshold used (the collection's default when none was given)")
+    verify: bool
+    keep: str
+    images: int = Field(description="Images in the collection")
+    total: int = Field(description="Groups found (this answer holds those from offset to offset + limit)")
+    duplicates: int = Field(description="Images in all groups that the keep rule does not keep")
+    offset: int
+    limit: int
+    seconds: float = Field(description="How long finding the groups took (once per catalogue state, threshold and verify)")
+    cached: bool = Field(description="The groups were already found for this state of the collection")
+    groups: list[DupeGroupOut]
+
+
 # --- the collection, owned by one thread -------------------------------------------------------------
 
 
@@ -210,6 +250,13 @@ class CollectionService:
         verify_with: the query file's bytes, for geometric verification of the top results (ris.search.verify)."""
         raw = self.extractor(pixels[None])
         return self.call(self._lookup, raw, k, name, verify_with)
+
+    def embed(self, images: list[Image.Image], batch: int = 32) -> np.ndarray:
+        """The vectors the index compares for these images (as Collection.embed; ris.tools.dupes embeds framed
+        pictures' content): the model in the calling thread, the PCA on the owner thread."""
+        pixels = np.stack([self.coll.query_pixels(img) for img in images])
+        raw = np.concatenate([self.extractor(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        return self.call(self.coll.reduce, raw)
 
     def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
         # reduce() reloads PCA and index if another process rewrote them
@@ -597,6 +644,124 @@ def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
     return list(dict.fromkeys(n.lower() for n in names if n))
 
 
+# --- duplicates, found off the event loop and the catalogue thread -----------------------------------
+
+#: Results of the duplicate search kept (one per catalogue state, threshold and verify), most recent last.
+DUPES_CACHED = 8
+#: A request for groups still being found waits this long, then answers 202 (ask again): the keypoint check of a
+#: large collection takes minutes (3,000 Caltech images: 250 CPU-seconds, 12 minutes on 2 busy cores; the grouping
+#: alone 2 s), longer than a request should stay open.
+DUPES_WAIT_S = 10.0
+KeepRule = Literal[dupes.KEEP_RULES]  # "largest", "newest", "first"
+
+DUPES_THRESHOLD = ("Cosine similarity at or above which images count as near-duplicates (default: the collection's, "
+                   "0.88 with PCA, 0.80 on raw features)")  # fmt: skip
+DUPES_VERIFY = ("Judge each candidate pair by its keypoints too, as `ris dupes` does by default: copies below the "
+                "threshold (rotated, cropped, framed) are found, look-alike photos above it dropped; minutes on a large "
+                "collection")  # fmt: skip
+DUPES_KEEP = ("Which image of each group to keep: largest (most pixels, then bytes), newest (modification time) "
+              "or first (by path)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FrozenCollection:
+    """What ris.tools.dupes reads of a collection (every image's row and vector, read once on the catalogue
+    thread, and a way to embed a framed picture's content), so the grouping can take its seconds on another
+    thread without touching SQLite or the index."""
+
+    rows: list[ImageRow]
+    matrix: np.ndarray
+    embed: Callable[[list[Image.Image]], np.ndarray]
+
+    def vectors(self) -> tuple[list[ImageRow], np.ndarray]:
+        return self.rows, self.matrix
+
+
+@dataclass(frozen=True)
+class DupesFound:
+    groups: list[dupes.DupeGroup]
+    images: int
+    threshold: float
+    verify: bool
+    seconds: float
+
+
+class DupesFinder:
+    """`ris dupes` for the server: the groups are found on one thread of their own (seconds on a large
+    collection, and keypoint verification reads files), while searches go on; each result is kept per
+    (catalogue state, threshold, verify), so paging, changing the keep rule and repeating a request
+    cost nothing, and requests asking for a result still being computed wait for that one."""
+
+    def __init__(self, service: CollectionService):
+        self.service = service
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ris-dupes")
+        self._found: OrderedDict[tuple, tuple[Future[DupesFound], float]] = OrderedDict()  # and when it was asked for
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def find(
+        self, threshold: float | None, verify: bool, wait: float | None = None
+    ) -> tuple[DupesFound | None, bool, float]:
+        """(the groups at this threshold (None: the collection's default), whether they were known already, seconds
+        since they were asked for); the groups are None when they take longer than `wait` seconds (None: no limit)
+        to find, and the computation goes on for the next request."""
+        state, threshold = await anyio.to_thread.run_sync(self.service.call, self._state, threshold)
+        key = (state, round(threshold, 6), verify)
+        with self._lock:
+            future, asked = self._found.get(key, (None, 0.0))
+            cached = future is not None and future.done() and future.exception() is None
+            if future is None or (future.done() and future.exception() is not None):
+                future, asked = self._found[key] = (self._pool.submit(self._compute, threshold, verify), time.monotonic())
+                while len(self._found) > DUPES_CACHED:
+                    self._found.popitem(last=False)
+            self._found.move_to_end(key)
+        try:  # shielded: a client that goes away (or stops waiting) must not cancel what other requests wait for
+            found = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait)
+        except asyncio.TimeoutError:
+            return None, False, time.monotonic() - asked
+        return found, cached, time.monotonic() - asked
+
+    def _state(self, threshold: float | None) -> tuple[tuple, float]:
+        """(what identifies the catalogue's searchable images and their vectors, the threshold to use)."""
+        catalog = self.service.coll.catalog
+        images = catalog.db.execute(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0), COALESCE(SUM(hkey & 4294967295), 0) "
+            "FROM images WHERE status = 'ok'").fetchone()  # fmt: skip
+        state = (tuple(images), catalog.meta("derived"), catalog.meta("vectors"))
+        return state, dupes.default_threshold(self.service.coll) if threshold is None else threshold
+
+    def _compute(self, threshold: float, verify: bool) -> DupesFound:
+        frozen = self.service.call(self._freeze)
+        start = time.perf_counter()
+        groups = dupes.find_duplicates(frozen, threshold, verify=verify)
+        return DupesFound(groups, len(frozen.rows), threshold, verify, round(time.perf_counter() - start, 3))
+
+    def _freeze(self) -> FrozenCollection:
+        if not self.service.coll.catalog.counts()["ok"]:  # nothing searchable yet: no groups, not an error
+            return FrozenCollection([], np.zeros((0, 1), np.float32), self.service.embed)
+        return FrozenCollection(*self.service.coll.vectors(), self.service.embed)
+
+
+def kept_paths(groups: list[dupes.DupeGroup], keep: str) -> list[str]:
+    """The path each group's keep rule keeps (ris.tools.dupes.to_delete's choice; it reads image headers)."""
+    return [next(kept for _, kept in dupes.to_delete([g], keep)) for g in groups]
+
+
+def _dupes_out(found: DupesFound, cached: bool, keep: str, offset: int, limit: int) -> dict[str, Any]:
+    page = found.groups[offset : offset + limit]
+    out = []
+    for n, (g, kept) in enumerate(zip(page, kept_paths(page, keep), strict=True), offset + 1):
+        images = [{**_image_out(r), "similarity": s, "inliers": i, "representative": r is g.images[0], "keep": r.path == kept}
+                  for r, s, i in zip(g.images, g.scores, g.inliers or [None] * len(g.images), strict=True)]  # fmt: skip
+        out.append({"group": n, "kind": g.kind, "similarity": g.similarity, "representative": g.images[0].id,
+                    "keep": next(r.id for r in g.images if r.path == kept), "images": images})  # fmt: skip
+    return {"threshold": found.threshold, "verify": found.verify, "keep": keep, "images": found.images,
+            "total": len(found.groups), "duplicates": sum(len(g.images) - 1 for g in found.groups), "offset": offset,
+            "limit": limit, "seconds": found.seconds, "cached": cached, "groups": out}  # fmt: skip
+
+
 # --- the app ---------------------------------------------------------------------------------------
 
 
@@ -626,16 +791,20 @@ def create_app(
     hosts: list[str] | None = None,
     allow_origins: tuple[str, ...] = (),
     body_timeout: float = BODY_TIMEOUT_S,
+    dupes_wait: float = DUPES_WAIT_S,
 ) -> FastAPI:
     """The app over one collection; opens it and loads its model now, so startup fails fast.
 
     hosts: the Host header names accepted (default: loopback names; see allowed_hosts); allow_origins:
-    sites whose pages may POST and DELETE here (default: none but this server's own pages)."""
+    sites whose pages may POST and DELETE here (default: none but this server's own pages); dupes_wait: how long
+    GET /api/duplicates waits for groups still being found before answering 202."""
     service = CollectionService(Path(collection_path), weights, device, max_pixels)
+    dupes_finder = DupesFinder(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        dupes_finder.close()
         service.close()
 
     app = FastAPIOffline(  # FastAPI whose /docs and /redoc assets are served locally, not from a CDN
@@ -762,6 +931,49 @@ def create_app(
         row = service.row(image_id)
         service.remove(row)
         return {"removed": image_id, "path": displayed(row.path)}
+
+    pending = {202: {"model": DupesPending, "description": "Still finding the groups: ask again (see Retry-After)"}}
+
+    @app.get("/api/duplicates", response_model=DuplicatesOut, tags=["duplicates"], responses=pending)
+    async def duplicates(
+        threshold: Annotated[float | None, Query(gt=0, le=1, description=DUPES_THRESHOLD)] = None,
+        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = False,
+        keep: Annotated[KeepRule, Query(description=DUPES_KEEP)] = "largest",
+        offset: Annotated[int, Query(ge=0, description="Groups to skip")] = 0,
+        limit: Annotated[int, Query(ge=1, le=100, description="Groups to return")] = 20,
+    ) -> dict[str, Any]:
+        """Groups of exact copies and near-duplicates, largest first, as `ris dupes --json` finds them: each
+        group's representative first, then the others by similarity to it. Nothing is deleted: `keep` only
+        marks which image of each group a `ris dupes --keep` rule would keep.
+
+        The first request for a state of the collection, threshold and verify finds every group (seconds on
+        a large collection, on a thread of its own: searches go on meanwhile); later pages and keep rules
+        reuse that result until the collection changes. When finding them takes longer than a few seconds (the
+        keypoint check of a large collection: minutes) the answer is 202: ask again, the search goes on."""
+        found, cached, seconds = await dupes_finder.find(threshold, verify, dupes_wait)
+        if found is None:
+            return JSONResponse({"detail": "still finding the groups: ask again", "seconds": round(seconds, 1)}, 202,
+                                headers={"Retry-After": "1"})  # fmt: skip
+        return await anyio.to_thread.run_sync(_dupes_out, found, cached, keep, offset, limit)
+
+    @app.get("/api/duplicates/list", tags=["duplicates"], response_class=PlainTextResponse)
+    async def duplicates_list(
+        threshold: Annotated[float | None, Query(gt=0, le=1, description=DUPES_THRESHOLD)] = None,
+        verify: Annotated[bool, Query(description=DUPES_VERIFY)] = False,
+        keep: Annotated[KeepRule, Query(description=DUPES_KEEP)] = "largest",
+    ) -> PlainTextResponse:
+        """Every image the keep rule would not keep, one a line, then a tab and the image kept in its place: what
+        `ris dupes --keep` prints, as a download, for review. Nothing is deleted."""
+        found, _, _ = await dupes_finder.find(threshold, verify)
+        assert found is not None  # no time limit given
+
+        def listing() -> str:
+            return "".join(f"{displayed(path)}\t{displayed(kept)}\n" for path, kept in dupes.to_delete(found.groups, keep))
+
+        text = await anyio.to_thread.run_sync(listing)
+        name = f"duplicates-{keep}-{found.threshold:g}.tsv"
+        return PlainTextResponse(text, media_type="text/tab-separated-values",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
 
     @app.get("/", include_in_schema=False)
     def index_page() -> Response:

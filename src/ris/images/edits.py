@@ -85,13 +85,9 @@ def thumb_jpeg(img, rng, other):
 def _rotate(img: Image.Image, angle: float, crop: bool) -> Image.Image:
     if not crop:
         return img.rotate(angle, expand=True, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
-    out = img.rotate(angle, expand=False, resample=Image.Resampling.BILINEAR)
-    a = np.radians(abs(angle) % 180)
-    w, h = img.size
-    # the largest centred crop of the frame's aspect inside the rotated picture (rotated back, it fits the frame)
-    shrink = min(w / (w * np.cos(a) + h * np.sin(a)), h / (w * np.sin(a) + h * np.cos(a)))
-    cw, ch = max(8, int(w * shrink)), max(8, int(h * shrink))
-    return out.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    from ..search.views import rotated  # the largest centred crop of the frame's aspect inside the rotated picture
+
+    return rotated(img, angle)
 
 
 def _angle(rng: np.random.Generator, lo: float = 15, hi: float = 40) -> float:

@@ -4,7 +4,8 @@ The served order comes from the store (DBA-augmented vectors when the collection
 result is the image nearest to the query by its own (plain) vector: DBA and αQE favour an image's class
 over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on Caltech-101), so the
 first place goes to the plain nearest of the served top ANCHOR_POOL, or to the one of the 5 plain nearest
-that geometric verification confirms (ris.search.verify); the rest follow in served order.
+that geometric verification confirms (ris.search.verify); when none is confirmed, a second look at the query's
+rotations and regions (ris.search.views) may confirm another image for it; the rest follow in served order.
 
 Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
 ranked it: the served score, never increasing down the list (a first result promoted as the query's
@@ -14,6 +15,8 @@ copy is shown at least at the score of the result below it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -23,7 +26,12 @@ from ..tools.evaluate import QE_ALPHA
 from ..vectors import faiss_index as index
 from ..vectors.catalog import Catalog, ImageRow
 from ..vectors.derived import Derived, Snapshot
+from . import views
 from .results import Match, SearchResult
+from .views import Embed
+
+if TYPE_CHECKING:
+    from .verify import Look
 
 #: With DBA or αQE, the first result is the plain nearest among this many served candidates.
 ANCHOR_POOL = 32
@@ -97,11 +105,13 @@ class Ranker:
         nprobe: int | None = None,
         verify_with: Sequence[Query | Callable[[], Image.Image]] | None = None,
         threads: int = 1,
+        embed: Embed | None = None,
     ) -> list[SearchResult]:
         """The k nearest indexed images per query vector, ordered and scored as the module docstring says.
 
         verify_with: each query's image (or a loader of it); the first place then goes to the one of the 5
-        plain nearest that geometric verification confirms.
+        plain nearest that geometric verification confirms. embed (the model, images -> reduced vectors): a
+        query none of whose 5 plain nearest is confirmed gets a second look (ris.search.views).
         """  # fmt: skip
         from .verify import TOP
 
@@ -122,18 +132,26 @@ class Ranker:
         else:  # the store serves the plain vectors: its scores are the plain cosines (re-scored exactly when approximate)
             sims = [np.array([score for score, _ in c], np.float32) for c in served]
         by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
-        firsts = self._verified_firsts(verify_with, by_plain, threads) if verify_with is not None else [0] * len(served)
+        heads = [c[0] if c else None for c in by_plain]
+        if verify_with is not None:
+            looks = self._looks(verify_with, by_plain, threads)
+            heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
+            if embed is not None:
+                heads = self._second_look(snap, plain, looks, heads, by_plain, embed, nprobe, threads)
         results = []
-        for name, cands, sim, ranked, first in zip(names, served, sims, by_plain, firsts, strict=True):
+        for q, (name, cands, sim, head) in enumerate(zip(names, served, sims, heads, strict=True)):
             similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
-            if cands and (reordered or verify_with is not None):
-                head = ranked[first]
+            if head is not None and (reordered or verify_with is not None):
+                if head[1].id not in similarity:  # found by the second look: its plain cosine, as the rest
+                    similarity[head[1].id] = float(self.plain(snap, [head[1].id])[0] @ plain[q])
+                    head = (similarity[head[1].id], head[1])
+                head = next((c for c in cands if c[1].id == head[1].id), head)
                 cands = [head] + [c for c in cands if c[1].id != head[1].id]
             results.append(SearchResult(name, _matches(cands[:k], similarity)))
         return results
 
-    def _verified_firsts(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
-                         threads: int) -> list[int]:  # fmt: skip
+    def _looks(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
+               threads: int) -> list[Look]:  # fmt: skip
         """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached);
         queries are decoded at verification's working size."""
         from .verify import MAX_SIDE, TOP, Verifier
@@ -141,7 +159,41 @@ class Ranker:
         self._verifier = self._verifier or Verifier()
         loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
-        return self._verifier.firsts(jobs, threads)
+        return self._verifier.looks(jobs, threads)
+
+    def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], heads: list, ranked: list[Candidates],
+                     embed: Embed, nprobe: int | None, threads: int) -> list:  # fmt: skip
+        """Heads after ris.search.views' second look for the queries whose first result verification did not confirm:
+        their views embedded in one batch, each image's best cosine over a query's views, the best CANDIDATES
+        verified; a confirmed one (MIN_INLIERS, MARGIN x the first result's matches) goes first."""
+        from .verify import MIN_INLIERS, TOP, choose
+
+        todo = [q for q, look in enumerate(looks) if look.query is not None and look.inliers < MIN_INLIERS]
+        if not todo:
+            return heads
+        shots = [views.views(looks[q].query) for q in todo]
+        vectors = embed([v for shot in shots for v in shot])
+        bounds = np.cumsum([0] + [len(shot) for shot in shots])
+        _, ids, rows = self.nearest(snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, nprobe)
+
+        def one(j: int) -> tuple[float, ImageRow] | None:
+            q = todo[j]
+            found = np.unique(np.concatenate([ids[bounds[j] : bounds[j + 1]].ravel(), ids[len(vectors) + j]]))
+            seen = {row.id for _, row in ranked[q][:TOP]}
+            found = np.array([i for i in found if int(i) in rows and int(i) not in seen], np.int64)
+            if not len(found):
+                return None
+            shot = np.vstack([plain[q : q + 1], vectors[bounds[j] : bounds[j + 1]]])
+            order, _ = views.best_per_image(shot, found, self.plain(snap, found))
+            pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
+            counts = self._verifier.counts(looks[q].views, [row.path for row in pick])
+            best = choose([looks[q].inliers, *counts])
+            return (0.0, pick[best - 1]) if best else None
+
+        with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+            for q, head in zip(todo, pool.map(one, range(len(todo))), strict=True):
+                heads[q] = head or heads[q]
+        return heads
 
 
 def _matches(cands: Candidates, similarity: dict[int, float]) -> list[Match]:

@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -103,15 +104,18 @@ class Verifier:
 
     def firsts(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[int]:
         """`first` for many (query loader, candidate paths) pairs, on up to `threads` threads."""
+        return [look.first for look in self.looks(jobs, threads)]
 
-        def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> int:
-            if len(job[1]) < 2:
-                return 0
+    def looks(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[Look]:
+        """`look` for many (query loader, candidate paths) pairs, on up to `threads` threads; a query that cannot
+        be loaded (its file changed since it was embedded) keeps the plain order and gets no second look."""
+
+        def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> Look:
             try:
                 query = job[0]()
-            except (DecodeError, RisError):  # the query file changed since it was embedded: plain order
-                return 0
-            return self.first(query, job[1])
+            except (DecodeError, RisError):
+                return Look(0, 0, None, ())
+            return self.look(query, job[1])
 
         if threads <= 1 or len(jobs) <= 1:
             return [run(job) for job in jobs]
@@ -122,14 +126,34 @@ class Verifier:
         """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate."""
         return [max(inliers(v, self._candidate(p)) for v in views) for p in paths]
 
+    def look(self, query: Image.Image, paths: Sequence[str]) -> Look:
+        """Which of the candidate paths (in search order) should come first, with the query's keypoints."""
+        views = query_views(query)  # mirrored copies too; thumbnails enlarged
+        counts = self.counts(views, paths[:TOP])
+        first = choose(counts)
+        return Look(first, counts[first] if counts else 0, query, views)
+
     def first(self, query: Image.Image, paths: Sequence[str]) -> int:
         """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
-        if len(paths) < 2:
-            return 0
-        views = (features(query), features(query.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))  # mirrored copies too
-        counts = [max(inliers(v, self._candidate(p)) for v in views) for p in paths[:TOP]]
-        best = int(np.argmax(counts))
-        return best if counts[best] >= MIN_INLIERS and counts[best] >= MARGIN * counts[0] else 0
+        return self.look(query, paths).first
+
+
+class Look(NamedTuple):
+    """What verification made of one query: the index put first, its agreeing matches, the query and its keypoints."""
+
+    first: int
+    inliers: int
+    query: Image.Image | None
+    views: Sequence[Features]
+
+
+def choose(counts: Sequence[int]) -> int:
+    """Index of the candidate to put first: the best one, if confirmed (MIN_INLIERS, and MARGIN x the first
+    candidate's matches), else 0."""
+    if not counts:
+        return 0
+    best = int(np.argmax(counts))
+    return best if counts[best] >= MIN_INLIERS and counts[best] >= MARGIN * counts[0] else 0
 
 
 #: Queries smaller than this (longest side) are enlarged to UPSAMPLE_TO before their keypoints are found.
