@@ -18,7 +18,7 @@ import pytest
 
 from ris.collection import Collection
 from ris.errors import RisError
-from ris.files.sources import scan
+from ris.files.sources import SourceFile, scan
 from ris.vectors import reduce
 from tests.conftest import derived_file, run_cli
 
@@ -208,3 +208,36 @@ def test_info_says_when_the_index_lags_the_catalogue(subset_collection: Path, tm
     run_cli("remove", "/no/such/image.jpg", "-c", str(path))  # any write (here: removes nothing) brings it in line
     info = json.loads(run_cli("info", "-c", str(path), "--json").stdout)
     assert info["searchable"] == 60 and info["index_lag"] == ""
+
+
+def _hash_index(coll: Collection) -> bool:
+    q = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'images_hkey'"
+    return coll.catalog.db.execute(q).fetchone() is not None
+
+
+def test_injected_features_are_searchable_and_a_bulk_load_restores_its_index(subset_collection: Path, tmp_path: Path) -> None:
+    """Catalog.insert_done (features given through the Python API, no files) inside Catalog.bulk: rows go in
+    'ok', the derived set takes them, and the hash index dropped meanwhile is back after it, or after a crash."""
+    path = shutil.copytree(subset_collection, tmp_path / "c.ris", ignore=shutil.ignore_patterns("lock"))
+    with Collection.open(path) as coll:
+        ids = coll.catalog.ok_ids()[:10]
+        stored = coll.catalog.vectors(ids)
+        files = [SourceFile(f"/injected/{i}.jpg", 1, 1, "injected") for i in range(10)]
+        hashes = [f"{i:064x}" for i in range(10)]
+        coll.lock()
+        with coll.catalog.bulk():
+            assert not _hash_index(coll)
+            new = coll.catalog.insert_done(files, hashes, stored)
+            with pytest.raises(RisError, match="already in the collection"):
+                coll.catalog.insert_done(files[:1], hashes[:1], stored[:1])  # a path catalogued: nothing kept
+        assert _hash_index(coll)
+        coll.derived.update()
+        coll.unlock()
+        assert coll.catalog.counts()["ok"] == len(coll.catalog.ok_ids()) and set(new) <= set(coll.catalog.ok_ids())
+        assert np.array_equal(coll.catalog.vectors(new), stored)
+        found = coll.search_vectors(coll.derived.snapshot().space.from_stored(stored[:3]), 2, ["q"] * 3)
+        assert all({m.id for m in r.matches} == {int(a), int(b)} for r, a, b in zip(found, ids, new, strict=False))
+        coll.catalog.db.execute("DROP INDEX images_hkey")  # as a bulk load killed inside leaves it
+    with Collection.open(path) as coll:
+        coll.catalog.sync([])
+        assert _hash_index(coll)

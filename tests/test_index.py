@@ -38,14 +38,16 @@ def _copy_collection(src: Path, dst: Path) -> Path:
 def test_auto_is_exact_when_small_and_ivf_when_large() -> None:
     assert index.resolve(index.AUTO, 49, approx_from=50) == index.EXACT_FACTORY
     assert index.resolve(index.AUTO, 50, approx_from=50).startswith("IVF")
-    assert index.resolve(index.AUTO, 10**7) == "IVF4096,SQ6"
+    assert index.resolve(index.AUTO, 10**6) == "IVF1024,SQ6"
+    assert index.resolve(index.AUTO, 10**7) == "IVF16384_HNSW32,SQ6"  # large: more lists, found through a graph
     assert index.resolve("IVF8,PQ4", 3) == "IVF8,PQ4"  # an explicit factory is kept whatever the size
     # hysteresis: an IVF collection shrinking just under the threshold stays IVF; well under it, exact
     assert index.resolve(index.AUTO, 40, "IVF1,SQ6", approx_from=50) == "IVF1,SQ6"
     assert index.resolve(index.AUTO, 24, "IVF1,SQ6", approx_from=50) == index.EXACT_FACTORY
     # grown ~16x since training: rebuilt with more lists
-    assert index.resolve(index.AUTO, 16_000_000, "IVF1024,SQ6") == "IVF4096,SQ6"
-    assert index.resolve(index.AUTO, 2_000_000, "IVF1024,SQ6") == "IVF1024,SQ6"
+    assert index.resolve(index.AUTO, 16_000_000, "IVF1024,SQ6") == "IVF16384_HNSW32,SQ6"
+    assert index.resolve(index.AUTO, 1_900_000, "IVF1024,SQ6") == "IVF1024,SQ6"
+    assert index.resolve(index.AUTO, 2_000_000, "IVF1024,SQ6") == "IVF4096_HNSW32,SQ6"
 
 
 def test_bad_factory_is_a_clear_error() -> None:
@@ -66,6 +68,37 @@ def test_ivf_recall_against_exact_search() -> None:
     assert recall >= 0.9
     _, few = index.search(ivf, queries, 10, nprobe=1)  # fewer lists visited: faster, lower recall
     assert np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(few, exact, strict=True)]) < recall
+
+
+def test_ivf_over_an_hnsw_graph_of_centroids() -> None:
+    """What auto builds for millions of images: centroids from a two-level k-means, found through HNSW."""
+    x = _clustered(6000)
+    ids = np.arange(6000, dtype=np.int64) * 3
+    queries = _clustered(100, seed=1)
+    _, exact = index.search(_filled(index.EXACT_FACTORY, x, ids), queries, 10)
+    ivf = _filled("IVF64_HNSW32,SQ8", x, ids)
+    quantizer = faiss.downcast_index(index._ivf(ivf).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSW) and quantizer.ntotal == 64
+    assert np.array_equal(np.sort(index.ids_of(ivf)), ids)
+    _, approx = index.search(ivf, queries, 10, nprobe=16)
+    assert np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(approx, exact, strict=True)]) >= 0.9
+    lookup = dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    assert index.reconcile(ivf, ids[100:], lambda chunk: x[[lookup[int(i)] for i in chunk]]) == (0, 100)
+
+
+def test_default_nprobe_reaches_the_measured_recall() -> None:
+    """Probes for recall@10 >= 0.95 on 1M vectors drawn like real ones: ~70 of 1,024 lists, ~230 of 4,096, ~460 of 16,384."""
+    probes = [index.default_nprobe(n) for n in (1, 8, 64, 1024, 4096, 16384, 65536)]
+    assert probes[:2] == [1, 8] and probes[2] == 29 and probes == sorted(probes)
+    assert 70 <= index.default_nprobe(1024) <= 128 and 230 <= index.default_nprobe(4096) <= 320
+    assert 460 <= index.default_nprobe(16384) <= 640
+
+
+def test_an_approximate_index_is_searched_without_probing_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only FAISS's GPU build searches an IVF on a GPU: "auto" must not ask PyTorch's CUDA each query."""
+    ivf = _filled("IVF16,SQ8", _clustered(3000), np.arange(3000, dtype=np.int64))
+    monkeypatch.setattr(index, "_cuda", lambda: pytest.fail("CUDA probed for an IVF search"))
+    assert index.search_plan(ivf, 1000, 10, "auto") == ("faiss-gpu" if faiss.get_num_gpus() else "faiss-cpu")
 
 
 def test_reconcile_adds_and_removes_on_ivf() -> None:

@@ -1,29 +1,38 @@
 """A collection of millions of images built and searched through ris's own write and search paths.
 
-    python benchmarks/scale/large_collection.py --real REAL.ris --n 10000000 --dir /tmp/large [--queries 200]
+    python benchmarks/scale/large_collection.py --real REAL.ris --n 10000000 --out /tmp/tenm/10m.ris   # build
+    python benchmarks/scale/large_collection.py --measure-only /tmp/tenm/10m.ris [--queries 500]        # measure
 
 No image files: each image's stored vector (what the catalogue keeps: the 1,024-d stage-1 projection of
-grid3 features) is drawn like a real one, from the stored vectors of a real collection (REAL.ris, e.g. the
-full Caltech-101) plus Gaussian noise shaped like their per-component spread, its scale calibrated so that
-near neighbours are as close as in the real data (benchmarks/scale/scale.py's Generator). They enter through the
-same path an extraction engine uses (Catalog.sync of the file list, then the collection's Sink, which an
-engine that projects on its device also feeds), then `Derived.update` builds PCA and the index exactly as
-`ris index` does. Then, each in a child process (so RSS is its own):
-- search: --queries fresh vectors one at a time through Collection.search_vectors (re-scoring included),
-  p50 / p99 latency, recall@10 against the exact top 10 over all reduced vectors, peak RSS;
-- add 1% (new images, the same path) and remove 1% (Collection.remove_ids), each timed whole.
-Prints one JSON object; disk use is the collection directory's size over the image count.
+grid3 features) is drawn from a Gaussian mixture fitted once on a real collection's stored vectors (REAL.ris,
+e.g. the full Caltech-101): one component per real image, centred on it, with the real data's per-axis
+spread as covariance and a per-draw scale log-uniform over [sigma/2, 2 sigma], sigma calibrated once so that
+synthetic neighbours are as close as real ones (benchmarks/scale/scale.py's Generator). The model's inputs are
+saved beside the collection (PATH.gen.npz), so the measurement needs no real collection.
+
+Build (resumable: a killed run goes on from the images it had committed): blocks of CHUNK images enter
+through `Catalog.insert_done` (rows written 'ok' with their vector, one transaction a block) inside
+`Catalog.bulk` (the hash index made once at the end), then `Derived.update` fits PCA and builds the index
+exactly as `ris index` does (`--index auto`). Measure, each part in its own child process (RSS its own):
+- truth: the exact top 10 of each query over every image's reduced vector (stored vectors read in slot
+  order a block at a time, reduced with the collection's PCA), cached in PATH.truth.npz;
+- search: --queries fresh vectors one at a time, reduced and searched through Collection.search_vectors
+  (IVF candidates re-scored from the catalogue's stored vectors), at the default nprobe and at half and twice
+  it: p50 / p99 latency, recall@10 against the truth, the process's peak RSS;
+- change (unless --no-change): add 1% (new images, then Derived.update) and remove 1% (Collection.remove_ids),
+  each timed whole.
+Prints one JSON object per step; disk use is the collection directory's size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -37,112 +46,193 @@ from ris.files.sources import SourceFile
 from ris.vectors import faiss_index as index
 
 K = 10
-CHUNK = 200_000
-BATCH = 4096
+CHUNK = 100_000
+#: calibration sample: both sides' median nearest-neighbour similarity over this many vectors (9k: minutes).
+CALIBRATE_ON = 3000
 
 
-def stored_of(real: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """A real collection's stored vectors and its projection (mean, components)."""
+def gen_path(root: Path) -> Path:
+    return root.with_name(root.name + ".gen.npz")
+
+
+def make_generator(real: str, root: Path) -> None:
+    """Fit the mixture once: the real stored vectors, and sigma calibrated on a sample of them."""
     with Collection.open(real) as coll:
-        projection = coll.catalog.projection()
-        if projection is None:
+        if coll.catalog.projection() is None:
             raise SystemExit(f"{real} keeps raw features (fewer than 2,048 images?): give a larger real collection")
-        return coll.catalog.vectors(coll.catalog.ok_ids()), projection
+        x = coll.catalog.vectors(coll.catalog.ok_ids())
+        mean, components = coll.catalog.projection()
+    sample = x[np.random.default_rng(0).choice(len(x), min(CALIBRATE_ON, len(x)), replace=False)]
+    sigma = Generator(sample).sigma
+    np.savez(gen_path(root), real=x, sigma=sigma, mean=mean, components=components)
 
 
-def inject(coll: Collection, gen: Generator, first: int, n: int) -> float:
-    """n synthetic images #first.. through sync + the collection's Sink; returns seconds."""
-    start = time.perf_counter()
-    coll.lock()
-    sink = coll.sink()
-    for lo in range(first, first + n, CHUNK):
-        count = min(CHUNK, first + n - lo)
-        files = [SourceFile(f"/synthetic/{i // 10000:04d}/{i:09d}.jpg", 1000 + i % 997, i, f"c{i % 997}")
-                 for i in range(lo, lo + count)]  # fmt: skip
-        coll.catalog.sync(files)
-        pending = coll.catalog.pending()
-        x, _ = gen.chunk(lo // CHUNK, count)
-        for b in range(0, count, BATCH):
-            ids = [image_id for image_id, _ in pending[b : b + BATCH]]
-            done = [(image_id, hashlib.sha256(b"%d" % (lo + b + j)).hexdigest()) for j, image_id in enumerate(ids)]
-            sink.commit(done, {sha: x[b + j] for j, (_, sha) in enumerate(done)}, [])
-    coll.derived.update()
-    coll.unlock()
-    return time.perf_counter() - start
+class Mixture(Generator):
+    """scale.py's mixture, its noise drawn as bytes: uniform with the same per-axis variance as the Gaussian (a
+    quarter of the cost of normal draws, which were half the build's CPU time). The similarities the index and
+    the PCA see are sums over 1,024 axes, Gaussian either way (central limit), so neighbours are as close."""
+
+    def chunk(self, j: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, j + 1])
+        src = rng.integers(0, len(self.real), n)
+        scale = (self.sigma * 2.0 ** rng.uniform(-1, 1, n)).astype(np.float32)
+        x = rng.integers(0, 256, (n, self.real.shape[1]), dtype=np.uint8).astype(np.float32)
+        x -= 127.5
+        x *= self.spread / np.float32(np.sqrt((256**2 - 1) / 12))  # unit variance, then the data's spread
+        x *= scale[:, None]
+        x += self.real[src]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x, src
+
+
+def generator(root: Path, seed: int) -> Generator:
+    with np.load(gen_path(root)) as data:
+        return Mixture(data["real"], seed=seed, sigma=float(data["sigma"]))
+
+
+def files_for(lo: int, count: int) -> tuple[list[SourceFile], list[str]]:
+    numbers = range(lo, lo + count)
+    files = [SourceFile(f"/synthetic/{i // 10000:05d}/{i:09d}.jpg", 1000 + i % 997, i, f"c{i % 997}") for i in numbers]
+    return files, [hashlib.sha256(b"%d" % i).hexdigest() for i in range(lo, lo + count)]
+
+
+def inject(coll: Collection, gen: Generator, first: int, n: int, log=None, bulk: bool = True) -> None:
+    """Images #first..first+n (deterministic per block: a resumed run draws the same ones) into the catalogue;
+    bulk: as one bulk load (the build), else as ordinary writes that keep every index (adding 1%)."""
+    done = coll.catalog.counts()["ok"] if first == 0 else 0  # resume the build where it stopped
+    if done >= n:
+        return
+    with coll.catalog.bulk() if bulk else contextlib.nullcontext():
+        for lo in range(first + done - done % CHUNK, first + n, CHUNK):
+            t = time.perf_counter()
+            count = min(CHUNK, first + n - lo)
+            x, _ = gen.chunk(lo // CHUNK, count)
+            files, hashes = files_for(lo, count)
+            coll.catalog.insert_done(files, hashes, x)
+            if log:
+                log(f"{lo + count - first} images, block {time.perf_counter() - t:.1f} s")
 
 
 def build(args: argparse.Namespace) -> dict:
-    real, (mean, components) = stored_of(args.real)
-    gen = Generator(real)
-    root = Path(args.dir) / "large.ris"
-    shutil.rmtree(root, ignore_errors=True)
-    with Collection.create(root, verify=False) as coll:
-        with coll.catalog.db:  # a collection that has its projection already (fitted on its first images)
-            coll.catalog._set_projection(mean, components)
-        seconds = inject(coll, gen, 0, args.n)
+    root = Path(args.out)
+    log = lambda msg: print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)  # noqa: E731
+    if not gen_path(root).exists():
+        make_generator(args.real, root)
+    with np.load(gen_path(root)) as data:
+        mean, components = data["mean"], data["components"]
+    coll = Collection.open(root) if root.exists() else Collection.create(root, verify=False)
+    with coll:
+        if coll.catalog.projection() is None:  # the collection has its projection already (fitted on its first images)
+            with coll.catalog.db:
+                coll.catalog._set_projection(mean, components)
+        coll.lock()
+        try:
+            t = time.perf_counter()
+            if args.step in ("all", "inject"):
+                inject(coll, generator(root, 0), 0, args.n, log)
+            inject_s = time.perf_counter() - t
+            log(f"injected in {inject_s:.0f} s")
+            t = time.perf_counter()
+            if args.step in ("all", "index"):
+                coll.derived.update()
+                coll.record_built()
+            index_s = time.perf_counter() - t
+        finally:
+            coll.unlock()
         info = coll.info()
-    queries, _ = Generator(real, seed=1).chunk(0, args.queries)
-    np.save(Path(args.dir) / "queries.npy", queries)
-    return {"n": args.n, "build_s": round(seconds, 1), "images_per_s": round(args.n / seconds),
-            "index": info["index_built"], "disk_bytes": du(root), "bytes_per_image": round(du(root) / args.n)}  # fmt: skip
+    size = du(root)
+    return {"n": info["images"], "inject_s": round(inject_s), "index_s": round(index_s), "index": info["index_built"],
+            "peak_rss_mb": rss_mb(), "disk_bytes": size, "bytes_per_image": round(size / max(1, info["images"]))}  # fmt: skip
 
 
-def exact_top(coll: Collection, queries: np.ndarray) -> np.ndarray:
-    """Exact top-K ids by the reduced vectors, a block of stored vectors at a time (never all in RAM)."""
-    snap = coll.derived.snapshot()
-    ids = coll.catalog.ok_ids()
-    best_s = np.full((len(queries), K), -np.inf, np.float32)
-    best_i = np.full((len(queries), K), -1, np.int64)
-    for start in range(0, len(ids), CHUNK):
-        block = ids[start : start + CHUNK]
-        sims = queries @ coll.derived.reduced(snap.space, block).T
-        s = np.concatenate([best_s, sims], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(block, sims.shape)], axis=1)
-        top = np.argsort(-s, axis=1)[:, :K]
-        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
-    return best_i
+def queries_of(root: Path, n: int) -> np.ndarray:
+    """Stored-space query vectors (the same every run): fresh draws of the mixture."""
+    return generator(root, 1).chunk(0, n)[0]
+
+
+def truth(args: argparse.Namespace) -> dict:
+    """Exact top-K over all reduced vectors, the stored vectors read in slot order a block at a time."""
+    root = Path(args.measure_only)
+    with Collection.open(root) as coll:
+        snap = coll.derived.snapshot()
+        queries = snap.space.from_stored(queries_of(root, args.queries))
+        rows = coll.catalog.db.execute("SELECT id, slot FROM images WHERE status = 'ok' ORDER BY slot").fetchall()
+        ids, slots = np.array(rows, dtype=np.int64).T
+        del rows
+        file = coll.catalog.vector_file()
+        best_s = np.full((len(queries), K), -np.inf, np.float32)
+        best_i = np.full((len(queries), K), -1, np.int64)
+        t = time.perf_counter()
+        for start in range(0, len(ids), CHUNK):
+            sims = queries @ snap.space.from_stored(file.read(slots[start : start + CHUNK])).T
+            s = np.concatenate([best_s, sims], axis=1)
+            i = np.concatenate([best_i, np.broadcast_to(ids[start : start + CHUNK], sims.shape)], axis=1)
+            top = np.argpartition(-s, K, axis=1)[:, :K]
+            best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+        np.savez(root.with_name(root.name + ".truth.npz"), ids=best_i, state=state_of(coll))
+    return {"images": len(ids), "exact_s": round(time.perf_counter() - t), "peak_rss_mb": rss_mb()}
 
 
 def search(args: argparse.Namespace) -> dict:
-    """Latency and recall@10 at the default nprobe and at 2x and 4x it (IVF lists visited: the speed/recall knob)."""
-    root = Path(args.dir) / "large.ris"
-    stored = np.load(Path(args.dir) / "queries.npy")
+    """Latency and recall@10 at the default nprobe, half and twice it (IVF lists visited: the speed/recall knob)."""
+    root = Path(args.measure_only)
+    stored = queries_of(root, args.queries)
+    with np.load(root.with_name(root.name + ".truth.npz")) as data:
+        expected, state = data["ids"], data["state"]
     out: dict = {}
     with Collection.open(root) as coll:
+        if not np.array_equal(state, state_of(coll)):
+            raise SystemExit(f"{root} changed since its exact top 10 were computed: run --step truth first")
         snap = coll.derived.snapshot()
-        queries = snap.space.from_stored(stored)
-        truth = exact_top(coll, queries)
-        default = index.default_nprobe(index._ivf(snap.store.faiss_index).nlist)
-        out["rss_after_open_mb"] = rss_mb()
-        for nprobe in (default, 2 * default, 4 * default):
-            coll.search_vectors(queries[:3], K, ["warm"] * 3, nprobe=nprobe)
-            times, found = [], []
-            for q in queries:
-                t = time.perf_counter()
-                found.append([m.id for m in coll.search_vectors(q[None], K, ["q"], nprobe=nprobe)[0].matches])
+        ivf = index._ivf(snap.store.faiss_index)
+        default = index.default_nprobe(ivf.nlist) if ivf is not None else 0
+        out["index"], out["rss_after_open_mb"] = coll.derived.state()["index"], rss_mb()
+        for nprobe in dict.fromkeys((default, max(1, default // 2), 2 * default)) if default else (0,):
+            coll.search_vectors(snap.space.from_stored(stored[:3]), K, ["warm"] * 3, nprobe=nprobe or None)
+            times, cpu, found = [], [], []
+            for q in stored:
+                t, c = time.perf_counter(), time.process_time()
+                result = coll.search_vectors(snap.space.from_stored(q[None]), K, ["q"], nprobe=nprobe or None)
                 times.append(time.perf_counter() - t)
-            recall = np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
+                cpu.append(time.process_time() - c)  # under load, the CPU a query used tells more than its wall time
+                found.append([m.id for m in result[0].matches])
+            recall = np.mean([len(set(f) & set(e.tolist())) / K for f, e in zip(found, expected, strict=True)])
             ms = np.array(times) * 1000
-            out[f"nprobe_{nprobe}"] = {
-                "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-                "recall_at_10": round(float(recall), 4),
-            }  # fmt: skip
+            p50, p99 = (round(float(np.percentile(ms, p)), 2) for p in (50, 99))
+            cpu_p50, recall = round(float(np.percentile(cpu, 50)) * 1000, 2), round(float(recall), 4)
+            out[f"nprobe_{nprobe}"] = {"p50_ms": p50, "p99_ms": p99, "cpu_p50_ms": cpu_p50, "recall_at_10": recall}
         out["peak_rss_searching_mb"] = rss_mb()
-    return {"queries": len(queries), **out}
+    return {"queries": len(stored), "default_nprobe": default, **out, "disk_bytes": du(root)}
 
 
 def change(args: argparse.Namespace) -> dict:
-    root = Path(args.dir) / "large.ris"
-    real, _ = stored_of(args.real)
-    gen = Generator(real, seed=2)
+    """Add 1% new images (then the index update), and remove 1% of the images, each timed whole."""
+    root = Path(args.measure_only)
+    gen = generator(root, 2)
     with Collection.open(root) as coll:
         n = coll.catalog.counts()["ok"]
-        add_s = inject(coll, gen, 10**9, n // 100)
-        doomed = coll.catalog.ok_ids()[:: 100][: n // 100]
+        coll.lock()
+        try:
+            t = time.perf_counter()
+            first = 10**9 + int(coll.catalog.meta("last_id") or 0)  # names never used before: the step can be re-run
+            inject(coll, gen, first, n // 100, bulk=False)
+            coll.derived.update()
+            coll.record_built()
+            add_s = time.perf_counter() - t
+        finally:
+            coll.unlock()
+        doomed = coll.catalog.ok_ids()[::100][: n // 100]
         t = time.perf_counter()
         coll.remove_ids(doomed.tolist())
         remove_s = time.perf_counter() - t
-    return {"add_1pct_s": round(add_s, 1), "remove_1pct_s": round(remove_s, 1), "disk_bytes_after": du(root)}
+        images = coll.catalog.counts()["ok"]
+    return {"add_images": n // 100, "add_1pct_s": round(add_s, 1), "removed": len(doomed), "remove_1pct_s": round(remove_s, 1),
+            "images_after": images, "disk_bytes_after": du(root)}  # fmt: skip
+
+
+def state_of(coll: Collection) -> np.ndarray:
+    """What the exact top 10 depend on: the images (their count, the last id given) and the PCA's generation."""
+    return np.array([coll.catalog.counts()["ok"], int(coll.catalog.meta("last_id") or 0), coll.derived.state()["generation"]])
 
 
 def rss_mb() -> int:
@@ -155,25 +245,28 @@ def du(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--real", required=True)
+    ap.add_argument("--real", help="a real collection with a stored projection (to fit the mixture on; build only)")
     ap.add_argument("--n", type=int, default=10_000_000)
-    ap.add_argument("--dir", default="/tmp/large")
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--step", choices=("all", "build", "search", "change"), default="all")
-    ap.add_argument("--steps", default="build,search,change", help="with --step all: which, in order")
+    ap.add_argument("--out", default="/tmp/tenm/10m.ris", help="the collection to build")
+    ap.add_argument("--measure-only", metavar="PATH", help="measure this built collection (truth, search, change)")
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--no-change", action="store_true", help="measure without adding and removing 1%%")
+    ap.add_argument("--step", choices=("all", "inject", "index", "truth", "search", "change"), default="all")
     args = ap.parse_args()
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
-    if args.step != "all":
-        print(json.dumps({"build": build, "search": search, "change": change}[args.step](args)), flush=True)
+    steps = {"truth": truth, "search": search, "change": change}
+    if args.step in steps:
+        print(json.dumps(steps[args.step](args)), flush=True)
         return
-    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    for step in args.steps.split(","):
+    if not args.measure_only:
+        print(json.dumps(build(args)), flush=True)
+        return
+    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg()[0]}
+    for step in ("truth", "search") + (() if args.no_change else ("change",)):
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--step", step, *sys.argv[1:]], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--step", step], capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{step} failed:\n{proc.stderr[-3000:]}")
-        key = step if step not in out else f"{step}_after_change"
-        out[key] = {**json.loads(proc.stdout), "wall_s": round(time.perf_counter() - t)}
+        out[step] = {**json.loads(proc.stdout), "wall_s": round(time.perf_counter() - t)}
         print(json.dumps(out), flush=True)
 
 

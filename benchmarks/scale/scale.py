@@ -60,12 +60,15 @@ def nn_similarity(x: np.ndarray) -> np.ndarray:
 class Generator:
     """real vector + per-vector-scaled, data-shaped Gaussian noise, L2-normalised; chunk j is deterministic."""
 
-    def __init__(self, real: np.ndarray, seed: int = 0):
+    def __init__(self, real: np.ndarray, seed: int = 0, sigma: float | None = None):
+        """sigma: the noise scale calibrated before (calibrating costs 12 nearest-neighbour passes over `real`)."""
         self.real, self.seed = real, seed
         self.spread = real.std(axis=0)
-        self.target = float(np.median(nn_similarity(real)))
-        self.sigma = 1.0
-        self.sigma = self.calibrate()
+        if sigma is None:
+            self.target = float(np.median(nn_similarity(real)))
+            self.sigma = 1.0
+            sigma = self.calibrate()
+        self.sigma = sigma
 
     def calibrate(self, steps: int = 12) -> float:
         """The noise scale at which as many synthetic vectors as real ones have the real median NN similarity."""

@@ -67,7 +67,12 @@ def hash_key(sha256: str) -> int:
     return int.from_bytes(bytes.fromhex(sha256[:16]), "little", signed=True)
 
 
-SCHEMA = """
+#: The content-hash index (dedupe lookups): dropped during a bulk load (`Catalog.bulk`) and made again after it.
+HKEY_INDEX = "CREATE INDEX IF NOT EXISTS images_hkey ON images(hkey);"
+#: SQLite's page cache per connection (KiB when negative): room for the indexes' pages a batch touches.
+CACHE_KIB = 65536
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY,
@@ -82,8 +87,8 @@ CREATE TABLE IF NOT EXISTS images (
     error TEXT,
     seen INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX IF NOT EXISTS images_hkey ON images(hkey);
 CREATE INDEX IF NOT EXISTS images_status ON images(status);
+{HKEY_INDEX}
 CREATE TABLE IF NOT EXISTS projection (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     mean BLOB NOT NULL,
@@ -198,7 +203,10 @@ class VectorFile:
             raise RisError(f"vectors of width {data.shape[1:]} for a catalogue of width {self.width}")
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, data.tobytes(), slot * self.row_bytes)
+            view, offset = memoryview(data).cast("B"), slot * self.row_bytes  # no copy of the rows
+            while len(view):  # a write may stop short (Linux: 2 GiB at most a call)
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
         finally:
             os.close(fd)
 
@@ -270,6 +278,7 @@ class Catalog:
                 conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._local.conn = conn
             with self._guard:  # connections of threads that have ended are closed here (no leak per run)
                 for thread, old in self._opened:
@@ -367,6 +376,7 @@ class Catalog:
         found again are deleted; rows elsewhere are left alone. Only the scanned paths are looked up:
         adding 1% to a collection reads 1% of its rows.
         """
+        self._restore_indexes()  # a bulk load that died left the hash index out: the next write brings it back
         existing = self._stat_of([f.path for f in files])
         new, changed, unchanged = [], [], []
         for f in files:
@@ -469,6 +479,52 @@ class Catalog:
                 )  # fmt: skip
             if vectors:
                 self._set_meta(SLOTS, str(self._end))
+
+    def insert_done(self, files: Sequence[SourceFile], hashes: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """New images whose stored vectors are known already (features injected through the Python API, not
+        extracted from files): their rows go in as 'ok' with their vector's slot in one transaction, one write
+        a row where sync + commit_batch write each twice (pending, then ok). Returns their ids.
+
+        Every content gets its own vector row (no dedupe lookup: a bulk load runs without the hash index); a
+        path already catalogued is an error and nothing of the call is kept.
+        """
+        stored = as_stored(vectors)
+        if len(stored) != len(files) or len(hashes) != len(files):
+            raise RisError(f"{len(files)} files, {len(hashes)} hashes and {len(stored)} vectors: one of each per image")
+        file, end = self._writer_file(stored.shape[1])
+        file.write(end, stored)
+        try:
+            with self.db:
+                first = self._next_id()
+                rows = [(first + n, to_db(f.path), f.size, f.mtime_ns, sha, hash_key(sha), end + n, to_db(f.label))
+                        for n, (f, sha) in enumerate(zip(files, hashes, strict=True))]  # fmt: skip
+                self.db.executemany("INSERT INTO images (id, path, size, mtime_ns, sha256, hkey, slot, label, status) "
+                                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok')", rows)  # fmt: skip
+                self._end = end + len(stored)
+                if rows:
+                    self._set_meta(LAST_ID, str(first + len(rows) - 1))
+                self._set_meta(SLOTS, str(self._end))
+        except sqlite3.IntegrityError as exc:
+            self._end = None  # re-read from the catalogue: the rows written above are leftovers
+            raise RisError(f"cannot add these images: {exc} (a path already in the collection?)") from None
+        return np.arange(first, first + len(rows), dtype=np.int64)
+
+    @contextmanager
+    def bulk(self) -> Iterator[None]:
+        """A large load (millions of rows): the content-hash index goes meanwhile and is made once at the end, one
+        sort instead of a random B-tree insert per image (at 10M images each batch touched a page per image).
+        Lookups by hash are full scans meanwhile; if the process dies inside, the next sync makes the index again."""
+        with self.db:
+            self.db.execute("DROP INDEX IF EXISTS images_hkey")
+        try:
+            yield
+        finally:
+            self._restore_indexes()
+
+    def _restore_indexes(self) -> None:
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'images_hkey'").fetchone() is None:
+            with self.db:
+                self.db.execute(HKEY_INDEX)
 
     def rewrite(self, transform: Callable[[np.ndarray], np.ndarray] | None = None, width: int | None = None,
                 projection: tuple[np.ndarray, np.ndarray] | None = None, block: int = 8192) -> None:  # fmt: skip

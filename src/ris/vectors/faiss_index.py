@@ -6,7 +6,8 @@ next run, and incremental updates cost work proportional to the change.
 
 Which index: a collection asks for a FAISS factory string or "auto" (the default). "auto" is exact
 search below `APPROX_FROM` vectors and an inverted-file index with 6-bit scalar quantisation above
-(`ivf_factory`), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
+(`ivf_factory`; from HNSW_QUANTIZER_FROM vectors with 4x more lists, found through an HNSW graph of
+their centroids), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
 from its catalogue (`rerank`). Measured in benchmarks/scale/scale.py on 10M synthetic 256-d vectors shaped
 like the real features, recall@10 without / with re-scoring: SQ4 0.33 / 0.68, SQ6 0.73 / 0.99,
 SQ8 0.92 / -; IVF,SQ6 is 201 bytes a vector (1.9 GiB for 10M), SQ8 265. Indexes of
@@ -68,6 +69,13 @@ MMAP_FROM_BYTES = 64 << 20
 REFINE_FACTOR = 4
 #: Fewer training vectors per IVF list than this and k-means is noisy; more costs time for nothing.
 TRAIN_PER_LIST = 64
+#: ...but at most this many (10M vectors: 16,384 lists; 32 a list are enough for a two-level k-means).
+TRAIN_MAX = 524_288
+#: From this many vectors "auto" puts an HNSW graph over the IVF centroids (FAISS's IVF{nlist}_HNSW32) and
+#: uses 4x more lists: finding each added vector's or query's list among tens of thousands of centroids by
+#: brute force costs nlist products a vector (10M x 16k x 256: hours on 2 cores), the graph a few hundred.
+#: Such an index is trained by two-level k-means (sqrt(nlist) clusters, then each split; faiss.contrib).
+HNSW_QUANTIZER_FROM = 2_000_000
 #: Where searches may run (`device` argument, else the RIS_SEARCH_DEVICE environment variable).
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 #: "auto" goes to the GPU for at least this many query x vector pairs (or when the index is already
@@ -85,20 +93,29 @@ FP16_CANDIDATES = 16
 
 
 def nlist_for(n: int) -> int:
-    """IVF lists for n vectors: the power of two nearest sqrt(n), with at least 39 vectors a list."""
-    want = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
+    """IVF lists for n vectors: the power of two nearest sqrt(n) (4 sqrt(n) from HNSW_QUANTIZER_FROM: shorter
+    lists, found by the graph), with at least 39 vectors a list."""
+    per_root = 4 if n >= HNSW_QUANTIZER_FROM else 1
+    want = 2 ** round(math.log2(max(1.0, per_root * math.sqrt(n))))
     cap = 2 ** int(math.log2(max(1, n // 39))) if n >= 39 else 1
     return int(max(1, min(want, cap, 65536)))
 
 
 def ivf_factory(n: int) -> str:
-    return f"IVF{nlist_for(n)},SQ6"
+    """IVF with 6-bit codes; from HNSW_QUANTIZER_FROM vectors its centroids are found through an HNSW graph."""
+    nlist = nlist_for(n)
+    return f"IVF{nlist}_HNSW32,SQ6" if n >= HNSW_QUANTIZER_FROM else f"IVF{nlist},SQ6"
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists visited per query unless asked otherwise. On the scale benchmark recall stops rising at 8
-    (1024 and 4096 lists); 16 leaves a margin for real collections, less clustered than that data."""
-    return max(1, min(nlist, max(16, nlist // 256)))
+    """Lists visited per query unless asked otherwise: 3.6 sqrt(nlist) (1,024 lists: 116; 16,384: 461), at least 16.
+
+    Chosen for recall@10 >= 0.95 after re-scoring, measured on 1M vectors drawn like the real stored ones
+    (benchmarks/scale/large_collection.py's mixture, reduced to 256-d): 0.95 took ~70 probes of 1,024 lists
+    (16 / 32 / 64 / 128: 0.81 / 0.90 / 0.94 / 0.98), ~230 of 4,096 over an HNSW graph (128 / 256: 0.92 / 0.96)
+    and ~460 of 16,384 (256 / 512: 0.92 / 0.96): a fixed share of the lists over-probes fine lists.
+    """
+    return max(1, min(nlist, max(16, math.ceil(3.6 * math.sqrt(nlist)))))
 
 
 def _nlist_of(factory: str) -> int | None:
@@ -182,14 +199,24 @@ def ids_of(index: faiss.Index) -> np.ndarray:
 
 def train_size(index: faiss.Index) -> int:
     ivf = _ivf(index)
-    return max(TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 1), 65536)
+    return min(max(TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 1), 65536), TRAIN_MAX)
 
 
 def _train(index: faiss.Index, wanted: np.ndarray, vectors_for: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Train on a random sample of the wanted vectors (IVF centroids, quantiser ranges)."""
+    """Train on a random sample of the wanted vectors (IVF centroids, quantiser ranges). An IVF over an HNSW
+    graph gets its centroids from a two-level k-means first (a flat k-means of 16k centroids: 10 TFLOP)."""
     size = train_size(index)
     sample = wanted if len(wanted) <= size else np.sort(np.random.default_rng(0).choice(wanted, size, replace=False))
-    index.train(np.ascontiguousarray(vectors_for(sample), dtype=np.float32))
+    x = np.ascontiguousarray(vectors_for(sample), dtype=np.float32)
+    ivf = _ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW) and len(x) >= ivf.nlist:
+        from faiss.contrib.clustering import two_level_clustering
+
+        spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT  # unit centroids: nearest by inner product
+        centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10,
+                                            spherical=spherical, seed=1234, min_points_per_centroid=16)  # fmt: skip
+        ivf.quantizer.add(centroids)  # index.train then trains only the codes' quantiser
+    index.train(x)
 
 
 def reconcile(
@@ -379,6 +406,8 @@ def search_plan(index: faiss.Index, n_queries: int, k: int, device: str | None =
         return "faiss-cpu"
     if faiss.get_num_gpus() > 0 and k <= FAISS_GPU_MAX_K:
         return "faiss-gpu"
+    if asked == "auto" and not _torch_searchable(index):  # an IVF goes to a GPU only through FAISS's own GPU build:
+        return "faiss-cpu"  # no CUDA probe per query (it globbed /dev each time: ~2 ms of a 10M-image search)
     if not _cuda():
         if asked == "cuda" and faiss.get_num_gpus() == 0:
             raise RisError("search device cuda asked for, but PyTorch sees no CUDA GPU "

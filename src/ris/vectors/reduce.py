@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,25 @@ PROJECTED_DIMS = 1024
 #: Raw features kept before the projection is fitted on them (and the images a new collection extracts
 #: first, drawn at random from everything it was given): 2,048 x 11,520 bfloat16 = 47 MB at most.
 FIT_SAMPLE = 2048
+
+
+#: Products of fewer rows than this run on one BLAS thread: a search reduces one query and re-scores a few dozen
+#: candidates, and BLAS threads cost more than they bring there (under load a 72 x 1,024 x 256 float32 product
+#: took 150 ms on OpenBLAS's 2 threads and 1.5 ms on one; 40 rows: 145 vs 16 ms at load 16).
+SINGLE_THREAD_ROWS = 2048
+
+
+@functools.cache
+def _blas() -> object:
+    """threadpoolctl's view of the loaded BLAS libraries (inspecting them costs ~50 ms: done once)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def small_product(rows: int) -> AbstractContextManager:
+    """Within: BLAS on one thread when `rows` make a small product (see SINGLE_THREAD_ROWS), else as it is."""
+    return _blas().limit(limits=1, user_api="blas") if rows < SINGLE_THREAD_ROWS else nullcontext()
 
 
 def projects(raw_dims: int) -> bool:
@@ -141,8 +162,9 @@ class Projection:
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         out = np.empty((len(raw), self.dims), np.float32)
         step = block_rows(self.raw_dims)
-        for start in range(0, len(raw), step):
-            out[start : start + step] = (l2_normalize(raw[start : start + step]) - self.mean) @ self.components.T
+        with small_product(len(raw)):
+            for start in range(0, len(raw), step):
+                out[start : start + step] = (l2_normalize(raw[start : start + step]) - self.mean) @ self.components.T
         return out
 
 
@@ -180,9 +202,10 @@ class Reducer:
             return l2_normalize(raw)
         out = np.empty((len(raw), self.dims), np.float32)
         step = block_rows(self.raw_dims)
-        for start in range(0, len(raw), step):
-            x = l2_normalize(raw[start : start + step])
-            out[start : start + step] = l2_normalize((x - self.mean) @ self.components.T)
+        with small_product(len(raw)):
+            for start in range(0, len(raw), step):
+                x = l2_normalize(raw[start : start + step])
+                out[start : start + step] = l2_normalize((x - self.mean) @ self.components.T)
         return out
 
     def save(self, path: Path) -> None:
