@@ -267,13 +267,13 @@ def test_verification_puts_a_copy_s_original_first(subset_dir: Path, transform: 
     files = [str(f) for f in sorted((subset_dir / "airplanes").glob("*.jpg"))]
     copy = TRANSFORMS[transform](open_image(read_file(files[0])))
     v = Verifier()
-    assert v.first(copy, [files[1], files[2], files[0]]) == 2  # confirmed: moves up
-    assert v.first(copy, [files[0], files[1], files[2]]) == 0  # already first
-    assert v.first(copy, [files[1], files[2], files[3]]) == 0  # no candidate confirmed: order kept
+    assert v.look(copy, [files[1], files[2], files[0]]).first == 2  # confirmed: moves up
+    assert v.look(copy, [files[0], files[1], files[2]]).first == 0  # already first
+    assert v.look(copy, [files[1], files[2], files[3]]).first == 0  # no candidate confirmed: order kept
     # a batch, on threads (as search_many verifies): the same answers, in the queries' order
     jobs = [(lambda: copy, [files[1], files[2], files[0]]), (lambda: copy, [files[1], files[2], files[3]]),
             (lambda: copy, [files[0]]), (lambda: copy, [files[3], files[0], files[1]])]  # fmt: skip
-    assert Verifier().firsts(jobs, threads=2) == [2, 0, 0, 1]
+    assert [look.first for look in Verifier().looks(jobs, threads=2)] == [2, 0, 0, 1]
 
 
 def test_rmac_regions_cover_the_map() -> None:

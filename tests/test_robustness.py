@@ -131,7 +131,7 @@ def test_verification_takes_any_size(size: tuple[int, int], tree: Path) -> None:
     if min(size) < 63:
         assert len(points) == 0
     candidates = [str(tree / n) for n in ("wide.png", "tall.png", "tiny.png", "photo0.jpg", "bad[i].jpg")]
-    assert Verifier().first(img, candidates) == 0
+    assert Verifier().look(img, candidates).first == 0
 
 
 @pytest.mark.parametrize("size", [(1, 1), (4000, 12), (12, 4000), (1, 4000), (3, 2)])

@@ -22,7 +22,6 @@ from .files.lock import WriterLock
 from .images.query import Query, query_name, query_pixels
 from .manifest import FORMAT_VERSION, Manifest, Options
 from .model import registry as models, runtime
-from .model.runtime import cpu_runtime
 from .search.ranking import Ranker
 from .search.results import SearchResult
 from .vectors import dba, milvus as milvus_store
@@ -76,7 +75,7 @@ class Collection:
             root.mkdir(parents=True, exist_ok=True)
             Catalog(root / "catalog.sqlite").close()  # the catalogue first: a manifest always has one beside it
             manifest = Manifest.new(opts, digest, spec.input_size, models.feature_dims(opts.model, opts.pooling),
-                                    cpu_runtime(), connected.name if connected else "")  # fmt: skip
+                                    runtime.cpu_runtime(), connected.name if connected else "")  # fmt: skip
             manifest.write(root / "manifest.json")
         except BaseException:
             if connected is not None:

@@ -82,11 +82,20 @@ def thumb_jpeg(img, rng, other):
     return jpeg(_scale(img, rng.uniform(0.18, 0.22)), rng.integers(10, 21))
 
 
+def rotated(img: Image.Image, angle: float) -> Image.Image:
+    """The image rotated by `angle` degrees, cut to the largest centred box of its aspect inside the turned frame
+    (no black corners)."""
+    a = np.radians(abs(angle) % 180)
+    w, h = img.size
+    shrink = min(w / (w * np.cos(a) + h * np.sin(a)), h / (w * np.sin(a) + h * np.cos(a)))
+    cw, ch = max(1, int(w * shrink)), max(1, int(h * shrink))
+    out = img.rotate(angle, resample=Image.Resampling.BILINEAR)
+    return out.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+
+
 def _rotate(img: Image.Image, angle: float, crop: bool) -> Image.Image:
     if not crop:
         return img.rotate(angle, expand=True, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
-    from ..search.views import rotated  # the largest centred crop of the frame's aspect inside the rotated picture
-
     return rotated(img, angle)
 
 

@@ -76,7 +76,7 @@ def inliers(a: Features, b: Features) -> int:
 class Verifier:
     """Re-orders a query's top candidates by geometric agreement; candidates' features are cached by path.
 
-    Thread-safe: OpenCV releases the GIL, so a batch of queries is verified on several threads (`firsts`).
+    Thread-safe: OpenCV releases the GIL, so a batch of queries is verified on several threads (`looks`).
     """
 
     def __init__(self, cache_size: int = 4096):
@@ -101,10 +101,6 @@ class Verifier:
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return feats
-
-    def firsts(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[int]:
-        """`first` for many (query loader, candidate paths) pairs, on up to `threads` threads."""
-        return [look.first for look in self.looks(jobs, threads)]
 
     def looks(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[Look]:
         """`look` for many (query loader, candidate paths) pairs, on up to `threads` threads; a query that cannot
@@ -132,10 +128,6 @@ class Verifier:
         counts = self.counts(views, paths[:TOP])
         first = choose(counts)
         return Look(first, counts[first] if counts else 0, query, views)
-
-    def first(self, query: Image.Image, paths: Sequence[str]) -> int:
-        """Which of the candidate paths (in search order) should come first: 0 unless another is confirmed."""
-        return self.look(query, paths).first
 
 
 class Look(NamedTuple):

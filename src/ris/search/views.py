@@ -7,7 +7,7 @@ nearest, the query gets a second look: its VIEWS (rotated back by a few angles a
 windows on a grid) go through the model in one batch, each indexed image scores its best cosine over the views,
 and the CANDIDATES best by that score are verified with the query's keypoints; the best confirmed one goes first.
 A query whose first result is confirmed (an exact or mildly edited copy) costs nothing more. Measured in
-benchmarks/RESULTS.md ("Copies under harsh edits").
+benchmarks/RESULTS.md (section 6, "Copies").
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..images.edits import rotated
+
 #: Angles (degrees) the query is rotated back by; windows (left, top, side) as fractions of the query's sides.
 ANGLES = (-22.0, 22.0)
 WINDOWS = ((0.0, 0.0, 0.5), (0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.5, 0.5, 0.5), (0.25, 0.25, 0.5))
@@ -25,17 +27,6 @@ PER_VIEW = 16
 CANDIDATES = 8
 
 Embed = Callable[[Sequence[Image.Image]], np.ndarray]
-
-
-def rotated(img: Image.Image, angle: float) -> Image.Image:
-    """The image rotated by `angle` degrees, cut to the largest centred box of its aspect inside the turned frame
-    (no black corners)."""
-    a = np.radians(abs(angle) % 180)
-    w, h = img.size
-    shrink = min(w / (w * np.cos(a) + h * np.sin(a)), h / (w * np.sin(a) + h * np.cos(a)))
-    cw, ch = max(1, int(w * shrink)), max(1, int(h * shrink))
-    out = img.rotate(angle, resample=Image.Resampling.BILINEAR)
-    return out.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
 
 
 def window(img: Image.Image, x: float, y: float, side: float) -> Image.Image:

@@ -21,6 +21,7 @@ import io
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +99,20 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, device: str | None = 
     pairs = dict(zip(zip(ii.tolist(), jj.tolist(), strict=True), ss.tolist(), strict=True))
     if neighbours and len(vectors) > 1:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        sims, top = index.search(index.flat(x), x, min(len(x), neighbours + 1), device=device)
-        for a, (row_s, row_b) in enumerate(zip(sims.tolist(), top.tolist(), strict=True)):
-            for s, b in zip(row_s, row_b, strict=True):
-                if b >= 0 and b != a and s >= VERIFY_FLOOR:
-                    pairs.setdefault((min(a, b), max(a, b)), s)
+        for a, b, s in _near(x, x, range(len(x)), neighbours, device):
+            pairs.setdefault((min(a, b), max(a, b)), s)
     return pairs
+
+
+def _near(x: np.ndarray, queries: np.ndarray, owners: Iterable[int], neighbours: int,
+          device: str | None) -> Iterator[tuple[int, int, float]]:  # fmt: skip
+    """(owner, image, cosine of the owner's query to it) for each query's `neighbours` nearest images from
+    VERIFY_FLOOR up, other than its owner: where rotated, cropped or framed copies land."""
+    sims, top = index.search(index.flat(x), queries, min(len(x), neighbours + 1), device=device)
+    for a, row_s, row_b in zip(owners, sims.tolist(), top.tolist(), strict=True):
+        for s, b in zip(row_s, row_b, strict=True):
+            if b >= 0 and b != a and s >= VERIFY_FLOOR:
+                yield a, b, s
 
 
 def accept(similarity: float, matches: int | None, threshold: float) -> bool:
@@ -298,13 +307,7 @@ def framed_pairs(coll, vectors: np.ndarray, framed: dict[int, Image.Image], devi
     ids = sorted(framed)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     q = np.ascontiguousarray(embed([framed[i] for i in ids]), dtype=np.float32)
-    sims, top = index.search(index.flat(x), q, min(len(x), VERIFY_NEIGHBOURS + 1), device=device)
-    out = {}
-    for i, row_s, row_b in zip(ids, sims.tolist(), top.tolist(), strict=True):
-        for s, b in zip(row_s, row_b, strict=True):
-            if b >= 0 and b != i and s >= VERIFY_FLOOR:
-                out[(min(i, b), max(i, b))] = float(x[i] @ x[b])
-    return out
+    return {(min(i, b), max(i, b)): float(x[i] @ x[b]) for i, b, _ in _near(x, q, ids, VERIFY_NEIGHBOURS, device)}
 
 
 def pair_matches(feats: list, pairs: list[tuple[int, int]], threads: int | None = None) -> dict[tuple[int, int], int]:
