@@ -174,6 +174,7 @@ class Ranker:
         shots = [views.views(looks[q].query) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
+        alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
         _, ids, rows = self.nearest(snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, nprobe)
 
         def one(j: int) -> tuple[float, ImageRow] | None:
@@ -186,7 +187,7 @@ class Ranker:
             shot = np.vstack([plain[q : q + 1], vectors[bounds[j] : bounds[j + 1]]])
             order, _ = views.best_per_image(shot, found, self.plain(snap, found))
             pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
-            counts = self._verifier.counts(looks[q].views, [row.path for row in pick])
+            counts = self._verifier.counts(looks[q].views, [row.path for row in pick], alone)
             best = choose([looks[q].inliers, *counts])
             return (0.0, pick[best - 1]) if best else None
 

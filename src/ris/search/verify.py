@@ -103,31 +103,39 @@ class Verifier:
         return feats
 
     def looks(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[Look]:
-        """`look` for many (query loader, candidate paths) pairs, on up to `threads` threads; a query that cannot
-        be loaded (its file changed since it was embedded) keeps the plain order and gets no second look."""
+        """`look` for many (query loader, candidate paths) pairs, on up to `threads` threads (one query alone: its
+        candidates on them); a query that cannot be loaded (its file changed since it was embedded) keeps the
+        plain order and gets no second look."""
+        alone = threads if len(jobs) == 1 else 1
 
         def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> Look:
             try:
                 query = job[0]()
             except (DecodeError, RisError):
                 return Look(0, 0, None, ())
-            return self.look(query, job[1])
+            return self.look(query, job[1], alone)
 
-        if threads <= 1 or len(jobs) <= 1:
-            return [run(job) for job in jobs]
-        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
-            return list(pool.map(run, jobs))
+        return _map(run, jobs, threads)
 
-    def counts(self, views: Sequence[Features], paths: Sequence[str]) -> list[int]:
-        """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate."""
-        return [max(inliers(v, self._candidate(p)) for v in views) for p in paths]
+    def counts(self, views: Sequence[Features], paths: Sequence[str], threads: int = 1) -> list[int]:
+        """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate, the
+        candidates on up to `threads` threads (a served query's uncached candidates are decoded side by side)."""
+        return _map(lambda p: max(inliers(v, self._candidate(p)) for v in views), paths, threads)
 
-    def look(self, query: Image.Image, paths: Sequence[str]) -> Look:
+    def look(self, query: Image.Image, paths: Sequence[str], threads: int = 1) -> Look:
         """Which of the candidate paths (in search order) should come first, with the query's keypoints."""
-        views = query_views(query)  # mirrored copies too; thumbnails enlarged
-        counts = self.counts(views, paths[:TOP])
+        views = query_views(query, threads=threads)  # mirrored copies too; thumbnails enlarged
+        counts = self.counts(views, paths[:TOP], threads)
         first = choose(counts)
         return Look(first, counts[first] if counts else 0, query, views)
+
+
+def _map(fn: Callable, items: Sequence, threads: int) -> list:
+    """fn over items, on up to `threads` threads (OpenCV and Pillow's decoders release the GIL)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 class Look(NamedTuple):
@@ -153,11 +161,13 @@ UPSAMPLE_BELOW = 240
 UPSAMPLE_TO = 320
 
 
-def query_views(img: Image.Image, nfeatures: int = FEATURES) -> tuple[Features, Features]:
+def query_views(img: Image.Image, nfeatures: int = FEATURES, threads: int = 1) -> tuple[Features, Features]:
     """ORB features of a query and of its mirror image; a thumbnail is enlarged first (to UPSAMPLE_TO on its
     longest side), so that a fifth-size copy still yields keypoints (harsh set: inliers of its original
     median 27 this way)."""
     if max(img.size) < UPSAMPLE_BELOW:
         f = UPSAMPLE_TO / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
-    return features(img, nfeatures), features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)
+    plain, mirror = _map(lambda im: features(im, nfeatures), [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
+                         threads)  # fmt: skip
+    return plain, mirror
