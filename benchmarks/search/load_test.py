@@ -2,10 +2,17 @@
 
     python benchmarks/search/load_test.py --requests 500 --concurrency 8 [--json] [--collection C]
     python benchmarks/search/load_test.py --hostile --seconds 30 --concurrency 8 [--json] [--server-src DIR]
+    python benchmarks/search/load_test.py --collection C --queries outside=DIR --queries harsh=DIR2 --concurrency 1
+    python benchmarks/search/load_test.py --write-copies DIR2 --copies-of FOLDER [--copies 120] [--exclude GLOB]
 
 Without --collection it indexes the scikit-image sample photos and some Caltech-101 images into a
 temporary collection. The server runs in a subprocess (its own GIL, like `ris serve`) on a free
 loopback port; queries are Caltech images that are not in the collection, cycled.
+
+--queries NAME=DIR (repeatable): each folder's images are one query set, measured on its own (the second look
+makes a query that is not a copy of an indexed image dearer than one that is). --write-copies writes the
+edited copies of a seeded sample of FOLDER's images (ris.images.edits, --copy-set harsh or heldout, every
+kind in turn) as JPEGs, for a copies set of queries.
 
 --hostile: for --seconds, each client sends a mix of valid searches and uploads meant to hurt (over the
 size limit, declared or chunked; PNG bombs of 13000 x 13000 and 20000 x 20000 pixels; random bytes; a
@@ -131,6 +138,31 @@ MIX = {"valid": 4, "oversized": 1, "chunked": 1, "bomb-13k": 2, "bomb-20k": 1, "
 OVERSIZE = 21 * 1024 * 1024  # just over the default 20 MB limit
 
 
+def folder_queries(folder: Path, limit: int = 200) -> list[tuple[str, bytes]]:
+    """Up to `limit` images of a folder (sorted, spread over it) as (name, bytes) queries."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return [(p.name, p.read_bytes()) for p in files[:: max(1, len(files) // limit)][:limit]]
+
+
+def write_copies(out: Path, source: Path, count: int, copy_set: str, exclude: str = "", seed: int = 0) -> int:
+    """JPEG copies of `count` images of source (a seeded sample; names matching `exclude` left out, as an
+    index with that --exclude would), edited by the set's kinds in turn."""
+    from ris.images import edits
+
+    files = sorted(p for p in source.rglob("*.jpg") if not (exclude and p.match(exclude)))
+    rng = random.Random(seed)
+    picks = rng.sample(files, min(count, len(files)))
+    kinds = list(edits.SETS[copy_set])
+    out.mkdir(parents=True, exist_ok=True)
+    for n, path in enumerate(picks):
+        kind = kinds[n % len(kinds)]
+        other = lambda n=n: Image.open(files[(n * 7919 + 1) % len(files)]).convert("RGB")  # noqa: E731
+        with Image.open(path) as img:
+            copy = edits.edit(kind, img, edits.rng_for(seed, kind, n), other)
+        copy.convert("RGB").save(out / f"{n:04d}-{kind}-{path.parent.name}-{path.stem}.jpg", quality=90)
+    return len(picks)
+
+
 def png_bomb(side: int) -> bytes:
     """A blank greyscale PNG of side x side pixels: tens of kB that would decode to side² bytes and more."""
     buf = io.BytesIO()
@@ -229,11 +261,35 @@ def main() -> None:
     parser.add_argument("--hostile", action="store_true", help="the hostile mix for --seconds instead of --requests")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--server-src", type=Path, help="run the server from this source tree (a baseline)")
+    parser.add_argument("--queries", action="append", default=[], metavar="NAME=DIR",
+                        help="a query set: the images of DIR (repeatable; each set measured on its own)")
+    parser.add_argument("--write-copies", type=Path, metavar="DIR", help="write edited copies to DIR and exit")
+    parser.add_argument("--copies-of", type=Path, help="with --write-copies: the folder whose images are copied")
+    parser.add_argument("--copies", type=int, default=120)
+    parser.add_argument("--copy-set", choices=("harsh", "heldout"), default="harsh")
+    parser.add_argument("--exclude", default="", help="with --write-copies: names not to copy (the index's --exclude)")
     args = parser.parse_args()
+    if args.write_copies:
+        written = write_copies(args.write_copies, args.copies_of or CALTECH, args.copies, args.copy_set, args.exclude)
+        print(f"{written} copies written")
+        return
+    sets = dict(q.split("=", 1) for q in args.queries)
+    if len(sets) > 1 or (sets and args.hostile):
+        report = {}
+        for name, folder in sets.items():
+            report[name] = json.loads(subprocess.run(
+                [sys.executable, __file__, "--json", "--requests", str(args.requests), "--concurrency",
+                 str(args.concurrency), "--k", str(args.k), "--collection", str(args.collection),
+                 "--queries", f"{name}={folder}"], check=True, capture_output=True, text=True).stdout)  # fmt: skip
+        print(json.dumps(report) if args.json else "\n".join(f"{k}: {json.dumps(v)}" for k, v in report.items()))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         collection = args.collection or build_collection(Path(tmp))
-        queries = [(p.name, p.read_bytes()) for p in caltech(INDEXED_PER_CATEGORY, 2)]
+        if sets:
+            queries = folder_queries(Path(next(iter(sets.values()))))
+        else:
+            queries = [(p.name, p.read_bytes()) for p in caltech(INDEXED_PER_CATEGORY, 2)]
         port = free_port()
         server = start_server(collection, port, args.server_src)
         try:
@@ -250,7 +306,7 @@ def main() -> None:
     report.update(
         cpu=machine()["cpu"], cores=len(os.sched_getaffinity(0)), collection_images=info["images"], model=info["model"],
         precision=info["precision"], query_images=len(queries), server="subprocess, uvicorn, 1 worker",
-        server_src=str(args.server_src or "installed ris"),
+        server_src=str(args.server_src or "installed ris"), query_set=next(iter(sets), "caltech"),
     )  # fmt: skip
     if args.json:
         print(json.dumps(report))
