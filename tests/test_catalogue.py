@@ -241,3 +241,25 @@ def test_injected_features_are_searchable_and_a_bulk_load_restores_its_index(sub
     with Collection.open(path) as coll:
         coll.catalog.sync([])
         assert _hash_index(coll)
+
+
+def test_the_vector_file_reads_rows_in_any_order_and_keeps_an_unlinked_generation(tmp_path: Path) -> None:
+    """Positioned reads: any slots, repeats, runs; a reader keeps the file it opened after a rewrite unlinks it;
+    a file shorter than the catalogue says is one clear error."""
+    from ris.vectors.catalog import VectorFile, as_stored, from_stored
+
+    rows = np.random.default_rng(0).standard_normal((1000, 24)).astype(np.float32)
+    stored = as_stored(rows)
+    path = tmp_path / "vectors.1.bf16"
+    writer = VectorFile(path, 24)
+    writer.write(0, stored[:600])
+    writer.write(600, stored[600:])
+    reader = VectorFile(path, 24)
+    slots = np.array([999, 3, 4, 5, 3, 0, 512, 513, 998])
+    np.testing.assert_array_equal(reader.read(slots), from_stored(stored[slots]))
+    assert reader.read(np.zeros(0, np.int64)).shape == (0, 24)
+    path.unlink()  # what Catalog.rewrite does to the old generation once it has switched
+    np.testing.assert_array_equal(reader.read(np.arange(1000)), from_stored(stored))
+    path.write_bytes(stored[:10].tobytes())
+    with pytest.raises(RisError, match="damaged: it holds 10 vectors, the catalogue uses 12"):
+        VectorFile(path, 24).read(np.array([11]))
