@@ -187,3 +187,20 @@ def test_rerank_rescores_candidates_exactly() -> None:
         return float(np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(found, exact, strict=True)]))
 
     assert recall(fine) > recall(coarse) and recall(fine) >= 0.95
+
+
+def test_an_ivf_over_an_hnsw_graph_probes_the_lists_asked_for_and_scans_them_in_parallel(tmp_path: Path) -> None:
+    """FAISS searches an HNSW quantiser with its own efSearch (16), whatever nprobe: at 10M images 461 probes
+    reached the lists of 77% of the true neighbours, recall@10 0.76 flat in nprobe. Through ris's search
+    parameters the graph finds the nprobe nearest centroids; a loaded IVF scans one query's lists on all threads."""
+    centroids = _clustered(16_384, dims=64, centres=1000)
+    idx = faiss.index_factory(64, "IVF16384_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    idx.quantizer.add(centroids)
+    queries = _clustered(50, dims=64, centres=1000, seed=1)
+    _, nearest = index.flat(centroids).search(queries, 461)
+    params, _keep = index.search_parameters(idx, 461)
+    _, probed = faiss.downcast_index(idx.quantizer).search(queries, 461, params=params.quantizer_params)
+    assert np.mean([len(set(p) & set(n)) / 461 for p, n in zip(probed.tolist(), nearest.tolist(), strict=True)]) > 0.95
+    x = _clustered(5_000, dims=32)
+    index.save(_filled("IVF64,SQ8", x, np.arange(len(x), dtype=np.int64)), tmp_path / "index.faiss")
+    assert faiss.extract_index_ivf(index.load(tmp_path / "index.faiss", mmap=True)).parallel_mode == 1

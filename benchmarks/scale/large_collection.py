@@ -2,6 +2,7 @@
 
     python benchmarks/scale/large_collection.py --real REAL.ris --n 10000000 --out /tmp/tenm/10m.ris   # build
     python benchmarks/scale/large_collection.py --measure-only /tmp/tenm/10m.ris [--queries 500]        # measure
+    python benchmarks/scale/large_collection.py --measure-only PATH --step search --nprobes 64,128 --refine 4,16
 
 No image files: each image's stored vector (what the catalogue keeps: the 1,024-d stage-1 projection of
 grid3 features) is drawn from a Gaussian mixture fitted once on a real collection's stored vectors (REAL.ris,
@@ -187,7 +188,11 @@ def search(args: argparse.Namespace) -> dict:
         ivf = index._ivf(snap.store.faiss_index)
         default = index.default_nprobe(ivf.nlist) if ivf is not None else 0
         out["index"], out["rss_after_open_mb"] = coll.derived.state()["index"], rss_mb()
-        for nprobe in dict.fromkeys((default, max(1, default // 2), 2 * default)) if default else (0,):
+        probes = [int(n) for n in args.nprobes.split(",")] if args.nprobes else (
+            list(dict.fromkeys((default, max(1, default // 2), 2 * default))) if default else [0])  # fmt: skip
+        refines = [int(r) for r in args.refine.split(",")] if args.refine else [index.REFINE_FACTOR]
+        for nprobe, refine in ((n, r) for n in probes for r in refines):
+            index.REFINE_FACTOR = refine  # candidates re-scored: refine x (k + 8)
             coll.search_vectors(snap.space.from_stored(stored[:3]), K, ["warm"] * 3, nprobe=nprobe or None)
             times, cpu, found = [], [], []
             for q in stored:
@@ -200,7 +205,8 @@ def search(args: argparse.Namespace) -> dict:
             ms = np.array(times) * 1000
             p50, p99 = (round(float(np.percentile(ms, p)), 2) for p in (50, 99))
             cpu_p50, recall = round(float(np.percentile(cpu, 50)) * 1000, 2), round(float(recall), 4)
-            out[f"nprobe_{nprobe}"] = {"p50_ms": p50, "p99_ms": p99, "cpu_p50_ms": cpu_p50, "recall_at_10": recall}
+            key = f"nprobe_{nprobe}" + (f"_refine_{refine}" if len(refines) > 1 or args.refine else "")
+            out[key] = {"p50_ms": p50, "p99_ms": p99, "cpu_p50_ms": cpu_p50, "recall_at_10": recall}
         out["peak_rss_searching_mb"] = rss_mb()
     return {"queries": len(stored), "default_nprobe": default, **out, "disk_bytes": du(root)}
 
@@ -251,6 +257,8 @@ def main() -> None:
     ap.add_argument("--measure-only", metavar="PATH", help="measure this built collection (truth, search, change)")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--no-change", action="store_true", help="measure without adding and removing 1%%")
+    ap.add_argument("--nprobes", help="search: IVF lists visited, comma-separated (default: the default, half, twice)")
+    ap.add_argument("--refine", help="search: re-scoring factors to try, comma-separated (default: index.REFINE_FACTOR)")
     ap.add_argument("--step", choices=("all", "inject", "index", "truth", "search", "change"), default="all")
     args = ap.parse_args()
     steps = {"truth": truth, "search": search, "change": change}
