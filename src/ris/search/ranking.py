@@ -15,7 +15,6 @@ copy is shown at least at the score of the result below it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -166,7 +165,7 @@ class Ranker:
         """Heads after ris.search.views' second look for the queries whose first result verification did not confirm:
         their views embedded in one batch, each image's best cosine over a query's views, the best CANDIDATES
         verified; a confirmed one (MIN_INLIERS, MARGIN x the first result's matches) goes first."""
-        from .verify import MIN_INLIERS, TOP, choose
+        from .verify import MIN_INLIERS, TOP, choose, on_threads
 
         todo = [q for q, look in enumerate(looks) if look.query is not None and look.inliers < MIN_INLIERS]
         if not todo:
@@ -191,9 +190,8 @@ class Ranker:
             best = choose([looks[q].inliers, *counts])
             return (0.0, pick[best - 1]) if best else None
 
-        with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
-            for q, head in zip(todo, pool.map(one, range(len(todo))), strict=True):
-                heads[q] = head or heads[q]
+        for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
+            heads[q] = head or heads[q]
         return heads
 
 

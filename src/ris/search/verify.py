@@ -115,12 +115,12 @@ class Verifier:
                 return Look(0, 0, None, ())
             return self.look(query, job[1], alone)
 
-        return _map(run, jobs, threads)
+        return on_threads(run, jobs, threads)
 
     def counts(self, views: Sequence[Features], paths: Sequence[str], threads: int = 1) -> list[int]:
         """Inliers of the best of the query's views (e.g. it and its mirror image) against each candidate, the
         candidates on up to `threads` threads (a served query's uncached candidates are decoded side by side)."""
-        return _map(lambda p: max(inliers(v, self._candidate(p)) for v in views), paths, threads)
+        return on_threads(lambda p: max(inliers(v, self._candidate(p)) for v in views), paths, threads)
 
     def look(self, query: Image.Image, paths: Sequence[str], threads: int = 1) -> Look:
         """Which of the candidate paths (in search order) should come first, with the query's keypoints."""
@@ -130,7 +130,7 @@ class Verifier:
         return Look(first, counts[first] if counts else 0, query, views)
 
 
-def _map(fn: Callable, items: Sequence, threads: int) -> list:
+def on_threads(fn: Callable, items: Sequence, threads: int) -> list:
     """fn over items, on up to `threads` threads (OpenCV and Pillow's decoders release the GIL)."""
     if threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
@@ -168,6 +168,6 @@ def query_views(img: Image.Image, nfeatures: int = FEATURES, threads: int = 1) -
     if max(img.size) < UPSAMPLE_BELOW:
         f = UPSAMPLE_TO / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
-    plain, mirror = _map(lambda im: features(im, nfeatures), [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
+    plain, mirror = on_threads(lambda im: features(im, nfeatures), [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
                          threads)  # fmt: skip
     return plain, mirror

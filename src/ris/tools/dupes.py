@@ -287,12 +287,10 @@ def _views(path: str):
 def image_features(paths: list[str], threads: int | None = None):
     """([each image's keypoints: (plain, mirrored)], {image: its content, when framed}): every image decoded
     once, on the CPU threads (OpenCV releases the GIL). Held while pairs are matched: ~64 kB an image."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..model import runtime
+    from ..search.verify import on_threads
 
-    with ThreadPoolExecutor(threads or runtime.cpu_threads()) as pool:
-        found = list(pool.map(_views, paths))
+    found = on_threads(_views, paths, threads or runtime.cpu_threads())
     return [views for views, _ in found], {i: crop for i, (_, crop) in enumerate(found) if crop is not None}
 
 
@@ -313,18 +311,15 @@ def framed_pairs(coll, vectors: np.ndarray, framed: dict[int, Image.Image], devi
 def pair_matches(feats: list, pairs: list[tuple[int, int]], threads: int | None = None) -> dict[tuple[int, int], int]:
     """Agreeing keypoint matches (ORB, RANSAC similarity transform; the first image mirrored too) of each
     pair, given each image's (plain, mirrored) keypoints (image_features); on the CPU threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..model import runtime
-    from ..search.verify import inliers
+    from ..search.verify import inliers, on_threads
 
     def one(pair: tuple[int, int]) -> int:
         (a, am), (b, _) = feats[pair[0]], feats[pair[1]]
         n = inliers(a, b)
         return n if n >= DUPE_INLIERS else max(n, inliers(am, b))
 
-    with ThreadPoolExecutor(threads or runtime.cpu_threads()) as pool:
-        return dict(zip(pairs, pool.map(one, pairs), strict=True))
+    return dict(zip(pairs, on_threads(one, pairs, threads or runtime.cpu_threads()), strict=True))
 
 
 def _pair_matches(matches: dict[tuple[int, int], int], twins: dict[str, list[int]], hashes: list[str | None],
