@@ -205,7 +205,7 @@ def search(args: argparse.Namespace) -> dict:
             ms = np.array(times) * 1000
             p50, p99 = (round(float(np.percentile(ms, p)), 2) for p in (50, 99))
             cpu_p50, recall = round(float(np.percentile(cpu, 50)) * 1000, 2), round(float(recall), 4)
-            key = f"nprobe_{nprobe}" + (f"_refine_{refine}" if len(refines) > 1 or args.refine else "")
+            key = f"nprobe_{nprobe}" + (f"_refine_{refine}" if args.refine else "")
             out[key] = {"p50_ms": p50, "p99_ms": p99, "cpu_p50_ms": cpu_p50, "recall_at_10": recall}
         out["peak_rss_searching_mb"] = rss_mb()
     return {"queries": len(stored), "default_nprobe": default, **out, "disk_bytes": du(root)}

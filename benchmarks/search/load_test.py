@@ -274,13 +274,16 @@ def main() -> None:
         print(f"{written} copies written")
         return
     sets = dict(q.split("=", 1) for q in args.queries)
-    if len(sets) > 1 or (sets and args.hostile):
+    if len(sets) > 1:  # each set in its own run (and server), with the same settings
+        rest = ["--requests", str(args.requests), "--concurrency", str(args.concurrency), "--k", str(args.k),
+                "--seconds", str(args.seconds), *(["--hostile"] if args.hostile else []),
+                *(["--collection", str(args.collection)] if args.collection else []),
+                *(["--server-src", str(args.server_src)] if args.server_src else [])]  # fmt: skip
         report = {}
         for name, folder in sets.items():
             report[name] = json.loads(subprocess.run(
-                [sys.executable, __file__, "--json", "--requests", str(args.requests), "--concurrency",
-                 str(args.concurrency), "--k", str(args.k), "--collection", str(args.collection),
-                 "--queries", f"{name}={folder}"], check=True, capture_output=True, text=True).stdout)  # fmt: skip
+                [sys.executable, __file__, *rest, "--json", "--queries", f"{name}={folder}"],
+                check=True, capture_output=True, text=True).stdout)  # fmt: skip
         print(json.dumps(report) if args.json else "\n".join(f"{k}: {json.dumps(v)}" for k, v in report.items()))
         return
 
