@@ -190,9 +190,9 @@ def search(args: argparse.Namespace) -> dict:
         out["index"], out["rss_after_open_mb"] = coll.derived.state()["index"], rss_mb()
         probes = [int(n) for n in args.nprobes.split(",")] if args.nprobes else (
             list(dict.fromkeys((default, max(1, default // 2), 2 * default))) if default else [0])  # fmt: skip
-        refines = [int(r) for r in args.refine.split(",")] if args.refine else [index.REFINE_FACTOR]
+        refines = [int(r) for r in args.refine.split(",")] if args.refine else [index.refine_factor(snap.store.faiss_index)]
         for nprobe, refine in ((n, r) for n in probes for r in refines):
-            index.REFINE_FACTOR = refine  # candidates re-scored: refine x (k + 8)
+            index.REFINE_FACTOR = index.FAST_SCAN_REFINE_FACTOR = refine  # candidates re-scored: refine x (k + 8)
             coll.search_vectors(snap.space.from_stored(stored[:3]), K, ["warm"] * 3, nprobe=nprobe or None)
             times, cpu, found = [], [], []
             for q in stored:
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--no-change", action="store_true", help="measure without adding and removing 1%%")
     ap.add_argument("--nprobes", help="search: IVF lists visited, comma-separated (default: the default, half, twice)")
-    ap.add_argument("--refine", help="search: re-scoring factors to try, comma-separated (default: index.REFINE_FACTOR)")
+    ap.add_argument("--refine", help="search: re-scoring factors to try, comma-separated (default: index.refine_factor)")
     ap.add_argument("--step", choices=("all", "inject", "index", "truth", "search", "change"), default="all")
     args = ap.parse_args()
     steps = {"truth": truth, "search": search, "change": change}

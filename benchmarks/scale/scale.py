@@ -164,7 +164,7 @@ def child_build(work: Path, factory: str, n: int, dims: int, out: Path) -> dict:
     from ris.vectors import faiss_index as index
 
     t0 = time.perf_counter()
-    idx = index.create(dims, index.resolve(factory, n))
+    idx = index.create(dims, index.resolve(factory, n, dims))
     index.reconcile(idx, np.arange(n, dtype=np.int64), lambda ids: read_rows(work / "data.f32", ids, dims), chunk=CHUNK)
     build_s = time.perf_counter() - t0
     index.save(idx, out)
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ris-scale")
     ap.add_argument("--reuse", action="store_true", help="keep the data already under --work (same --n)")
     ap.add_argument("--refine", default="", help="comma-separated factors: also measure with exact re-scoring of "
-                    "factor x k candidates (ris re-scores index.REFINE_FACTOR x k)")
+                    "factor x k candidates (ris re-scores index.refine_factor(idx) x k)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     work = Path(args.work) / str(args.n)
@@ -277,7 +277,7 @@ def main() -> None:
         built = run_child("_build", str(work), factory, str(args.n), str(real.shape[1]), str(path))
         from ris.vectors import faiss_index as index
 
-        name = index.resolve(factory, args.n) + (" (auto)" if factory == index.AUTO else "")
+        name = index.resolve(factory, args.n, real.shape[1]) + (" (auto)" if factory == index.AUTO else "")
         for refine in ["0", *args.refine.split(",")] if args.refine else ["0"]:
             for r in run_child("_search", str(work), str(path), args.nprobes, str(args.batch), refine):
                 rows.append({"n": args.n, "factory": name, **r, **built, "index_mb": built["bytes"] / 2**20,

@@ -74,7 +74,7 @@ class Ranker:
         if not store.approximate():
             scores, ids, rows = store.search(vectors, want, nprobe)
             return scores, ids, rows or self.catalog.rows(np.unique(ids[ids >= 0]))
-        _, ids, rows = store.search(vectors, min(store.ntotal, want * index.REFINE_FACTOR), nprobe)
+        _, ids, rows = store.search(vectors, store.candidates(want), nprobe)
         rows = rows or self.catalog.rows(np.unique(ids[ids >= 0]))
         ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
         scores, ids = index.rerank(vectors, ids, self._served(snap), want)

@@ -172,7 +172,7 @@ class Derived:
             fitted = Reducer.fit(self.catalog.vectors(fit_sample(ids, width)), m.pca_dims, overwrite=True)
             if fitted.fitted or refit:
                 space, new = Space(self.projection(), fitted), True
-        kind = self._kind(m, len(ids), None if new else state["index"])
+        kind = self._kind(m, len(ids), space.dims, None if new else state["index"])
         if current is not None and kind != state["index"]:
             new = True
         if not len(ids) and not g:
@@ -214,11 +214,11 @@ class Derived:
         graph = _graph_or_none(dba_path)
         return Snapshot(g, space, store, graph)
 
-    def _kind(self, m, n: int, built: str | None) -> str:
+    def _kind(self, m, n: int, dims: int, built: str | None) -> str:
         """The index kind due for n images (FAISS factory string, or Milvus index type)."""
         if m.store:
             return milvus_store.resolve_index(m.index_factory, m.store)
-        return index.resolve(m.index_factory, n, built)
+        return index.resolve(m.index_factory, n, dims, built)
 
     def _switch(self, old: int, new: int, kind: str, dims: int) -> None:
         """Make generation `new` the one searches read (one transaction), then drop the old one's files."""

@@ -5,14 +5,15 @@ the index lacks and removes the others, so a run killed between the two writes h
 next run, and incremental updates cost work proportional to the change.
 
 Which index: a collection asks for a FAISS factory string or "auto" (the default). "auto" is exact
-search below `APPROX_FROM` vectors and an inverted-file index with 6-bit scalar quantisation above
-(`ivf_factory`; from HNSW_QUANTIZER_FROM vectors with 4x more lists, found through an HNSW graph of
-their centroids), whose candidates (REFINE_FACTOR x k) the collection re-scores with exact vectors
-from its catalogue (`rerank`). Measured in benchmarks/scale/scale.py on 10M synthetic 256-d vectors shaped
-like the real features, recall@10 without / with re-scoring: SQ4 0.33 / 0.68, SQ6 0.73 / 0.99,
-SQ8 0.92 / -; IVF,SQ6 is 201 bytes a vector (1.9 GiB for 10M), SQ8 265. Indexes of
-`MMAP_FROM_BYTES` or more are memory-mapped for searching (IVF lists and flat codes are; everything
-else is read into RAM).
+search below `APPROX_FROM` vectors and an inverted-file index with 4-bit fast-scan product quantisation above
+(`ivf_factory`: PQ{d}x4fs, one 4-bit code a dimension, scanned 16 codes at a time from SIMD registers; from
+HNSW_QUANTIZER_FROM vectors with 4x more lists, found through an HNSW graph of their centroids), whose candidates
+(`refine_factor` x k) the collection re-scores with exact vectors from its catalogue (`rerank`). Measured in
+benchmarks/scale/scale.py on 2M synthetic 256-d vectors shaped like the real features (IVF4096 over an HNSW graph,
+231 probes, one query, 2 cores): SQ6 recall@10 0.784 / 0.999 re-scoring 4 x k, 9.1 / 9.8 ms, 203 bytes a vector;
+PQ256x4fs 0.400 / 0.989 re-scoring 10 x k, 2.3 / 3.6 ms, 143 bytes a vector. At 10M the lists probed, not the
+codes, limit recall, so a 3-4x cheaper scan buys the probes. Indexes of `MMAP_FROM_BYTES` or more are
+memory-mapped for searching (IVF lists and flat codes are; everything else is read into RAM).
 
 Where a search runs (`search`, `range_search`; `device` or RIS_SEARCH_DEVICE = auto | cpu | cuda):
 - a FAISS GPU build (`faiss.get_num_gpus() > 0`): the index cloned to the GPUs once
@@ -67,8 +68,11 @@ APPROX_FROM = 100_000
 QUANTIZER_EF = 2
 #: Indexes at least this large are memory-mapped when opened for searching.
 MMAP_FROM_BYTES = 64 << 20
-#: Approximate searches fetch this many times k candidates for `rerank` to re-score exactly.
+#: Approximate searches fetch this many times k candidates for `rerank` to re-score exactly (`refine_factor`):
+#: 8-bit or 6-bit codes keep the order of near neighbours well, 4-bit codes (fast-scan PQ) need more candidates
+#: (2M vectors, recall@10 after re-scoring: 4-bit PQ 0.845 from 4 x k candidates, 0.989 from 10 x k).
 REFINE_FACTOR = 4
+FAST_SCAN_REFINE_FACTOR = 10
 #: Fewer training vectors per IVF list than this and k-means is noisy; more costs time for nothing.
 TRAIN_PER_LIST = 64
 #: ...but at most this many (10M vectors: 16,384 lists; 32 a list are enough for a two-level k-means).
@@ -103,10 +107,12 @@ def nlist_for(n: int) -> int:
     return int(max(1, min(want, cap, 65536)))
 
 
-def ivf_factory(n: int) -> str:
-    """IVF with 6-bit codes; from HNSW_QUANTIZER_FROM vectors its centroids are found through an HNSW graph."""
+def ivf_factory(n: int, dims: int) -> str:
+    """IVF with a 4-bit fast-scan code a dimension; from HNSW_QUANTIZER_FROM vectors its centroids are found
+    through an HNSW graph."""
     nlist = nlist_for(n)
-    return f"IVF{nlist}_HNSW32,SQ6" if n >= HNSW_QUANTIZER_FROM else f"IVF{nlist},SQ6"
+    lists = f"IVF{nlist}_HNSW32" if n >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
+    return f"{lists},PQ{dims}x4fs"
 
 
 def default_nprobe(nlist: int) -> int:
@@ -126,10 +132,10 @@ def _nlist_of(factory: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def resolve(requested: str, n: int, built: str | None = None, approx_from: int | None = None) -> str:
+def resolve(requested: str, n: int, dims: int, built: str | None = None, approx_from: int | None = None) -> str:
     """The factory the index should have for n vectors, given what was asked and what is built.
 
-    An explicit factory is itself. "auto" keeps what is built unless the size calls for another
+    An explicit factory is itself. "auto" keeps what is built (`ris reindex` builds anew) unless the size calls for another
     kind: exact -> IVF at approx_from, IVF -> exact below approx_from / 2, IVF -> IVF with more lists
     once the list count due is 4x (the collection grew ~16x since training; rebuilding then keeps
     the amortised cost of additions proportional to their number).
@@ -138,14 +144,14 @@ def resolve(requested: str, n: int, built: str | None = None, approx_from: int |
         return requested
     approx_from = APPROX_FROM if approx_from is None else approx_from
     if not built:
-        return ivf_factory(n) if n >= approx_from else EXACT_FACTORY
+        return ivf_factory(n, dims) if n >= approx_from else EXACT_FACTORY
     nlist = _nlist_of(built)
     if nlist is None:
-        return ivf_factory(n) if n >= approx_from else built
+        return ivf_factory(n, dims) if n >= approx_from else built
     if n < approx_from // 2:
         return EXACT_FACTORY
     due = nlist_for(n)
-    return ivf_factory(n) if due >= 4 * nlist or 4 * due <= nlist else built
+    return ivf_factory(n, dims) if due >= 4 * nlist or 4 * due <= nlist else built
 
 
 def check_args(factory: str, nprobe: int, dims: int) -> None:
@@ -178,6 +184,12 @@ def _ivf(idx: faiss.Index) -> faiss.IndexIVF | None:
     if isinstance(idx, faiss.IndexPreTransform):
         return _ivf(idx.index)
     return idx if isinstance(idx, faiss.IndexIVF) else None
+
+
+def refine_factor(idx: faiss.Index) -> int:
+    """Candidates re-scored per result wanted: FAST_SCAN_REFINE_FACTOR for 4-bit fast-scan codes, else REFINE_FACTOR."""
+    ivf = _ivf(idx)
+    return FAST_SCAN_REFINE_FACTOR if isinstance(ivf, faiss.IndexIVFFastScan) else REFINE_FACTOR
 
 
 def is_approximate(idx: faiss.Index) -> bool:
@@ -331,7 +343,7 @@ def rerank(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores for candidate ids (from vectors kept outside the index), best k per query kept.
 
-    Approximate codes (SQ6: recall@10 0.73 at 10M) blur the order of near-equal neighbours; re-scoring REFINE_FACTOR x k
+    Approximate codes (SQ6: recall@10 0.73 at 10M) blur the order of near-equal neighbours; re-scoring refine_factor x k
     candidates with exact vectors restores it for the cost of reading those vectors from disk,
     where FAISS's own refine stage would hold every exact vector in RAM.
     """

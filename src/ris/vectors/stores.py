@@ -36,6 +36,10 @@ class VectorStore(Protocol):
         """Whether search scores are approximate (the ranking re-scores candidates with exact vectors)."""
         ...
 
+    def candidates(self, k: int) -> int:
+        """How many candidates to fetch for k results: k when exact, more for the ranking to re-score when approximate."""
+        ...
+
     def prepare(self, dims: int, kind: str, fresh: bool = False) -> None:
         """Start over (empty) when what is built is not `dims`/`kind`, or when fresh (the vectors' meaning changed)."""
         ...
@@ -85,6 +89,9 @@ class FaissStore:
     def approximate(self) -> bool:
         return self._index is not None and index.is_approximate(self._index)
 
+    def candidates(self, k: int) -> int:
+        return min(self.ntotal, k * index.refine_factor(self._index)) if self.approximate() else k
+
     def prepare(self, dims: int, kind: str, fresh: bool = False) -> None:
         idx = self._index
         exact = kind == index.EXACT_FACTORY
@@ -108,7 +115,7 @@ class FaissStore:
         return scores, ids, {}
 
     def save(self) -> None:
-        """Written only when changed (a 10M-vector IVF,SQ6 is 1.9 GiB)."""
+        """Written only when changed (a 10M-vector IVF over 4-bit codes is 1.4 GiB)."""
         if self._index is not None and (self._dirty or not self.path.exists()):
             index.save(self._index, self.path)
             self.mtime, self._dirty = self.path.stat().st_mtime_ns, False
@@ -133,6 +140,9 @@ class MilvusVectors:
 
     def approximate(self) -> bool:
         return False
+
+    def candidates(self, k: int) -> int:
+        return k
 
     def prepare(self, dims: int, kind: str, fresh: bool = False) -> None:
         """Not atomic, unlike index.faiss's generations: searches fail while a refit recreates the collection."""
