@@ -47,13 +47,19 @@ class Ranker:
 
     def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
         """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
-        (32 candidates: ~0.1 ms), else from the catalogue's stored vectors."""
+        (32 candidates: ~0.1 ms), or the file kept beside an approximate index, else (and for whatever
+        those lack) from the catalogue's stored vectors."""
         ids = np.asarray(ids, dtype=np.int64)
         graph = snap.graph
         if graph is not None and graph.x is not None and len(ids):
             kept = graph.plain(ids, snap.space.fingerprint)
             if kept is not None:
                 return kept
+        if snap.kept is not None and len(ids):
+            x, known = snap.kept.lookup(ids)
+            if not known.all():
+                x[~known] = self.derived.reduced(snap.space, ids[~known])
+            return x
         return self.derived.reduced(snap.space, ids)
 
     def _served(self, snap: Snapshot) -> Callable[[np.ndarray], np.ndarray]:
@@ -75,10 +81,29 @@ class Ranker:
             scores, ids, rows = store.search(vectors, want, nprobe)
             return scores, ids, rows or self.catalog.rows(np.unique(ids[ids >= 0]))
         _, ids, rows = store.search(vectors, store.candidates(want), nprobe)
-        rows = rows or self.catalog.rows(np.unique(ids[ids >= 0]))
-        ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
-        scores, ids = index.rerank(vectors, ids, self._served(snap), want)
-        return scores, ids, rows
+        if rows:  # the store knows which of them are still indexed
+            ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
+            scores, ids = index.rerank(vectors, ids, self._served(snap), want)
+            return scores, ids, rows
+        scores, ids = index.rerank(vectors, ids, self._served(snap), ids.shape[1])
+        rows = self._rows_of_best(ids, want)
+        found = np.isin(ids, np.fromiter(rows, np.int64, len(rows)))
+        best = np.argsort(~found, axis=1, kind="stable")[:, :want]  # still re-scored order, deleted ones out
+        scores, ids, found = (np.take_along_axis(a, best, 1) for a in (scores, ids, found))
+        return np.where(found, scores, -np.inf), np.where(found, ids, -1), rows
+
+    def _rows_of_best(self, ids: np.ndarray, want: int) -> dict[int, ImageRow]:
+        """Catalogue rows of each query's `want` best re-scored candidates still indexed, read best first and
+        further only where some were removed since the index was written: a row lookup costs ~15 us at 10M
+        images, and only the best 18 of the 180 re-scored are kept."""
+        rows: dict[int, ImageRow] = {}
+        for end in range(want, ids.shape[1] + want, want):
+            block = ids[:, end - want : end]
+            rows.update(self.catalog.rows(np.unique(block[block >= 0])))
+            head = ids[:, :end]
+            if (np.isin(head, np.fromiter(rows, np.int64, len(rows))).sum(1) >= min(want, ids.shape[1])).all():
+                break
+        return rows
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (weighted by similarity), using their plain
