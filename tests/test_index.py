@@ -13,6 +13,9 @@ import pytest
 from ris.collection import Collection
 from ris.errors import RisError
 from ris.vectors import faiss_index as index
+from ris.vectors.derived import files
+
+from .conftest import copy_classes
 
 
 def _clustered(n: int, dims: int = 64, centres: int = 50, seed: int = 0) -> np.ndarray:
@@ -155,6 +158,43 @@ def test_ivf_collection_of_real_images(subset_collection: Path, subset_dir: Path
         assert idx.ntotal == 50 and "panda" not in {m.label for m in coll.search(str(image), k=50).matches}
 
 
+def test_an_approximate_collection_rescores_from_its_kept_reduced_vectors(subset_collection: Path, tmp_path: Path) -> None:
+    """Beside an IVF each image's plain reduced vector is kept at row = its id (reduced.G.f16) and candidates are
+    re-scored from it, not from the catalogue: new images append rows, a collection written without the file
+    gets it at its next write, and a row lost (zeros) or missing is read from the catalogue: same results.
+    (With DBA the graph keeps the plain vectors: no file.)"""
+    path = _copy_collection(subset_collection, tmp_path / "kept.ris")
+    with Collection.open_or_create(path, index_factory="IVF4,SQ8", nprobe=4, dba=0) as coll:  # as at scale: no DBA graph
+        coll.reindex()
+        snap = coll.derived.snapshot()
+        kept_path = files(path, snap.generation)[3]
+        ids = coll.catalog.ok_ids()
+        exact = coll.derived.reduced(snap.space, ids)
+        x, known = snap.kept.lookup(ids)
+        assert known.all() and np.abs(x - exact).max() < 2e-3
+        assert kept_path.stat().st_size == (ids.max() + 1) * snap.space.dims * 2  # float16, row = id
+        queries = exact[::6] + 0.05 * np.random.default_rng(0).standard_normal((10, snap.space.dims)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+        def top(n: int = 8) -> list[list[tuple[int, float]]]:
+            found = coll.search_vectors(queries, n, ["q"] * len(queries))
+            return [[(m.id, round(m.similarity, 2)) for m in r.matches] for r in found]
+
+        before = top()
+        snap.kept.write(int(ids[3]), np.zeros((1, snap.space.dims), np.float16))  # a row a crash lost
+        assert not snap.kept.lookup(ids[3:4])[1][0] and np.allclose(coll.ranker.plain(snap, ids[3:4]), exact[3:4], atol=2e-3)
+        kept_path.unlink()
+        coll.derived.drop_cached()
+        assert coll.derived.snapshot().kept is None and top() == before  # from the catalogue alone
+        coll.add([copy_classes(tmp_path / "more", ("pizza",), 3)])  # the next write: every row, the new ones too
+        snap = coll.derived.snapshot()
+        grown = coll.catalog.ok_ids()
+        assert len(grown) == len(ids) + 3 and snap.kept.lookup(grown)[1].all()
+        assert np.abs(snap.kept.lookup(grown)[0] - coll.derived.reduced(snap.space, grown)).max() < 2e-3
+    with Collection.open(path) as coll:
+        assert coll.derived.snapshot().kept is not None and top()[0][0] == before[0][0]
+
+
 def test_auto_switches_to_ivf_and_back_by_size(subset_collection: Path, subset_dir: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     path = _copy_collection(subset_collection, tmp_path / "auto.ris")
@@ -228,6 +268,11 @@ def test_the_default_approximate_index_reaches_recall_once_rescored_and_adds_rem
     _, coarse = index.search(ivf, queries, 10, nprobe=16)
     assert np.mean([len(np.intersect1d(a, e)) / 10 for a, e in zip(coarse, exact, strict=True)]) < 0.9
     assert recall(ivf, index.refine_factor(ivf)) >= 0.95
+    lone = np.vstack([index.search(ivf, q[None], 10, nprobe=16)[1] for q in queries[:20]])  # probes over the threads
+    assert index._ivf(ivf).implem == index.FAST_SCAN_LONE_QUERY
+    batch = index.search(ivf, queries[:20], 10, nprobe=16)[1]
+    assert index._ivf(ivf).implem == 0
+    assert np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(lone, batch, strict=True)]) >= 0.95
     assert index.reconcile(ivf, ids[100:], lambda c: x[[lookup[int(i)] for i in c]]) == (0, 100)
     assert np.array_equal(np.sort(index.ids_of(ivf)), ids[100:])
     index.save(ivf, tmp_path / "index.faiss")

@@ -8,11 +8,12 @@ Which index: a collection asks for a FAISS factory string or "auto" (the default
 search below `APPROX_FROM` vectors and an inverted-file index with 4-bit fast-scan product quantisation above
 (`ivf_factory`: PQ{d}x4fs, one 4-bit code a dimension, scanned 16 codes at a time from SIMD registers; from
 HNSW_QUANTIZER_FROM vectors with 4x more lists, found through an HNSW graph of their centroids), whose candidates
-(`refine_factor` x k) the collection re-scores with exact vectors from its catalogue (`rerank`). Measured in
+(`refine_factor` x k) the collection re-scores exactly (`rerank`, from the reduced vectors kept beside it). Measured in
 benchmarks/scale/scale.py on 2M synthetic 256-d vectors shaped like the real features (IVF4096 over an HNSW graph,
 231 probes, one query, 2 cores): SQ6 recall@10 0.784 / 0.999 re-scoring 4 x k, 9.1 / 9.8 ms, 203 bytes a vector;
 PQ256x4fs 0.400 / 0.989 re-scoring 10 x k, 2.3 / 3.6 ms, 143 bytes a vector. At 10M the lists probed, not the
-codes, limit recall, so a 3-4x cheaper scan buys the probes. Indexes of `MMAP_FROM_BYTES` or more are
+codes, limit recall, so a 3-4x cheaper scan buys the probes (10M through ris, 461 probes, one query: recall@10
+0.953 / 0.962 re-scoring 10 / 16 x k, p50 6.4 / 6.9 ms; benchmarks/RESULTS.md "Large collections"). Indexes of `MMAP_FROM_BYTES` or more are
 memory-mapped for searching (IVF lists and flat codes are; everything else is read into RAM).
 
 Where a search runs (`search`, `range_search`; `device` or RIS_SEARCH_DEVICE = auto | cpu | cuda):
@@ -68,11 +69,14 @@ APPROX_FROM = 100_000
 QUANTIZER_EF = 2
 #: Indexes at least this large are memory-mapped when opened for searching.
 MMAP_FROM_BYTES = 64 << 20
+#: FAISS's fast-scan implementation for one query: 14 spreads its probes over the threads (`_fast_scan_for`).
+FAST_SCAN_LONE_QUERY = 14
 #: Approximate searches fetch this many times k candidates for `rerank` to re-score exactly (`refine_factor`):
 #: 8-bit or 6-bit codes keep the order of near neighbours well, 4-bit codes (fast-scan PQ) need more candidates
-#: (2M vectors, recall@10 after re-scoring: 4-bit PQ 0.845 from 4 x k candidates, 0.989 from 10 x k).
+#: (2M vectors, recall@10 after re-scoring: 4-bit PQ 0.845 from 4 x k candidates, 0.989 from 10 x k; 10M through
+#: ris at 461 probes: 0.953 from 10 x k, 0.962 from 16 x k for 0.5 ms more).
 REFINE_FACTOR = 4
-FAST_SCAN_REFINE_FACTOR = 10
+FAST_SCAN_REFINE_FACTOR = 16
 #: Fewer training vectors per IVF list than this and k-means is noisy; more costs time for nothing.
 TRAIN_PER_LIST = 64
 #: ...but at most this many (10M vectors: 16,384 lists; 32 a list are enough for a two-level k-means).
@@ -403,7 +407,18 @@ def search(
     elif k >= SORT_FROM_K and 4 * k >= index.ntotal and _torch_searchable(index):
         return _sorted_product(index, queries, k, block)
     params, _keep = search_parameters(index, nprobe)
+    _fast_scan_for(index, len(queries))
     return index.search(queries, k, params=params)
+
+
+def _fast_scan_for(index: faiss.Index, n_queries: int) -> None:
+    """A 4-bit fast-scan IVF scans a lone query's probes on all threads (FAISS's implem 14, "multithreaded over
+    nq x nprobe"; its automatic choice gave one query one thread): 10M images, 461 probes, one query 6.3 ->
+    4.4 ms; a batch of 200 keeps the automatic choice (2.0 ms a query, 2.3 with 14). Candidates 99% the same,
+    so a search racing another's choice on the shared index only gets the other valid scan."""
+    ivf = _ivf(index)
+    if isinstance(ivf, faiss.IndexIVFFastScan):
+        ivf.implem = FAST_SCAN_LONE_QUERY if n_queries == 1 else 0
 
 
 def range_search(
