@@ -18,8 +18,8 @@ exactly as `ris index` does (`--index auto`). Measure, each part in its own chil
 - truth: the exact top 10 of each query over every image's reduced vector (stored vectors read in slot
   order a block at a time, reduced with the collection's PCA), cached in PATH.truth.npz;
 - search: --queries fresh vectors one at a time, reduced and searched through Collection.search_vectors
-  (IVF candidates re-scored from the catalogue's stored vectors), at the default nprobe and at half and twice
-  it: p50 / p99 latency, recall@10 against the truth, the process's peak RSS;
+  (IVF candidates re-scored from the reduced vectors kept beside the index), at the default nprobe and at half
+  and twice it, after --warm other queries: p50 / p99 latency, recall@10 against the truth, peak RSS;
 - change (unless --no-change): add 1% (new images, then Derived.update) and remove 1% (Collection.remove_ids),
   each timed whole.
 Prints one JSON object per step; disk use is the collection directory's size.
@@ -146,9 +146,9 @@ def build(args: argparse.Namespace) -> dict:
             "peak_rss_mb": rss_mb(), "disk_bytes": size, "bytes_per_image": round(size / max(1, info["images"]))}  # fmt: skip
 
 
-def queries_of(root: Path, n: int) -> np.ndarray:
+def queries_of(root: Path, n: int, seed: int = 1) -> np.ndarray:
     """Stored-space query vectors (the same every run): fresh draws of the mixture."""
-    return generator(root, 1).chunk(0, n)[0]
+    return generator(root, seed).chunk(0, n)[0]
 
 
 def truth(args: argparse.Namespace) -> dict:
@@ -185,12 +185,19 @@ def search(args: argparse.Namespace) -> dict:
         if not np.array_equal(state, state_of(coll)):
             raise SystemExit(f"{root} changed since its exact top 10 were computed: run --step truth first")
         snap = coll.derived.snapshot()
+        if args.baseline:  # the search path before 2026-12-05: no kept reduced vectors, FAISS's own fast-scan choice
+            snap.kept, index.FAST_SCAN_LONE_QUERY = None, 0
         ivf = index._ivf(snap.store.faiss_index)
         default = index.default_nprobe(ivf.nlist) if ivf is not None else 0
         out["index"], out["rss_after_open_mb"] = coll.derived.state()["index"], rss_mb()
         probes = [int(n) for n in args.nprobes.split(",")] if args.nprobes else (
             list(dict.fromkeys((default, max(1, default // 2), 2 * default))) if default else [0])  # fmt: skip
         refines = [int(r) for r in args.refine.split(",")] if args.refine else [index.refine_factor(snap.store.faiss_index)]
+        if args.warm:  # other queries first, as a server that has run a while (the index's lists, the kept vectors)
+            t = time.perf_counter()
+            for q in queries_of(root, args.warm, seed=2):
+                coll.search_vectors(snap.space.from_stored(q[None]), K, ["warm"], nprobe=default or None)
+            out["warm_up"] = {"queries": args.warm, "s": round(time.perf_counter() - t, 1)}
         for nprobe, refine in ((n, r) for n in probes for r in refines):
             index.REFINE_FACTOR = index.FAST_SCAN_REFINE_FACTOR = refine  # candidates re-scored: refine x (k + 8)
             coll.search_vectors(snap.space.from_stored(stored[:3]), K, ["warm"] * 3, nprobe=nprobe or None)
@@ -259,6 +266,9 @@ def main() -> None:
     ap.add_argument("--no-change", action="store_true", help="measure without adding and removing 1%%")
     ap.add_argument("--nprobes", help="search: IVF lists visited, comma-separated (default: the default, half, twice)")
     ap.add_argument("--refine", help="search: re-scoring factors to try, comma-separated (default: index.refine_factor)")
+    ap.add_argument("--warm", type=int, default=300, help="search: other queries run first, untimed (0: a cold start)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="search: as before 2026-12-05 (candidates re-scored from the catalogue; one thread a lone query)")
     ap.add_argument("--step", choices=("all", "inject", "index", "truth", "search", "change"), default="all")
     args = ap.parse_args()
     steps = {"truth": truth, "search": search, "change": change}
