@@ -13,8 +13,9 @@ benchmarks/scale/scale.py on 2M synthetic 256-d vectors shaped like the real fea
 231 probes, one query, 2 cores): SQ6 recall@10 0.784 / 0.999 re-scoring 4 x k, 9.1 / 9.8 ms, 203 bytes a vector;
 PQ256x4fs 0.400 / 0.989 re-scoring 10 x k, 2.3 / 3.6 ms, 143 bytes a vector. At 10M the lists probed, not the
 codes, limit recall, so a 3-4x cheaper scan buys the probes (10M through ris, 461 probes, one query: recall@10
-0.953 / 0.962 re-scoring 10 / 16 x k, p50 6.4 / 6.9 ms; benchmarks/RESULTS.md "Large collections"). Indexes of `MMAP_FROM_BYTES` or more are
-memory-mapped for searching (IVF lists and flat codes are; everything else is read into RAM).
+0.953 / 0.962 re-scoring 10 / 16 x k, p50 6.4 / 6.9 ms; benchmarks/RESULTS.md "Large collections").
+Indexes of `MMAP_FROM_BYTES` or more are memory-mapped for searching (IVF lists and flat codes are; everything
+else is read into RAM).
 
 Where a search runs (`search`, `range_search`; `device` or RIS_SEARCH_DEVICE = auto | cpu | cuda):
 - a FAISS GPU build (`faiss.get_num_gpus() > 0`): the index cloned to the GPUs once
