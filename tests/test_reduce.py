@@ -42,3 +42,16 @@ def test_fit_sample_is_bounded_by_bytes() -> None:
     assert len(wide) * 5120 * 4 <= reduce.FIT_MAX_BYTES and wide[0] == 0 and wide[-1] == ids[-1]
     assert abs(len(reduce.fit_sample(ids, 1280)) - 4 * len(wide)) <= 4  # a quarter of the width, 4x the images
     assert len(reduce.fit_sample(ids[:1000], 5120)) == 1000
+
+
+def test_the_projection_gives_an_image_the_same_vector_alone_and_in_any_batch() -> None:
+    """Stored vectors come from batches of any size (padded to 8 rows inside), queries from one row or a few views."""
+    raw = np.abs(_structured(600, 2048, rank=60, seed=3))
+    proj = reduce.Projection.fit(raw[:300], 256)
+    whole = proj(raw)
+    for n in (1, 2, 7, 8, 9, 31, 33):
+        part = proj(raw[100 : 100 + n])
+        assert part.shape == (n, 256)
+        np.testing.assert_allclose(part, whole[100 : 100 + n], rtol=0, atol=1e-5)
+    x = raw[:13] - 0.5
+    np.testing.assert_allclose(reduce.onto_rows(x, proj.components), x @ proj.components.T, rtol=0, atol=1e-5)
