@@ -85,3 +85,31 @@ def test_views_of_any_size(size: tuple[int, int]) -> None:
     shots = views.views(img)
     assert len(shots) == len(views.ANGLES) + len(views.WINDOWS)
     assert all(s.width >= 1 and s.height >= 1 for s in shots)
+
+
+def test_work_on_threads_keeps_order_reuses_its_threads_nests_and_raises() -> None:
+    """A served query runs several small parallel steps: starting threads for each cost more than the work."""
+    import threading
+
+    from ris.model.runtime import cpu_threads
+    from ris.search.verify import on_threads
+
+    names: set[str] = set()
+
+    def square(x: int) -> int:
+        names.add(threading.current_thread().name)
+        return x * x
+
+    for _ in range(20):
+        assert on_threads(square, list(range(9)), 2) == [x * x for x in range(9)]
+    helpers = names - {threading.current_thread().name}
+    assert 1 <= len(helpers) <= max(1, cpu_threads() - 1) < 20  # the shared pool's threads, not one pool a call
+    assert on_threads(lambda x: on_threads(lambda y: x + y, [1, 2, 3], 2), [10, 20], 2) == [[11, 12, 13], [21, 22, 23]]
+
+    def five(x: int) -> int:
+        if x == 5:
+            raise ValueError("five")
+        return x
+
+    with pytest.raises(ValueError, match="five"):
+        on_threads(five, list(range(10)), 2)
