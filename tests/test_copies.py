@@ -90,6 +90,7 @@ def test_views_of_any_size(size: tuple[int, int]) -> None:
 def test_work_on_threads_keeps_order_reuses_its_threads_nests_and_raises() -> None:
     """A served query runs several small parallel steps: starting threads for each cost more than the work."""
     import threading
+    import time
 
     from ris.model.runtime import cpu_threads
     from ris.search.verify import on_threads
@@ -98,6 +99,7 @@ def test_work_on_threads_keeps_order_reuses_its_threads_nests_and_raises() -> No
 
     def square(x: int) -> int:
         names.add(threading.current_thread().name)
+        time.sleep(0.005)  # as long as a candidate's decoding: the pool's thread takes items too
         return x * x
 
     for _ in range(20):
