@@ -279,3 +279,17 @@ def test_the_default_approximate_index_reaches_recall_once_rescored_and_adds_rem
     mapped = index.load(tmp_path / "index.faiss", mmap=True)
     assert np.array_equal(index.search(mapped, queries, 10, nprobe=16)[1], index.search(ivf, queries, 10, nprobe=16)[1])
     assert not np.isin(index.search(mapped, x[:100], 10, nprobe=64)[1], ids[:100]).any()
+
+
+def test_id_sets_agree_with_numpy_on_any_input() -> None:
+    """ris.vectors.idsets sorts instead of NumPy's hash-based unique (100x slower on consecutive ids)."""
+    from ris.vectors import idsets
+
+    rng = np.random.default_rng(5)
+    for a, b in [(rng.integers(0, 50, 80), rng.integers(0, 50, 30)), (np.arange(1000)[::-1], np.arange(0, 2000, 3)),
+                 (np.zeros(0, np.int64), np.arange(5)), (np.arange(5), np.zeros(0, np.int64))]:  # fmt: skip
+        assert np.array_equal(idsets.unique(a), np.unique(a))
+        assert np.array_equal(idsets.common(a, b), np.intersect1d(a, b))
+        assert np.array_equal(idsets.without(a, b), np.setdiff1d(a, b))
+        assert np.array_equal(idsets.either(a, b), np.union1d(a, b))
+        assert idsets.unique(a).dtype == np.int64

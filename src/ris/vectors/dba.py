@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files.atomic import write_with
-from . import faiss_index as index
+from . import faiss_index as index, idsets
 
 #: Neighbour weight exponent (sim^α; the vector's own weight is 1). Chosen on Caltech-101 (RESULTS.md).
 DBA_ALPHA = 3.0
@@ -149,7 +149,7 @@ class Graph:
         at, known = self.locate(chunk)  # an id the graph does not know keeps its plain vector
         nb = np.where(known[:, None], self.nbrs[at], -1)
         s = np.where(known[:, None], self.sims[at], 0)
-        need = np.unique(np.concatenate([chunk, nb[nb >= 0]]))
+        need = idsets.unique(np.concatenate([chunk, nb[nb >= 0]]))
         x = reduced_for(need)
         pos = np.where(nb >= 0, np.searchsorted(need, nb), -1)
         return augment(x, s, pos, np.searchsorted(need, chunk), alpha)
@@ -203,14 +203,14 @@ def update(graph: Graph | None, ids: np.ndarray, x: np.ndarray, n: int, pca: str
         r, j = np.nonzero(ours > floor)
         pairs.append((j, rows[fresh][r], ours[r, j]))
     took = _take_in(out_nbrs, out_sims, ids, *(np.concatenate(c) for c in zip(*pairs, strict=True)))
-    return Graph(ids, out_nbrs, out_sims, pca), np.union1d(ids[redo], ids[took])
+    return Graph(ids, out_nbrs, out_sims, pca), idsets.either(ids[redo], ids[took])
 
 
 def _take_in(nbrs: np.ndarray, sims: np.ndarray, ids: np.ndarray, rows: np.ndarray, new: np.ndarray,
              s: np.ndarray) -> np.ndarray:  # fmt: skip
     """Merge candidates (row takes image at row `new` with similarity s) into those rows' lists, in place;
     returns the rows whose list changed. Old neighbours first among equals (a stable sort)."""
-    touched = np.unique(rows)
+    touched = idsets.unique(rows)
     if not len(touched):
         return touched
     n = nbrs.shape[1]

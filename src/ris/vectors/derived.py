@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RisError
-from . import dba, faiss_index as index, milvus as milvus_store
+from . import dba, faiss_index as index, idsets, milvus as milvus_store
 from .catalog import Catalog, VectorFile
 from .reduce import Projection, Reducer, block_rows, fit_sample
 from .stores import FaissStore, MilvusVectors, VectorStore
@@ -228,7 +228,7 @@ class Derived:
             vectors_for = _keeping(kept, vectors_for, covered, written)
         store.reconcile(ids, vectors_for, self.catalog.rows, changed)
         if kept is not None:
-            self._keep_rest(kept, space, np.setdiff1d(ids[ids >= covered], np.concatenate([[], *written])))
+            self._keep_rest(kept, space, idsets.without(ids[ids >= covered], np.concatenate([[], *written])))
         else:
             kept_path.unlink(missing_ok=True)
         if new:
@@ -293,7 +293,7 @@ class Derived:
         neighbours = dba.active(self._manifest().dba, len(ids))
         if not neighbours:
             was = old.ids if old is not None else np.empty(0, np.int64)
-            return plain, np.intersect1d(was, ids), None
+            return plain, idsets.common(was, ids), None
         stored = old.stored_vectors(ids, space.fingerprint) if old is not None else None
         if stored is None:  # reduced a block at a time; the graph starts over
             x, old = plain(ids), None

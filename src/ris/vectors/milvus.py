@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import env
 from ..errors import RisError
+from . import idsets
 from .catalog import ImageRow
 
 LITE = "milvus-lite://"
@@ -267,7 +268,7 @@ class MilvusStore:
             while batch := it.next():
                 found += [row["id"] for row in batch]
             it.close()
-        return np.unique(np.asarray(found, dtype=np.int64))
+        return idsets.unique(np.asarray(found, dtype=np.int64))
 
     # --- keeping it in step with the catalogue ---
 

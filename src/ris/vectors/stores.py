@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import RisError
-from . import faiss_index as index
+from . import faiss_index as index, idsets
 from .catalog import ImageRow
 
 VectorsFor = Callable[[np.ndarray], np.ndarray]
@@ -102,7 +102,7 @@ class FaissStore:
         idx = self._index
         if idx is None:
             raise RisError("the FAISS store was not prepared")
-        replaced = any(index.reconcile(idx, np.setdiff1d(wanted, replace), vectors_for)) if len(replace) else False
+        replaced = any(index.reconcile(idx, idsets.without(wanted, replace), vectors_for)) if len(replace) else False
         changed = any(index.reconcile(idx, wanted, vectors_for))
         self._dirty |= replaced or changed
         return replaced or changed
@@ -154,7 +154,7 @@ class MilvusVectors:
 
     def reconcile(self, wanted: np.ndarray, vectors_for: VectorsFor, rows_for: RowsFor, replace: np.ndarray) -> bool:
         changed = any(self.client.reconcile(wanted, vectors_for, rows_for))
-        replace = np.intersect1d(replace, wanted)
+        replace = idsets.common(replace, wanted)
         if len(replace):  # by upsert: a replica searching meanwhile sees each image's old or new vector, never none
             self.client.replace(replace, vectors_for, rows_for)
         return changed or bool(len(replace))
