@@ -27,14 +27,18 @@ CLASSES = ("accordion", "anchor", "ant", "barrel", "bass", "beaver", "binocular"
 PER_CLASS = 8
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(images, extra images to add, a collection of the images with a 16-d PCA: every derived file exists)."""
+@pytest.fixture(scope="module", params=["exact", "approximate"])
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(images, extra images to add, a collection of the images with a 16-d PCA: every derived file exists).
+    approximate: an IVF index without DBA, so its candidates are re-scored from `reduced.G.f16`, written
+    beside the index by every write."""
     root = tmp_path_factory.mktemp("faults")
     images = copy_classes(root / "images", CLASSES[:6], PER_CLASS)
     extra = copy_classes(root / "extra", CLASSES[6:], PER_CLASS)
     path = root / "c.ris"
-    run_cli("index", str(images), "-c", str(path), "--dims", "16", "--json")
+    approximate = ["--index", "IVF4,SQ8", "--dba", "0"] if request.param == "approximate" else []
+    run_cli("index", str(images), "-c", str(path), "--dims", "16", "--json", *approximate)
+    assert bool(list(path.glob("reduced.*.f16"))) == bool(approximate)
     return images, extra, path
 
 
