@@ -243,6 +243,28 @@ def test_injected_features_are_searchable_and_a_bulk_load_restores_its_index(sub
         assert _hash_index(coll)
 
 
+def test_ok_ids_are_every_indexed_id_ascending_whatever_the_span_read_at_once(subset_collection: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Catalog.ok_ids reads the ids as texts a span of ids at a time (SQLite caps a string at 1 GB: ~100M ids)."""
+    from ris.vectors import catalog
+
+    path = shutil.copytree(subset_collection, tmp_path / "c.ris", ignore=shutil.ignore_patterns("lock"))
+    with Collection.open(path) as coll:
+        db = coll.catalog.db
+        gone = [r[0] for r in db.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id").fetchall()[3:20:4]]
+        coll.catalog.remove_ids(gone)
+        db.execute("UPDATE images SET status = 'skipped' WHERE id = (SELECT min(id) FROM images WHERE status = 'ok')")
+        db.commit()
+        want = [r[0] for r in db.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id")]
+        for span in (7, 1, 10**9):
+            monkeypatch.setattr(catalog, "OK_IDS_SPAN", span)
+            got = coll.catalog.ok_ids()
+            assert got.dtype == np.int64 and got.tolist() == want
+        db.execute("DELETE FROM images")
+        db.commit()
+        assert coll.catalog.ok_ids().tolist() == []
+
+
 def test_the_vector_file_reads_rows_in_any_order_and_keeps_an_unlinked_generation(tmp_path: Path) -> None:
     """Positioned reads: any slots, repeats, runs; a reader keeps the file it opened after a rewrite unlinks it;
     a file shorter than the catalogue says is one clear error."""

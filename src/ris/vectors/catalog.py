@@ -70,6 +70,8 @@ def hash_key(sha256: str) -> int:
 
 #: The content-hash index (dedupe lookups): dropped during a bulk load (`Catalog.bulk`) and made again after it.
 HKEY_INDEX = "CREATE INDEX IF NOT EXISTS images_hkey ON images(hkey);"
+#: Ids read as one text by `Catalog.ok_ids` (~9 bytes an id: ~9 MB a text; 1M to 20M ids a text ran alike at 10M).
+OK_IDS_SPAN = 1_000_000
 #: SQLite's page cache per connection (KiB when negative): room for the indexes' pages a batch touches.
 CACHE_KIB = 65536
 
@@ -625,12 +627,18 @@ class Catalog:
     # --- reading -------------------------------------------------------------------------------
 
     def ok_ids(self) -> np.ndarray:
-        """Ids of every indexed image, ascending: one comma-separated text out of SQLite, not a Python row an id
-        (10M images: 1.3 s instead of 4.6 s, and ~80 MB instead of ~1 GB of row objects)."""
-        text = self.db.execute("SELECT group_concat(id) FROM images WHERE status = 'ok'").fetchone()[0]
-        if not text:
-            return np.zeros(0, np.int64)
-        ids = np.fromstring(text, dtype=np.int64, sep=",")
+        """Ids of every indexed image, ascending: comma-separated texts out of SQLite, not a Python row an id
+        (10M images: 1.0-1.2 s instead of 4.6 s, ~9 MB of text at a time instead of ~1 GB of row objects); one
+        text per OK_IDS_SPAN ids (SQLite caps a string at 1 GB, ~100M ids)."""
+        parts = [np.zeros(0, np.int64)]
+        with self.snapshot():
+            top = self.db.execute("SELECT max(id) FROM images").fetchone()[0] or 0
+            for lo in range(0, top + 1, OK_IDS_SPAN):
+                text = self.db.execute("SELECT group_concat(id) FROM images WHERE status = 'ok' AND id >= ? AND id < ?",
+                                       (lo, lo + OK_IDS_SPAN)).fetchone()[0]  # fmt: skip
+                if text:
+                    parts.append(np.fromstring(text, dtype=np.int64, sep=","))
+        ids = np.concatenate(parts)
         return ids if (ids[1:] > ids[:-1]).all() else np.sort(ids)
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
