@@ -82,12 +82,12 @@ class Ranker:
             return scores, ids, rows or self.catalog.rows(np.unique(ids[ids >= 0]))
         _, ids, rows = store.search(vectors, store.candidates(want), nprobe)
         if rows:  # the store knows which of them are still indexed
-            ids = np.where(np.isin(ids, np.fromiter(rows, np.int64, len(rows))), ids, -1)
+            ids = np.where(_indexed(ids, rows), ids, -1)
             scores, ids = index.rerank(vectors, ids, self._served(snap), want)
             return scores, ids, rows
         scores, ids = index.rerank(vectors, ids, self._served(snap), ids.shape[1])
         rows = self._rows_of_best(ids, want)
-        found = np.isin(ids, np.fromiter(rows, np.int64, len(rows)))
+        found = _indexed(ids, rows)
         best = np.argsort(~found, axis=1, kind="stable")[:, :want]  # still re-scored order, deleted ones out
         scores, ids, found = (np.take_along_axis(a, best, 1) for a in (scores, ids, found))
         return np.where(found, scores, -np.inf), np.where(found, ids, -1), rows
@@ -101,7 +101,7 @@ class Ranker:
             block = ids[:, end - want : end]
             rows.update(self.catalog.rows(np.unique(block[block >= 0])))
             head = ids[:, :end]
-            if (np.isin(head, np.fromiter(rows, np.int64, len(rows))).sum(1) >= min(want, ids.shape[1])).all():
+            if (_indexed(head, rows).sum(1) >= min(want, ids.shape[1])).all():
                 break
         return rows
 
@@ -218,6 +218,11 @@ class Ranker:
         for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
             heads[q] = head or heads[q]
         return heads
+
+
+def _indexed(ids: np.ndarray, rows: dict[int, ImageRow]) -> np.ndarray:
+    """Which of these ids have a catalogue row (are still indexed)."""
+    return np.isin(ids, np.fromiter(rows, np.int64, len(rows)))
 
 
 def _matches(cands: Candidates, similarity: dict[int, float]) -> list[Match]:

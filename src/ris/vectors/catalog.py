@@ -191,6 +191,12 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def runs(sorted_slots: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) positions of each run of consecutive slots in an ascending array: one read or write each."""
+    cuts = (np.flatnonzero(np.diff(sorted_slots) != 1) + 1).tolist()
+    return list(zip([0, *cuts], [*cuts, len(sorted_slots)], strict=True))
+
+
 class VectorFile:
     """Fixed-width bfloat16 rows in one file, appended by the one writer, read by anyone with positioned reads.
 
@@ -249,15 +255,13 @@ class VectorFile:
             return np.zeros((0, self.width), np.float32)
         unique, inverse = np.unique(slots, return_inverse=True)
         rows = np.empty((len(unique), self.width), self.dtype)
-        runs = np.flatnonzero(np.diff(unique) != 1) + 1  # each run of consecutive slots: one read
         fd = self._reader()
         have = os.fstat(fd).st_size // self.row_bytes
         if have <= unique[-1]:
             raise RisError(f"{self.path} is damaged: it holds {have} vectors, the catalogue uses {int(unique[-1]) + 1}")
-        los = np.concatenate([[0], runs]).tolist()
         whole, rb = memoryview(rows).cast("B"), self.row_bytes  # one view, sliced: a search reads ~180 single rows
-        for lo, hi, slot in zip(los, np.concatenate([runs, [len(unique)]]).tolist(), unique[los].tolist(), strict=True):
-            view, offset = whole[lo * rb : hi * rb], slot * rb
+        for lo, hi in runs(unique):  # each run of consecutive slots: one read
+            view, offset = whole[lo * rb : hi * rb], int(unique[lo]) * rb
             while len(view):  # a read may return short (Linux: 2 GiB at most a call)
                 got = os.preadv(fd, [view], offset)
                 if not got:  # cut short since its size was read

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import RisError
 from . import dba, faiss_index as index, idsets, milvus as milvus_store
-from .catalog import Catalog, VectorFile
+from .catalog import Catalog, VectorFile, runs
 from .reduce import Projection, Reducer, block_rows, fit_sample
 from .stores import FaissStore, MilvusVectors, VectorStore
 
@@ -88,8 +88,7 @@ class Kept(VectorFile):
     def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Write these ids' rows (ids sorted), one write per run of consecutive ids."""
         data = vectors.astype(np.float16)
-        cuts = np.flatnonzero(np.diff(ids) != 1) + 1
-        for lo, hi in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(ids)]]).tolist(), strict=True):
+        for lo, hi in runs(ids):
             self.write(int(ids[lo]), data[lo:hi])
 
 
