@@ -16,7 +16,7 @@ through `Catalog.insert_done` (rows written 'ok' with their vector, one transact
 `Catalog.bulk` (the hash index made once at the end), then `Derived.update` fits PCA and builds the index
 exactly as `ris index` does (`--index auto`). Measure, each part in its own child process (RSS its own):
 - truth: the exact top 10 of each query over every image's reduced vector (stored vectors read in slot
-  order a block at a time, reduced with the collection's PCA), cached in PATH.truth.npz;
+  order a block at a time, reduced with the collection's PCA), cached in PATH.truth.npz (--query-seed S: PATH.truthS.npz);
 - search: --queries fresh vectors one at a time, reduced and searched through Collection.search_vectors
   (IVF candidates re-scored from the reduced vectors kept beside the index), at the default nprobe and at half
   and twice it, after --warm other queries: p50 / p99 latency, recall@10 against the truth, peak RSS;
@@ -151,12 +151,17 @@ def queries_of(root: Path, n: int, seed: int = 1) -> np.ndarray:
     return generator(root, seed).chunk(0, n)[0]
 
 
+def truth_path(root: Path, seed: int) -> Path:
+    """Where the exact top 10 of the queries drawn with this seed are cached (seed 1: PATH.truth.npz)."""
+    return root.with_name(root.name + (".truth.npz" if seed == 1 else f".truth{seed}.npz"))
+
+
 def truth(args: argparse.Namespace) -> dict:
     """Exact top-K over all reduced vectors, the stored vectors read in slot order a block at a time."""
     root = Path(args.measure_only)
     with Collection.open(root) as coll:
         snap = coll.derived.snapshot()
-        queries = snap.space.from_stored(queries_of(root, args.queries))
+        queries = snap.space.from_stored(queries_of(root, args.queries, args.query_seed))
         rows = coll.catalog.db.execute("SELECT id, slot FROM images WHERE status = 'ok' ORDER BY slot").fetchall()
         ids, slots = np.array(rows, dtype=np.int64).T
         del rows
@@ -170,15 +175,15 @@ def truth(args: argparse.Namespace) -> dict:
             i = np.concatenate([best_i, np.broadcast_to(ids[start : start + CHUNK], sims.shape)], axis=1)
             top = np.argpartition(-s, K, axis=1)[:, :K]
             best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
-        np.savez(root.with_name(root.name + ".truth.npz"), ids=best_i, state=state_of(coll))
+        np.savez(truth_path(root, args.query_seed), ids=best_i, state=state_of(coll))
     return {"images": len(ids), "exact_s": round(time.perf_counter() - t), "peak_rss_mb": rss_mb()}
 
 
 def search(args: argparse.Namespace) -> dict:
     """Latency and recall@10 at the default nprobe, half and twice it (IVF lists visited: the speed/recall knob)."""
     root = Path(args.measure_only)
-    stored = queries_of(root, args.queries)
-    with np.load(root.with_name(root.name + ".truth.npz")) as data:
+    stored = queries_of(root, args.queries, args.query_seed)
+    with np.load(truth_path(root, args.query_seed)) as data:
         expected, state = data["ids"], data["state"]
     out: dict = {}
     with Collection.open(root) as coll:
@@ -263,6 +268,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/tenm/10m.ris", help="the collection to build")
     ap.add_argument("--measure-only", metavar="PATH", help="measure this built collection (truth, search, change)")
     ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--query-seed", type=int, default=1,
+                    help="draw the measured queries with this seed (1: the set the defaults were chosen on; 2 is the warm-up)")
     ap.add_argument("--no-change", action="store_true", help="measure without adding and removing 1%%")
     ap.add_argument("--nprobes", help="search: IVF lists visited, comma-separated (default: the default, half, twice)")
     ap.add_argument("--refine", help="search: re-scoring factors to try, comma-separated (default: index.refine_factor)")
