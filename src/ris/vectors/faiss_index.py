@@ -250,12 +250,9 @@ def reconcile(
     wanted = np.asarray(wanted, dtype=np.int64)
     have = ids_of(index)
     extra = np.setdiff1d(have, wanted, assume_unique=True)
-    if len(extra):
-        try:
-            index.remove_ids(faiss.IDSelectorBatch(extra))
-        except RuntimeError:
-            index.reset()
-            have = np.empty(0, np.int64)
+    if len(extra) and not _removed(index, extra):
+        index.reset()  # emptied, still trained: refilled below
+        have = np.empty(0, np.int64)
     missing = np.setdiff1d(wanted, have, assume_unique=True)
     if len(extra) or len(missing):
         _changed(index)
@@ -265,6 +262,19 @@ def reconcile(
         ids = missing[start : start + chunk]
         index.add_with_ids(np.ascontiguousarray(vectors_for(ids), dtype=np.float32), ids)
     return len(missing), len(extra)
+
+
+def _removed(index: faiss.Index, extra: np.ndarray) -> bool:
+    """Remove these ids in place where the index can do it right. HNSW cannot; FAISS 1.15's IVF fast-scan lists
+    can, but leave their block-packed codes out of step with the ids (16k images, 1 in 7 removed: images added
+    next found themselves 26% of the time, the rest 86%), so those are refilled too."""
+    if isinstance(_ivf(index), faiss.IndexIVFFastScan):
+        return False
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(extra))
+        return True
+    except RuntimeError:
+        return False
 
 
 def save(index: faiss.Index, path: Path) -> None:
