@@ -242,14 +242,16 @@ def _train(index: faiss.Index, wanted: np.ndarray, vectors_for: Callable[[np.nda
 def reconcile(
     index: faiss.Index, wanted: np.ndarray, vectors_for: Callable[[np.ndarray], np.ndarray], chunk: int = 65536
 ) -> tuple[int, int]:
-    """Make the index hold exactly the `wanted` ids; returns (added, removed).
+    """Make the index hold exactly the `wanted` ids; returns (added, removed): ids it did not hold before, and
+    ids it no longer holds.
 
     An untrained index (a new IVF) is trained first on a sample of the wanted vectors. Types that
-    cannot remove ids (HNSW) are emptied and refilled instead.
+    cannot remove ids right (HNSW, IVF fast-scan: `_removed`) are emptied and refilled instead.
     """
     wanted = np.asarray(wanted, dtype=np.int64)
     have = ids_of(index)
     extra = np.setdiff1d(have, wanted, assume_unique=True)
+    added = len(wanted) - (len(have) - len(extra))  # wanted ids are unique; have minus extra are all wanted
     if len(extra) and not _removed(index, extra):
         index.reset()  # emptied, still trained: refilled below
         have = np.empty(0, np.int64)
@@ -261,7 +263,7 @@ def reconcile(
     for start in range(0, len(missing), chunk):
         ids = missing[start : start + chunk]
         index.add_with_ids(np.ascontiguousarray(vectors_for(ids), dtype=np.float32), ids)
-    return len(missing), len(extra)
+    return added, len(extra)
 
 
 def _removed(index: faiss.Index, extra: np.ndarray) -> bool:
