@@ -295,16 +295,32 @@ def test_id_sets_agree_with_numpy_on_any_input() -> None:
         assert idsets.unique(a).dtype == np.int64
 
 
-def test_an_ivf_fast_scan_index_keeps_finding_every_image_after_removals_and_adds() -> None:
-    """FAISS's fast-scan remove_ids leaves the packed codes out of step with the ids: reconcile refills instead."""
+def test_an_ivf_fast_scan_index_removes_in_place_and_keeps_finding_every_image() -> None:
+    """FAISS's fast-scan remove_ids leaves removed codes behind each list's end, which later adds corrupt:
+    reconcile clears them, so a removal costs no refill and added images find themselves."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    asked: list[np.ndarray] = []
+
+    def vectors_for(ids: np.ndarray) -> np.ndarray:
+        asked.append(ids)
+        return x[ids]
+
     idx = index.create(32, "IVF64,PQ32x4fs")
-    index.reconcile(idx, np.arange(10000), lambda ids: x[ids])
-    wanted = np.concatenate([np.setdiff1d(np.arange(10000), np.arange(0, 10000, 7)), np.arange(10000, 10500)])
-    assert index.reconcile(idx, wanted, lambda ids: x[ids]) == (500, len(range(0, 10000, 7)))  # refilled inside
-    assert np.array_equal(np.sort(index.ids_of(idx)), wanted)
-    probe = wanted[::20]
-    _, found = index.search(idx, x[probe], 1, nprobe=64)
-    assert (found[:, 0] == probe).mean() > 0.99
+    index.reconcile(idx, np.arange(10000), vectors_for)
+    asked.clear()
+    removed = np.arange(0, 10000, 7)
+    kept = np.setdiff1d(np.arange(10000), removed)
+    assert index.reconcile(idx, kept, vectors_for) == (0, len(removed)) and not asked  # in place
+    for new in (np.arange(10000, 10500), np.arange(10500, 10533)):  # the second: after a removal, no add between
+        wanted = np.concatenate([kept, new])
+        assert index.reconcile(idx, wanted, vectors_for) == (len(new), 0)
+        assert np.array_equal(np.concatenate(asked), new)
+        asked.clear()
+        kept = np.setdiff1d(wanted, wanted[::11])
+        index.reconcile(idx, kept, vectors_for)
+        assert np.array_equal(np.sort(index.ids_of(idx)), kept) and not asked
+    for probe in (kept[kept < 10000][::20], kept[kept >= 10000]):
+        _, found = index.search(idx, x[probe], 1, nprobe=64)
+        assert (found[:, 0] == probe).mean() > 0.99
