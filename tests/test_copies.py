@@ -115,3 +115,33 @@ def test_work_on_threads_keeps_order_reuses_its_threads_nests_and_raises() -> No
 
     with pytest.raises(ValueError, match="five"):
         on_threads(five, list(range(10)), 2)
+
+
+def test_keypoint_matching_finds_the_two_nearest_descriptors_as_opencv_does() -> None:
+    """verify.nearest_two (FAISS's popcount scan) gives OpenCV's brute-force Hamming distances, on a thread of its own
+    without changing the caller's FAISS threads; a rotated half-size copy still confirms its original only."""
+    import threading
+
+    import cv2
+    import faiss
+
+    from ris.search import verify
+
+    files = caltech_files("airplanes", 2) + caltech_files("Leopards", 1)
+    feats = [verify.features(open_image(read_file(str(f)))) for f in files]
+    copy = open_image(read_file(str(files[0]))).rotate(25, expand=True)
+    query = verify.query_views(copy.resize((copy.width // 2, copy.height // 2)))[0]
+    for a, b in [(query, f) for f in feats] + [(feats[1], feats[2])]:
+        dist, nearest = verify.nearest_two(a[1], b[1])
+        pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a[1], b[1], k=2)
+        assert np.array_equal(dist, [[p[0].distance, p[1].distance] for p in pairs])
+        unique = dist[:, 0] < dist[:, 1]
+        assert np.array_equal(nearest[unique, 0], [p[0].trainIdx for p, u in zip(pairs, unique, strict=True) if u])
+    counts = [verify.inliers(query, f) for f in feats]
+    assert counts[0] >= verify.MIN_INLIERS > max(counts[1:])
+    before = faiss.omp_get_max_threads()
+    worker = threading.Thread(target=verify.nearest_two, args=(feats[0][1], feats[1][1]))
+    worker.start()
+    worker.join()
+    verify.nearest_two(feats[0][1], feats[1][1])
+    assert faiss.omp_get_max_threads() == before
