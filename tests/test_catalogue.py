@@ -52,7 +52,42 @@ def test_a_collection_switches_to_projected_vectors_once_large_enough(subset_dir
         assert coll.info()["generation"] == before + 1 and _self_hits(coll) == 1.0
         assert sorted(p.name for p in coll.path.glob("*.[0-9]*.*")) == sorted(
             f"{kind}.{before + 1}.{ext}" for kind, ext in (("pca", "npz"), ("dba", "npz"), ("index", "faiss"))
-        ) + ["vectors.3.bf16"]  # one generation of derived files; the vector file compacted by each reindex
+        ) + ["signatures.3.u8", "vectors.3.bf16"]  # one generation of derived files; the stored ones compacted by each reindex
+        _assert_signatures(coll)  # carried through both rewrites (projection, compaction) to each content's new slot
+
+
+def _assert_signatures(coll: Collection, where: slice = slice(None)) -> None:
+    """Every indexed image (or those in `where`, by id order) has the signature of its file's model input."""
+    from ris.images import signature
+    from ris.images.decode import decode_file
+
+    ids, sigs = coll.catalog.signatures()
+    rows = coll.catalog.rows(ids.tolist())
+    for image_id, sig in list(zip(ids.tolist(), sigs, strict=True))[where]:
+        pixels = decode_file(rows[image_id].path, coll.manifest.input_size).pixels
+        assert np.array_equal(sig, signature.of_pixels(pixels)), rows[image_id].path
+
+
+def test_a_collection_stored_before_signatures_searches_and_keeps_new_ones(subset_dir: Path, tmp_path: Path) -> None:
+    """A collection indexed before signatures were kept has no signature file: it searches as before, and images
+    added later get theirs (the contents stored before read as having none)."""
+    with Collection.create(tmp_path / "c.ris") as coll:
+        coll.index([subset_dir / "cup", subset_dir / "panda"])
+        files = list(coll.path.glob("signatures.*.u8"))
+        assert len(files) == 1 and files[0].stat().st_size == 20 * 256
+        files[0].unlink()
+    with Collection.open(tmp_path / "c.ris") as coll:
+        query = coll.catalog.all_rows()[3]
+        assert coll.search(query.path, k=3).matches[0].id == query.id
+        assert not coll.catalog.signatures()[1].any()
+        first = set(coll.catalog.signatures()[0].tolist())
+        coll.add([subset_dir / "sunflower"])
+        ids, sigs = coll.catalog.signatures()
+        new = np.array([i not in first for i in ids.tolist()])
+        assert new.sum() == 10 and (sigs.any(axis=1) == new).all()
+        _assert_signatures(coll, slice(20, None))
+        sunflower = coll.catalog.all_rows()[-1]
+        assert coll.search(sunflower.path, k=3).matches[0].id == sunflower.id
 
 
 def test_a_large_run_extracts_a_random_sample_first(subset_dir: Path, tmp_path: Path, small_thresholds) -> None:

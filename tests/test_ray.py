@@ -15,6 +15,8 @@ from ris.collection import Collection
 from ris.extract import ray as distributed
 from ris.extract.ray import plan_shards, ray_extract
 from ris.files.sources import scan
+from ris.images import signature
+from ris.images.decode import decode_file
 
 from .conftest import copy_classes
 
@@ -106,6 +108,11 @@ def assert_same(coll: Collection, local: tuple[dict[str, np.ndarray], list]) -> 
     assert coll.catalog.skipped_files() == ref_skipped and len(ref_skipped) == 3
     assert coll.catalog.counts()["pending"] == 0
     assert not any((coll.path / distributed.SHARD_DIR).iterdir())  # every shard merged, none left behind
+    ids, sigs = coll.catalog.signatures()  # made on the decode tasks' nodes, as the local pipeline makes them
+    rows = coll.catalog.rows(ids.tolist())
+    for image_id, sig in zip(ids.tolist(), sigs, strict=True):
+        pixels = decode_file(rows[image_id].path, coll.manifest.input_size).pixels
+        assert np.array_equal(sig, signature.of_pixels(pixels)), rows[image_id].path
 
 
 def test_ray_matches_the_local_pipeline(ray_local: None, images: Path, local_features, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from .errors import RisError
 from .extract.pipeline import IndexReport, ModelSettings, StageTimes, default_workers
 from .files import sources
 from .files.lock import WriterLock
+from .images import signature
 from .images.query import Query, query_name, query_pixels
 from .manifest import FORMAT_VERSION, Manifest, Options
 from .model import registry as models, runtime
@@ -240,8 +241,9 @@ class Collection:
                     cores = threads or runtime.cpu_threads()
                     ext = sink.projecting(self.extractor(device, threads=cores))
                     nworkers = default_workers(cores) if workers is None else workers
-                    times = extract.run(todo, ext, self.manifest.input_size, lambda b, f: sink.commit(b.ok, f, b.failed),
-                                        known=sink.known, batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
+                    commit = lambda b, f: sink.commit(b.ok, f, b.failed, b.signatures)  # noqa: E731
+                    times = extract.run(todo, ext, self.manifest.input_size, commit, known=sink.known,
+                                        batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
             self.derived.update()
             self.record_built()
             counts = self.catalog.counts()
@@ -283,8 +285,10 @@ class Collection:
 
     def embed(self, queries: Sequence[Query], device: str = "auto", batch_size: int = 32) -> np.ndarray:
         """Reduced, unit-norm vectors for the queries (what the index compares)."""
+        return self.embed_pixels(np.stack([self.query_pixels(q) for q in queries]), device, batch_size)
+
+    def embed_pixels(self, pixels: np.ndarray, device: str = "auto", batch_size: int = 32) -> np.ndarray:
         ext = self.extractor(device)
-        pixels = np.stack([self.query_pixels(q) for q in queries])
         return self.reduce(np.concatenate([ext(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]))
 
     def search(self, query: Query, k: int = 5, device: str = "auto", qe: int | None = None, nprobe: int | None = None,
@@ -296,24 +300,25 @@ class Collection:
                     nprobe: int | None = None, verify: bool | None = None) -> list[SearchResult]:  # fmt: skip
         """The k most similar indexed images for each query, in one batched model call and search (ris.search.ranking).
 
-        verify (default: the collection's): geometric verification of the 5 nearest by plain vectors puts the
-        image a query was copied from first when local features confirm it (~20-45 ms a query).
+        verify (default: the collection's): the image a query was copied from goes first when local features or
+        its signature confirm it (ris.search.ranking; ~20-70 ms a query).
         """
         if k < 1:
             raise RisError("k must be at least 1")
         verify = self.manifest.verify if verify is None else verify
-        verify_with = queries if verify else None
-        return self.search_vectors(self.embed(queries, device), k, [query_name(q) for q in queries], qe, nprobe, verify_with)
+        pixels = np.stack([self.query_pixels(q) for q in queries])
+        return self.search_vectors(self.embed_pixels(pixels, device), k, [query_name(q) for q in queries], qe, nprobe,
+                                   queries if verify else None, signature.of_pixels(pixels) if verify else None)  # fmt: skip
 
     def search_vectors(self, vectors: np.ndarray, k: int, names: Sequence[str], qe: int | None = None,
                        nprobe: int | None = None, verify_with: Sequence[Query | Callable] | None = None,
-                       ) -> list[SearchResult]:  # fmt: skip
+                       signatures: np.ndarray | None = None) -> list[SearchResult]:  # fmt: skip
         """The k nearest indexed images per reduced vector (ris.search.ranking.Ranker.search). verify_with: each
         query's image (or a loader of it), to verify the first result geometrically, with a second look
-        (ris.search.views)."""
+        (ris.search.views); signatures: the queries' (ris.images.signature), to find heavily edited copies."""
         qe = self.manifest.query_expansion if qe is None else qe
         nprobe = nprobe or self.manifest.nprobe or None
-        return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads(), self.embed)
+        return self.ranker.search(vectors, k, names, qe, nprobe, verify_with, runtime.cpu_threads(), self.embed, signatures)
 
     def expand(self, vectors: np.ndarray, n: int, nprobe: int | None = None) -> np.ndarray:
         """αQE: each query moved towards its n nearest indexed images (ris.search.ranking.Ranker.expand)."""
@@ -325,8 +330,6 @@ class Collection:
         snap = self.derived.snapshot()
         rows = self.catalog.all_rows()
         return rows, self.ranker.plain(snap, np.array([r.id for r in rows], dtype=np.int64))
-
-    # --- describing ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         counts, m, state = self.catalog.counts(), self.manifest, self.derived.state()

@@ -55,6 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .collection import Collection
 from .errors import CollectionLocked, DecodeError, RisError
+from .images import signature
 from .images.decode import open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
@@ -247,9 +248,11 @@ class CollectionService:
     def search(self, pixels: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
         """Model in the calling thread, PCA and index lookup on the owner thread.
 
-        verify_with: the query file's bytes, for geometric verification of the top results (ris.search.verify)."""
+        verify_with: the query file's bytes, for geometric verification of the top results (ris.search.verify) and
+        its signature's match (ris.search.copies)."""
         raw = self.extractor(pixels[None])
-        return self.call(self._lookup, raw, k, name, verify_with)
+        sig = signature.of_pixels(pixels[None]) if verify_with is not None else None
+        return self.call(self._lookup, raw, k, name, verify_with, sig)
 
     def embed(self, images: list[Image.Image], batch: int = 32) -> np.ndarray:
         """The vectors the index compares for these images (as Collection.embed; ris.tools.dupes embeds framed
@@ -258,10 +261,11 @@ class CollectionService:
         raw = np.concatenate([self.extractor(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
         return self.call(self.coll.reduce, raw)
 
-    def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None) -> SearchResult:
+    def _lookup(self, raw: np.ndarray, k: int, name: str, verify_with: bytes | None = None,
+                sig: np.ndarray | None = None) -> SearchResult:  # fmt: skip
         # reduce() reloads PCA and index if another process rewrote them
         queries = None if verify_with is None else [verify_with]
-        return self.coll.search_vectors(self.coll.reduce(raw), k, [name], verify_with=queries)[0]
+        return self.coll.search_vectors(self.coll.reduce(raw), k, [name], verify_with=queries, signatures=sig)[0]
 
     # --- reading ---
 

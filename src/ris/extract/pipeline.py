@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import DecodeError
+from ..images import signature
 from ..images.decode import decode_bytes, decode_file, decode_jpegs_on_device, read_file
 
 
@@ -51,8 +52,10 @@ class Sink(Protocol):
         """The content hashes among these whose features are already kept (not run through the model again)."""
         ...
 
-    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
-        """Images extracted (id, sha), the new features by sha, and images that failed (id, reason)."""
+    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]],
+               signatures: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+        """Images extracted (id, sha), the new features by sha, images that failed (id, reason), and the new
+        contents' signatures by sha (ris.images.signature, made from the same model input)."""
         ...
 
 
@@ -97,12 +100,14 @@ class Batch:
     """One batch's outcome: decoded images (id, sha) with their stacked pixels, and failures (id, reason).
 
     `pixels` is one uint8 (n, size, size, 3) array aligned with `ok` (a view of the shared slot the
-    decode workers wrote it into), or the files' bytes when the GPU decodes them.
+    decode workers wrote it into), or the files' bytes when the GPU decodes them; `signatures` the new
+    contents' signatures by sha, made from those pixels before they are dropped.
     """
 
     ok: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     pixels: Any = None
+    signatures: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 #: Shared memory the decode workers write pixels into, per running pipeline: (slots, batch_size, size,
@@ -165,6 +170,11 @@ def _device_inputs(todo: dict[str, bytes], size: int, device: str):
         parts.append(torch.from_numpy(np.stack(cpu_pixels)).to(device))
         order += cpu_shas
     return order, (torch.cat(parts) if parts else None), failures
+
+
+def signature_of(pixels: Any) -> np.ndarray:
+    """Signatures of a batch's model input: a uint8 array, or a tensor on the GPU."""
+    return signature.of_pixels(pixels) if isinstance(pixels, np.ndarray) else signature.of_tensor(pixels)
 
 
 def default_workers(threads: int) -> int:
@@ -371,6 +381,7 @@ def _merge(items: list[tuple[Batch, dict[str, np.ndarray]]]) -> tuple[Batch, dic
     for part, feats in items:
         batch.ok += part.ok
         batch.failed += part.failed
+        batch.signatures.update(part.signatures)
         features.update(feats)
     return batch, features
 
@@ -448,6 +459,8 @@ def run(
                     batch.ok = [item for item in batch.ok if item[1] not in failures]
             result = _submit(extractor, pixels) if shas else (lambda: [])
             times.model += time.perf_counter() - start
+            if shas:  # on a GPU, while the model runs
+                batch.signatures = dict(zip(shas, signature_of(pixels), strict=True))
             extracted.update(shas)
             batch.pixels = None  # features only from here on: the writer does not hold images
             if pending is not None:

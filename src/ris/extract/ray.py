@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DecodeError, RisError
+from ..images import signature
 from ..vectors.catalog import from_stored
 from .pipeline import ModelSettings, Sink, StageTimes
 
@@ -53,6 +54,7 @@ class Shard:
     ids: list[int] = field(default_factory=list)
     shas: list[str] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
+    signatures: list[np.ndarray] = field(default_factory=list)  # ris.images.signature, aligned with ids
     failed: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -86,6 +88,7 @@ def save_shard(shard: Shard, directory: Path, raw_dims: int) -> Path:
     with open(tmp, "wb") as fh:
         np.savez(
             fh, ids=np.asarray(shard.ids, np.int64), shas=np.asarray(shard.shas, dtype=str), features=features,
+            signatures=np.asarray(shard.signatures, np.uint8).reshape(len(shard.ids), signature.WIDTH),
             failed_ids=np.asarray([i for i, _ in shard.failed], np.int64),
             reasons=np.asarray([r for _, r in shard.failed], dtype=str),
         )  # fmt: skip
@@ -98,6 +101,7 @@ def load_shard(shard: Shard, path: Path) -> Shard:
         shard.ids = [int(i) for i in data["ids"]]
         shard.shas = [str(s) for s in data["shas"]]
         shard.features = list(from_stored(data["features"]))
+        shard.signatures = list(data["signatures"]) if "signatures" in data else []  # shards written before them: none
         shard.failed = [(int(i), str(r)) for i, r in zip(data["failed_ids"], data["reasons"], strict=True)]
     return shard
 
@@ -109,7 +113,8 @@ def merge_shard(sink: Sink, shard: Shard) -> int:
     for sha, vec in zip(shard.shas, shard.features, strict=True):
         if sha not in have:
             features.setdefault(sha, vec)
-    sink.commit(list(zip(shard.ids, shard.shas, strict=True)), features, shard.failed)
+    signatures = {sha: sig for sha, sig in zip(shard.shas, shard.signatures) if sha in features}  # noqa: B905 (old shards: none)
+    sink.commit(list(zip(shard.ids, shard.shas, strict=True)), features, shard.failed, signatures)
     return len(features)
 
 
@@ -122,11 +127,13 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
 
     results = [_decode_job((int(i), str(p), size)) for i, p in zip(batch["id"], batch["path"], strict=True)]
     blank = np.zeros((size, size, 3), np.uint8)
+    pixels = np.stack([r[2] if r[2] is not None else blank for r in results])
     return {
         "id": np.asarray([r[0] for r in results], np.int64),
         "sha": np.asarray([r[1] or "" for r in results], dtype=object),
         "error": np.asarray([r[3] or "" for r in results], dtype=object),
-        "pixels": np.stack([r[2] if r[2] is not None else blank for r in results]),
+        "pixels": pixels,
+        "signature": signature.of_pixels(pixels),
         "decode_s": np.asarray([r[4] for r in results], np.float64),
         "decode_node": np.full(len(results), node_name(), dtype=object),
     }
@@ -162,6 +169,7 @@ class ModelActor:
             features[ok] = self.extractor(np.ascontiguousarray(batch["pixels"][ok]))
         seconds = time.perf_counter() - start
         return {"id": batch["id"], "sha": batch["sha"], "error": batch["error"], "features": features,
+                "signature": batch["signature"],
                 "decode_s": batch["decode_s"], "model_s": np.full(len(ok), seconds / max(1, len(ok))),
                 "decode_node": batch["decode_node"], "model_node": np.full(len(ok), self.node, dtype=object)}  # fmt: skip
 
@@ -382,7 +390,8 @@ def completed_shards(dataset, todo: Sequence[Shard], times: StageTimes) -> Itera
         ok = np.asarray([e == "" for e in batch["error"]], bool)
         _count(times.nodes, batch["decode_node"], "decoded")
         _count(times.nodes, batch["model_node"][ok], "extracted")
-        for image_id, sha, error, vec in zip(batch["id"], batch["sha"], batch["error"], batch["features"], strict=True):
+        rows = zip(batch["id"], batch["sha"], batch["error"], batch["features"], batch["signature"], strict=True)
+        for image_id, sha, error, vec, sig in rows:
             shard = by_id[int(image_id)]
             if error:
                 shard.failed.append((int(image_id), str(error)))
@@ -390,6 +399,7 @@ def completed_shards(dataset, todo: Sequence[Shard], times: StageTimes) -> Itera
                 shard.ids.append(int(image_id))
                 shard.shas.append(str(sha))
                 shard.features.append(vec)
+                shard.signatures.append(sig)
             if shard.complete:
                 yield shard
         waited = time.perf_counter()

@@ -5,7 +5,9 @@ result is the image nearest to the query by its own (plain) vector: DBA and αQE
 over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on Caltech-101), so the
 first place goes to the plain nearest of the served top ANCHOR_POOL, or to the one of the 5 plain nearest
 that geometric verification confirms (ris.search.verify); when none is confirmed, a second look at the query's
-rotations and regions (ris.search.views) may confirm another image for it; the rest follow in served order.
+rotations and regions (ris.search.views) may confirm another image for it; the image whose signature matches
+the query's (ris.search.copies: blurred, darkened, tiny copies) goes first unless another was confirmed by
+keypoints as ris.search.copies says; the rest follow in served order.
 
 Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
 ranked it: the served score, never increasing down the list (a first result promoted as the query's
@@ -26,6 +28,7 @@ from ..vectors import faiss_index as index
 from ..vectors.catalog import Catalog, ImageRow
 from ..vectors.derived import Derived, Snapshot
 from . import views
+from .copies import SignatureIndex
 from .results import Match, SearchResult
 from .views import Embed
 
@@ -44,6 +47,7 @@ class Ranker:
     def __init__(self, catalog: Catalog, derived: Derived):
         self.catalog, self.derived = catalog, derived
         self._verifier = None
+        self.signatures = SignatureIndex(catalog)
 
     def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
         """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
@@ -130,14 +134,16 @@ class Ranker:
         verify_with: Sequence[Query | Callable[[], Image.Image]] | None = None,
         threads: int = 1,
         embed: Embed | None = None,
+        signatures: np.ndarray | None = None,
     ) -> list[SearchResult]:
         """The k nearest indexed images per query vector, ordered and scored as the module docstring says.
 
         verify_with: each query's image (or a loader of it); the first place then goes to the one of the 5
         plain nearest that geometric verification confirms. embed (the model, images -> reduced vectors): a
-        query none of whose 5 plain nearest is confirmed gets a second look (ris.search.views).
+        query none of whose 5 plain nearest is confirmed gets a second look (ris.search.views). signatures:
+        the queries' (ris.images.signature); an unconfirmed query's signature match goes first (ris.search.copies).
         """  # fmt: skip
-        from .verify import TOP
+        from .verify import MIN_INLIERS, TOP, UPSAMPLE_BELOW
 
         snap = self.derived.snapshot()
         plain = vectors
@@ -157,16 +163,24 @@ class Ranker:
             sims = [np.array([score for score, _ in c], np.float32) for c in served]
         by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
         heads = [c[0] if c else None for c in by_plain]
+        confirmed, small = [False] * len(heads), [False] * len(heads)
         if verify_with is not None:
             looks = self._looks(verify_with, by_plain, threads)
             heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
+            confirmed = [look.inliers >= MIN_INLIERS for look in looks]
+            small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
+            crops = [views.pasted(look.query) if look.query is not None else [] for look in looks]
+            heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads)
             if embed is not None:
-                heads = self._second_look(snap, plain, looks, heads, by_plain, embed, nprobe, threads)
+                heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
+                                                     threads)  # fmt: skip
+        if signatures is not None:
+            heads = self._by_signature(snap, signatures, heads, confirmed, small, served)
         results = []
         for q, (name, cands, sim, head) in enumerate(zip(names, served, sims, heads, strict=True)):
             similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
-            if head is not None and (reordered or verify_with is not None):
-                if head[1].id not in similarity:  # found by the second look: its plain cosine, as the rest
+            if head is not None and (reordered or verify_with is not None or signatures is not None):
+                if head[1].id not in similarity:  # found by the second look or its signature: its plain cosine
                     similarity[head[1].id] = float(self.plain(snap, [head[1].id])[0] @ plain[q])
                     head = (similarity[head[1].id], head[1])
                 head = next((c for c in cands if c[1].id == head[1].id), head)
@@ -185,17 +199,39 @@ class Ranker:
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
         return self._verifier.looks(jobs, threads)
 
-    def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], heads: list, ranked: list[Candidates],
-                     embed: Embed, nprobe: int | None, threads: int) -> list:  # fmt: skip
-        """Heads after ris.search.views' second look for the queries whose first result verification did not confirm:
-        their views embedded in one batch, each image's best cosine over a query's views, the best CANDIDATES
-        verified; a confirmed one (MIN_INLIERS, MARGIN x the first result's matches) goes first."""
-        from .verify import MIN_INLIERS, TOP, choose, on_threads
+    def _by_signature(self, snap: Snapshot, signatures: np.ndarray, heads: list, confirmed: list[bool], small: list[bool],
+                      served: list[Candidates]) -> list:  # fmt: skip
+        """Heads with each query's signature match first where ris.search.copies says so (confirmed: by keypoints;
+        small: a thumbnail); served: the candidates a collection too large to scan compares."""
+        from .copies import NCC_MARGIN, NEAR_NCC
 
-        todo = [q for q, look in enumerate(looks) if look.query is not None and look.inliers < MIN_INLIERS]
+        ids = [np.array([row.id for _, row in c] + ([h[1].id] if h else []), np.int64)
+               for c, h in zip(served, heads, strict=True)]  # fmt: skip
+        found = self.signatures.best(snap.stamp, signatures, ids)
+        todo = [q for q, f in enumerate(found) if f is not None and (heads[q] is None or heads[q][1].id != f[0])]
+        have = [q for q in todo if heads[q] is not None]
+        own = dict(zip(have, self.signatures.ncc(signatures[have], [heads[q][1].id for q in have]) if have else [], strict=True))
+        keep = {q for q in have if own[q] >= found[q][1] - NCC_MARGIN  # as good a match: the head stays
+                or (confirmed[q] and not small[q] and own[q] < NEAR_NCC)}  # keypoints confirmed another layout's picture
+        todo = [q for q in todo if q not in keep]
+        rows = self.catalog.rows([found[q][0] for q in todo])
+        for q in todo:
+            heads[q] = (0.0, rows[found[q][0]]) if found[q][0] in rows else heads[q]
+        return heads
+
+    def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], crops: list[list[Image.Image]],
+                     heads: list, confirmed: list[bool], ranked: list[Candidates], embed: Embed, nprobe: int | None,
+                     threads: int) -> tuple[list, list[bool]]:  # fmt: skip
+        """(heads, confirmed) after ris.search.views' second look for the queries whose first result verification did
+        not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
+        over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
+        result's matches) goes first."""
+        from .verify import TOP, choose, on_threads
+
+        todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q]]
         if not todo:
-            return heads
-        shots = [views.views(looks[q].query) for q in todo]
+            return heads, confirmed
+        shots = [views.views(looks[q].query, crops[q]) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
@@ -216,8 +252,32 @@ class Ranker:
             return (0.0, pick[best - 1]) if best else None
 
         for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
-            heads[q] = head or heads[q]
-        return heads
+            heads[q], confirmed[q] = head or heads[q], confirmed[q] or head is not None
+        return heads, confirmed
+
+    def _pasted_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], heads: list,
+                     confirmed: list[bool], served: list[Candidates], threads: int) -> tuple[list, list[bool]]:  # fmt: skip
+        """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
+        signature matches its crop (PASTED_NCC) and the query's keypoints confirm that image: a picture pasted onto
+        another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
+        from ..images import signature
+        from .copies import PASTED_NCC
+        from .verify import MIN_INLIERS, on_threads
+
+        todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
+        if not todo:
+            return heads, confirmed
+        sigs = np.stack([signature.of_image(crop) for _, crop in todo])
+        found = self.signatures.best(snap.stamp, sigs, [np.array([row.id for _, row in served[q]], np.int64) for q, _ in todo],
+                                     PASTED_NCC)  # fmt: skip
+        rows = self.catalog.rows([f[0] for f in found if f is not None])
+        check = list({(q, f[0]): (q, rows[f[0]]) for (q, _), f in zip(todo, found, strict=True)
+                      if f is not None and f[0] in rows and (heads[q] is None or heads[q][1].id != f[0])}.values())  # fmt: skip
+        counts = on_threads(lambda c: self._verifier.counts(looks[c[0]].views, [c[1].path])[0], check, threads)
+        for (q, row), n in zip(check, counts, strict=True):
+            if n >= MIN_INLIERS:
+                heads[q], confirmed[q] = (0.0, row), True
+        return heads, confirmed
 
 
 def _indexed(ids: np.ndarray, rows: dict[int, ImageRow]) -> np.ndarray:

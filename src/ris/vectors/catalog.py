@@ -13,6 +13,10 @@ What a collection keeps per image is compact (format 2): not the model's wide ra
   first raw features (`reduce.Projection`, kept in the `projection` table: the catalogue alone can
   reduce a query). PCA (re)fits and every derived file are computed from these; nothing is re-extracted.
 
+Beside it, `signatures.<generation>.u8` keeps each content's signature (ris.images.signature: 256 bytes of
+16 x 16 grey levels, for finding heavily edited copies) at the same slot; a row of zeros, or one past the end
+of that file, is a content stored before signatures were kept (or injected without one): it has none.
+
 Vector rows are written before the transaction that makes image rows point at them: rows past the
 committed count (`meta.slots`) are leftovers of a crash and are overwritten by the next writer. Rows of
 removed images stay until `rewrite` (ris reindex) compacts the file into the next generation.
@@ -35,6 +39,7 @@ import numpy as np
 
 from ..errors import RisError
 from ..files.sources import SourceFile
+from ..images import signature
 
 SCHEMA_VERSION = 2
 #: Stored vectors are bfloat16 (float32's top 16 bits, rounded to nearest even), kept as uint16: 2 bytes a
@@ -278,8 +283,31 @@ class VectorFile:
                 os.close(fd)
 
 
+class SignatureFile(VectorFile):
+    """`signatures.G.u8`: each stored content's signature at its vector's slot (uint8 rows, read as they are)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def lookup(self, slots: np.ndarray) -> np.ndarray:
+        """Rows of these slots; zeros (no signature) past the end of the file or when there is none."""
+        slots = np.asarray(slots, np.int64)
+        out = np.zeros((len(slots), self.width), np.uint8)
+        inside = slots < self.count()
+        if inside.any():
+            out[inside] = self.read(slots[inside])
+        return out
+
+
+def signature_name(vectors_name: str) -> str:
+    """The signature file that goes with a vector file (`vectors.3.bf16` -> `signatures.3.u8`)."""
+    return f"signatures.{vectors_name.split('.')[1]}.u8"
+
+
 class Catalog:
-    """A typed wrapper over the collection's SQLite file and its vector file."""
+    """A typed wrapper over the collection's SQLite file, its vector file and its signature file."""
 
     def __init__(self, path: Path, readonly: bool = False):
         """readonly: never write (nor create the schema); also chosen when the file or its folder cannot be
@@ -289,6 +317,7 @@ class Catalog:
         self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._guard = threading.Lock()
         self._file: VectorFile | None = None
+        self._signatures: SignatureFile | None = None
         self._end: int | None = None  # the writer's next free slot (this process only)
         try:
             version = int(self.meta("schema_version") or 0) if self._has_meta() else 0
@@ -366,6 +395,41 @@ class Catalog:
         if self._file is None or self._file.path.name != name:
             self._file = VectorFile(self.path.parent / name, self.width)
         return self._file
+
+    def signature_file(self) -> SignatureFile | None:
+        """The signature file of the current vector file (None while nothing is stored)."""
+        name = self.meta(VECTORS)
+        if name is None:
+            return None
+        if self._signatures is None or self._signatures.path.name != signature_name(name):
+            self._signatures = SignatureFile(self.path.parent / signature_name(name), signature.WIDTH)
+        return self._signatures
+
+    def _put_signatures(self, slot: int, shas: Sequence[str], signatures: dict[str, np.ndarray] | None) -> None:
+        """Signature rows for contents just given vector rows from `slot` on (zeros where none is known, so that a
+        crash's leftover row is never taken for a new content's); no file is made for contents that have none."""
+        file = self.signature_file()
+        assert file is not None
+        if not signatures and file.count() <= slot:
+            return
+        rows = np.zeros((len(shas), signature.WIDTH), np.uint8)
+        for n, sha in enumerate(shas):
+            if signatures and sha in signatures:
+                rows[n] = signatures[sha]
+        file.write(slot, rows)
+
+    def signatures(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, their signatures: uint8 rows, zeros where none) of these images, or of every indexed one (None);
+        ids not indexed are left out."""
+        with self.snapshot():
+            file = self.signature_file()
+            q = "SELECT id, slot FROM images WHERE slot IS NOT NULL AND status = 'ok'"
+            found = (self.db.execute(q + " ORDER BY id").fetchall() if ids is None
+                     else list(self._select_in(q + " AND id IN ({})", [int(i) for i in ids])))  # fmt: skip
+            pairs = np.asarray(found, np.int64).reshape(-1, 2)
+            if file is None or not len(pairs):
+                return pairs[:, 0], np.zeros((len(pairs), signature.WIDTH), np.uint8)
+            return pairs[:, 0], file.lookup(pairs[:, 1])
 
     def _writer_file(self, width: int) -> tuple[VectorFile, int]:
         """(the file, the next free slot) for appending rows of `width`; the first write names the file."""
@@ -488,12 +552,14 @@ class Catalog:
         done: Sequence[tuple[int, str]],
         vectors: dict[str, np.ndarray],
         skipped: Sequence[tuple[int, str]],
+        signatures: dict[str, np.ndarray] | None = None,
     ) -> None:
         """One transaction: images marked ok with their hash and their vector's slot, bad files with reasons.
 
         `vectors` holds the new contents' stored vectors by hash (all of the catalogue's width); the others
-        in `done` are contents stored before. The new rows are written to the vector file first; the
-        transaction then makes them count. One multi-row UPDATE ... FROM VALUES per few hundred images:
+        in `done` are contents stored before; `signatures` the new contents' signatures by hash. The new rows
+        are written to the vector and signature files first; the transaction then makes them count. One
+        multi-row UPDATE ... FROM VALUES per few hundred images:
         the extraction's writer thread runs this while a busy main thread holds the GIL between SQLite steps.
         """
         slots: dict[str, int] = {}
@@ -501,6 +567,7 @@ class Catalog:
             stored = as_stored(np.stack(list(vectors.values())))
             file, end = self._writer_file(stored.shape[1])
             file.write(end, stored)
+            self._put_signatures(end, list(vectors), signatures)
             slots = {sha: end + n for n, sha in enumerate(vectors)}
             self._end = end + len(stored)
         missing = [sha for _, sha in done if sha not in slots]
@@ -521,19 +588,23 @@ class Catalog:
             if vectors:
                 self._set_meta(SLOTS, str(self._end))
 
-    def insert_done(self, files: Sequence[SourceFile], hashes: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+    def insert_done(self, files: Sequence[SourceFile], hashes: Sequence[str], vectors: np.ndarray,
+                    signatures: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """New images whose stored vectors are known already (features injected through the Python API, not
         extracted from files): their rows go in as 'ok' with their vector's slot in one transaction, one write
         a row where sync + commit_batch write each twice (pending, then ok). Returns their ids.
 
         Every content gets its own vector row (no dedupe lookup: a bulk load runs without the hash index); a
-        path already catalogued is an error and nothing of the call is kept.
+        path already catalogued is an error and nothing of the call is kept. signatures: one row per image
+        (ris.images.signature), or none.
         """
         stored = as_stored(vectors)
         if len(stored) != len(files) or len(hashes) != len(files):
             raise RisError(f"{len(files)} files, {len(hashes)} hashes and {len(stored)} vectors: one of each per image")
         file, end = self._writer_file(stored.shape[1])
         file.write(end, stored)
+        given = None if signatures is None else dict(zip(hashes, np.asarray(signatures, np.uint8), strict=True))
+        self._put_signatures(end, list(hashes), given)
         try:
             with self.db:
                 first = self._next_id()
@@ -579,11 +650,17 @@ class Catalog:
         live = self.live_slots()
         generation = int(old.path.name.split(".")[1]) + 1
         new = VectorFile(self.path.parent / f"vectors.{generation}.bf16", width)
-        new.path.unlink(missing_ok=True)  # a leftover of a rewrite that crashed before its switch
+        old_sigs = self.signature_file()
+        new_sigs = SignatureFile(self.path.parent / signature_name(new.path.name), signature.WIDTH)
+        for leftover in (new.path, new_sigs.path):  # of a rewrite that crashed before its switch
+            leftover.unlink(missing_ok=True)
         for start in range(0, len(live), block):
             rows = old.read(live[start : start + block])
             new.write(start, as_stored(transform(rows) if transform else rows))
+            if old_sigs is not None and old_sigs.count():
+                new_sigs.write(start, old_sigs.lookup(live[start : start + block]))
         new.sync()
+        new_sigs.sync()
         with self.db:
             self.db.execute("CREATE TEMP TABLE IF NOT EXISTS moved (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
             self.db.execute("DELETE FROM moved")
@@ -598,6 +675,8 @@ class Catalog:
             self._set_meta(SLOTS, str(len(live)))
         self._end, self._file = len(live), None
         old.path.unlink(missing_ok=True)  # readers that opened it keep reading it until they drop it
+        if old_sigs is not None:
+            old_sigs.path.unlink(missing_ok=True)
 
     def projection(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(mean, components) of the stored projection, or None while vectors are raw features."""

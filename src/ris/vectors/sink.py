@@ -46,13 +46,14 @@ class CatalogSink:
     def known(self, hashes: Sequence[str]) -> set[str]:
         return self.catalog.known_hashes(hashes)
 
-    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]]) -> None:
+    def commit(self, done: Sequence[tuple[int, str]], features: dict[str, np.ndarray], failed: Sequence[tuple[int, str]],
+               signatures: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
         if features and self.projection is not None:
             raw = [sha for sha, f in features.items() if len(f) == self.raw_dims]
             if raw:  # an engine may deliver them projected already (ris.model.torch_runtime projects on the GPU)
                 projected = self.projection(np.stack([features[sha] for sha in raw]))
                 features = {**features, **dict(zip(raw, projected, strict=True))}
-        self.catalog.commit_batch(done, features, failed)
+        self.catalog.commit_batch(done, features, failed, signatures)
         if self._raw and features:
             self._live += len(features)
             if self._live >= reduce.FIT_SAMPLE:
