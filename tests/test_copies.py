@@ -163,7 +163,7 @@ def test_keypoint_matching_finds_the_two_nearest_descriptors_as_opencv_does() ->
     files = caltech_files("airplanes", 2) + caltech_files("Leopards", 1)
     feats = [verify.features(open_image(read_file(str(f)))) for f in files]
     copy = open_image(read_file(str(files[0]))).rotate(25, expand=True)
-    query = verify.query_views(copy.resize((copy.width // 2, copy.height // 2)))[0]
+    query = verify.query_views(copy.resize((copy.width // 2, copy.height // 2)))[0][0]
     for a, b in [(query, f) for f in feats] + [(feats[1], feats[2])]:
         dist, nearest = verify.nearest_two(a[1], b[1])
         pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a[1], b[1], k=2)

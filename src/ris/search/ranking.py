@@ -169,7 +169,7 @@ class Ranker:
             heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
             confirmed = [look.inliers >= MIN_INLIERS for look in looks]
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
-            crops = [views.pasted(look.query) if look.query is not None else [] for look in looks]
+            crops = [look.crops or [] for look in looks]
             heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads)
             if embed is not None:
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
@@ -190,14 +190,15 @@ class Ranker:
 
     def _looks(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
                threads: int) -> list[Look]:  # fmt: skip
-        """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached);
-        queries are decoded at verification's working size."""
+        """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached),
+        with the crops of each query's pasted picture (ris.search.views.pasted); queries are decoded at
+        verification's working size."""
         from .verify import MAX_SIDE, TOP, Verifier
 
         self._verifier = self._verifier or Verifier()
         loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
-        return self._verifier.looks(jobs, threads)
+        return self._verifier.looks(jobs, threads, crops=views.pasted)
 
     def _by_signature(self, snap: Snapshot, signatures: np.ndarray, heads: list, confirmed: list[bool], small: list[bool],
                       served: list[Candidates]) -> list:  # fmt: skip

@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import faiss
@@ -43,6 +43,17 @@ REPROJ_PX = 5.0
 
 Features = tuple[np.ndarray, np.ndarray | None]  # (N x 2 keypoint positions, N x 32 descriptors)
 NO_FEATURES: Features = (np.zeros((0, 2), np.float32), None)
+
+
+def working_size(img: Image.Image, side: int = MAX_SIDE) -> Image.Image:
+    """The query brought to `side` on its longest side when larger (box means, as `features` would): JPEGs decoded
+    in draft mode keep up to twice MAX_SIDE, and the second look's views and crops of a 1,128 x 953 picture took
+    ~140 ms at full size."""
+    scale = side / max(img.size)
+    if scale >= 1:
+        return img
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return Image.fromarray(cv2.resize(np.asarray(img.convert("RGB")), size, interpolation=cv2.INTER_AREA))
 
 
 def features(img: Image.Image, nfeatures: int = FEATURES) -> Features:
@@ -118,18 +129,19 @@ class Verifier:
                 self._cache.popitem(last=False)
         return feats
 
-    def looks(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int) -> list[Look]:
+    def looks(self, jobs: Sequence[tuple[Callable[[], Image.Image], Sequence[str]]], threads: int,
+              crops: Callable[[Image.Image], list] | None = None) -> list[Look]:  # fmt: skip
         """`look` for many (query loader, candidate paths) pairs, on up to `threads` threads (one query alone: its
         candidates on them); a query that cannot be loaded (its file changed since it was embedded) keeps the
-        plain order and gets no second look."""
+        plain order and gets no second look. crops: what else to cut from each query beside its keypoints."""
         alone = threads if len(jobs) == 1 else 1
 
         def run(job: tuple[Callable[[], Image.Image], Sequence[str]]) -> Look:
             try:
-                query = job[0]()
+                full = job[0]()
             except (DecodeError, RisError):
                 return Look(0, 0, None, ())
-            return self.look(query, job[1], alone)
+            return self.look(working_size(full), job[1], alone, crops and (lambda _: crops(full)))  # crops: from the whole
 
         return on_threads(run, jobs, threads)
 
@@ -138,12 +150,14 @@ class Verifier:
         candidates on up to `threads` threads (a served query's uncached candidates are decoded side by side)."""
         return on_threads(lambda p: max(inliers(v, self._candidate(p)) for v in views), paths, threads)
 
-    def look(self, query: Image.Image, paths: Sequence[str], threads: int = 1) -> Look:
-        """Which of the candidate paths (in search order) should come first, with the query's keypoints."""
-        views = query_views(query, threads=threads)  # mirrored copies too; thumbnails enlarged
+    def look(self, query: Image.Image, paths: Sequence[str], threads: int = 1,
+             crops: Callable[[Image.Image], list] | None = None) -> Look:  # fmt: skip
+        """Which of the candidate paths (in search order) should come first, with the query's keypoints (and its
+        crops, made beside them)."""
+        views, cut = query_views(query, threads=threads, also=crops)  # mirrored copies too; thumbnails enlarged
         counts = self.counts(views, paths[:TOP], threads)
         first = choose(counts)
-        return Look(first, counts[first] if counts else 0, query, views)
+        return Look(first, counts[first] if counts else 0, query, views, cut)
 
 
 #: Threads kept for `on_threads`, started once: starting two threads a call cost ~9 ms a served query (1.7 ms each
@@ -206,6 +220,7 @@ class Look(NamedTuple):
     inliers: int
     query: Image.Image | None
     views: Sequence[Features]
+    crops: list | None = None  # what `looks` was asked to cut from the query
 
 
 def choose(counts: Sequence[int]) -> int:
@@ -222,13 +237,17 @@ UPSAMPLE_BELOW = 240
 UPSAMPLE_TO = 320
 
 
-def query_views(img: Image.Image, nfeatures: int = FEATURES, threads: int = 1) -> tuple[Features, Features]:
-    """ORB features of a query and of its mirror image; a thumbnail is enlarged first (to UPSAMPLE_TO on its
-    longest side), so that a fifth-size copy still yields keypoints (harsh set: inliers of its original
-    median 27 this way)."""
+def query_views(img: Image.Image, nfeatures: int = FEATURES, threads: int = 1,
+                also: Callable[[Image.Image], Any] | None = None) -> tuple[tuple[Features, Features], Any]:  # fmt: skip
+    """(ORB features of a query and of its mirror image, also(query) computed beside them on the threads); a
+    thumbnail is enlarged first (to UPSAMPLE_TO on its longest side), so that a fifth-size copy still yields
+    keypoints (harsh set: inliers of its original median 27 this way)."""
+    big = img
     if max(img.size) < UPSAMPLE_BELOW:
         f = UPSAMPLE_TO / max(img.size)
-        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
-    plain, mirror = on_threads(lambda im: features(im, nfeatures), [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
-                         threads)  # fmt: skip
-    return plain, mirror
+        big = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
+    work = [lambda: features(big, nfeatures), lambda: features(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)]
+    if also is not None:
+        work.append(lambda: also(img))
+    done = on_threads(lambda task: task(), work, threads)
+    return (done[0], done[1]), (done[2] if also is not None else None)

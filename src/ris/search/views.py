@@ -55,12 +55,17 @@ def views(img: Image.Image, crops: Sequence[Image.Image] = ()) -> list[Image.Ima
 DETAIL_WINDOW = 1 / 32
 SNAP_BAND = 0.25
 PASTED_AREA = (0.02, 0.8)
+PASTED_SIDE = 720
 
 
 def pasted(img: Image.Image) -> list[Image.Image]:
     """Crops of where a picture may have been pasted onto this one (see the module docstring): the most detailed
     region snapped to straight edges, and the rectangle of strongest border; none that covers nearly all of the
-    picture or little of it."""
+    picture or little of it. Found at up to PASTED_SIDE pixels (pip copies' pasted picture covered by a crop at IoU >
+    0.85, Caltech-101 harsh set, seeds 0-2: 0.61 of them at 480 px, 0.69 at 720, 0.78 at full size)."""
+    from .verify import working_size
+
+    img = working_size(img, PASTED_SIDE)
     grey = np.asarray(img.convert("L"), np.float32)
     if min(grey.shape) < 32:
         return []
@@ -97,7 +102,7 @@ def _bordered(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     and rows holding the most strong steps (a pasted picture's border: a step all along each of its sides)."""
     h, w = grey.shape
     across_columns, across_rows = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
-    strong = max(8.0, float(np.percentile(across_columns, 90)))
+    strong = max(8.0, float(np.percentile(across_columns[::4, ::4], 90)))  # a sample: the whole took 1.4 ms
     xs = np.sort(_peaks((across_columns > strong).mean(axis=0), max(2, w // 60)))
     ys = np.sort(_peaks((across_rows > strong).mean(axis=1), max(2, h // 60)))
     if len(xs) < 2 or len(ys) < 2:
