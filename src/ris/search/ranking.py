@@ -259,11 +259,11 @@ class Ranker:
     def _pasted_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], heads: list,
                      confirmed: list[bool], served: list[Candidates], threads: int) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
-        signature matches its crop (PASTED_NCC) and the query's keypoints confirm that image: a picture pasted onto
-        another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
+        signature matches its crop and the query's keypoints confirm that image (ris.search.copies.pasted_inliers):
+        a picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
         from ..images import signature
-        from .copies import PASTED_NCC
-        from .verify import MIN_INLIERS, on_threads
+        from .copies import PASTED_NCC, pasted_inliers
+        from .verify import on_threads
 
         todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
         if not todo:
@@ -272,11 +272,13 @@ class Ranker:
         found = self.signatures.best(snap.stamp, sigs, [np.array([row.id for _, row in served[q]], np.int64) for q, _ in todo],
                                      PASTED_NCC)  # fmt: skip
         rows = self.catalog.rows([f[0] for f in found if f is not None])
-        check = list({(q, f[0]): (q, rows[f[0]]) for (q, _), f in zip(todo, found, strict=True)
-                      if f is not None and f[0] in rows and (heads[q] is None or heads[q][1].id != f[0])}.values())  # fmt: skip
-        counts = on_threads(lambda c: self._verifier.counts(looks[c[0]].views, [c[1].path])[0], check, threads)
-        for (q, row), n in zip(check, counts, strict=True):
-            if n >= MIN_INLIERS:
+        check: dict[tuple[int, int], tuple[int, ImageRow, float]] = {}
+        for (q, _), f in zip(todo, found, strict=True):
+            if f is not None and f[0] in rows and (heads[q] is None or heads[q][1].id != f[0]):
+                check[q, f[0]] = (q, rows[f[0]], max(f[1], check.get((q, f[0]), (0, None, 0.0))[2]))
+        counts = on_threads(lambda c: self._verifier.counts(looks[c[0]].views, [c[1].path])[0], list(check.values()), threads)
+        for (q, row, ncc), n in zip(check.values(), counts, strict=True):
+            if n >= pasted_inliers(ncc):
                 heads[q], confirmed[q] = (0.0, row), True
         return heads, confirmed
 
