@@ -70,8 +70,8 @@ def test_a_pasted_picture_is_cropped_along_its_border(coll: Collection) -> None:
             continue  # scaled down to fit: not where template matching finds it
         _, _, _, (x, y) = cv2.minMaxLoc(cv2.matchTemplate(whole, original, cv2.TM_CCOEFF_NORMED))
         truth = np.array([x, y, x + original.shape[1], y + original.shape[0]]) * scale
-        boxes = [views._detailed(np.asarray(small.convert("L"), np.float32)),
-                 views._bordered(np.asarray(small.convert("L"), np.float32))]  # fmt: skip
+        grey = np.asarray(small.convert("L"), np.float32)
+        boxes = [views._detailed(grey), *views._bordered(grey)]
         good += max(_iou(truth, b) if b is not None else 0 for b in boxes) > 0.85
     assert good >= 7, good
 

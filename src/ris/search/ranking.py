@@ -259,11 +259,12 @@ class Ranker:
     def _pasted_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], heads: list,
                      confirmed: list[bool], served: list[Candidates], threads: int) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
-        signature matches its crop and the query's keypoints confirm that image (ris.search.copies.pasted_inliers):
-        a picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
+        signature matches its crop and keypoints confirm that image (ris.search.copies.pasted_inliers), the crop's
+        own or the query's (a picture pasted at a quarter of the side keeps few of the query's 500 keypoints): a
+        picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
         from ..images import signature
         from .copies import PASTED_NCC, pasted_inliers
-        from .verify import on_threads
+        from .verify import on_threads, query_views
 
         todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
         if not todo:
@@ -272,12 +273,18 @@ class Ranker:
         found = self.signatures.best(snap.stamp, sigs, [np.array([row.id for _, row in served[q]], np.int64) for q, _ in todo],
                                      PASTED_NCC)  # fmt: skip
         rows = self.catalog.rows([f[0] for f in found if f is not None])
-        check: dict[tuple[int, int], tuple[int, ImageRow, float]] = {}
-        for (q, _), f in zip(todo, found, strict=True):
+        check: dict[tuple[int, int], tuple[int, ImageRow, float, Image.Image]] = {}
+        for (q, crop), f in zip(todo, found, strict=True):
             if f is not None and f[0] in rows and (heads[q] is None or heads[q][1].id != f[0]):
-                check[q, f[0]] = (q, rows[f[0]], max(f[1], check.get((q, f[0]), (0, None, 0.0))[2]))
-        counts = on_threads(lambda c: self._verifier.counts(looks[c[0]].views, [c[1].path])[0], list(check.values()), threads)
-        for (q, row, ncc), n in zip(check.values(), counts, strict=True):
+                if (q, f[0]) not in check or f[1] > check[q, f[0]][2]:
+                    check[q, f[0]] = (q, rows[f[0]], f[1], crop)
+
+        def inliers(c: tuple[int, ImageRow, float, Image.Image]) -> int:
+            views = (*looks[c[0]].views, *query_views(c[3])[0])
+            return self._verifier.counts(views, [c[1].path])[0]
+
+        counts = on_threads(inliers, list(check.values()), threads)
+        for (q, row, ncc, _), n in zip(check.values(), counts, strict=True):
             if n >= pasted_inliers(ncc):
                 heads[q], confirmed[q] = (0.0, row), True
         return heads, confirmed

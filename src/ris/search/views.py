@@ -44,10 +44,14 @@ def window(img: Image.Image, x: float, y: float, side: float) -> Image.Image:
     return img.crop(box)
 
 
+#: Crops of a pasted picture that are also views (each one more image through the model).
+CROP_VIEWS = 2
+
+
 def views(img: Image.Image, crops: Sequence[Image.Image] = ()) -> list[Image.Image]:
-    """The second look's views of one query (not the query itself, which the first search used), and the crops of
-    its pasted picture when it has one (`pasted`)."""
-    return [rotated(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS] + list(crops)
+    """The second look's views of one query (not the query itself, which the first search used), and the first
+    CROP_VIEWS crops of its pasted picture when it has one (`pasted`)."""
+    return [rotated(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS] + list(crops[:CROP_VIEWS])
 
 
 #: The detail map's window (a fraction of the longest side), how far a side may move onto a straight edge (a
@@ -69,8 +73,8 @@ def pasted(img: Image.Image) -> list[Image.Image]:
     grey = np.asarray(img.convert("L"), np.float32)
     if min(grey.shape) < 32:
         return []
-    boxes = {box for box in (_detailed(grey), _bordered(grey)) if box is not None and _fits(box, grey.shape)}
-    return [img.crop(box) for box in sorted(boxes)]
+    boxes = [box for box in (_detailed(grey), *_bordered(grey)) if box is not None and _fits(box, grey.shape)]
+    return [img.crop(box) for box in dict.fromkeys(boxes)]  # the detailed region's first, then by border strength
 
 
 def _fits(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
@@ -93,12 +97,14 @@ def _detailed(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     return _snapped(grey, (x, y, x + w, y + h))
 
 
-#: Straight edges tried per direction for the rectangle of strongest border.
+#: Straight edges tried per direction for the rectangles of strongest border; rectangles kept (IoU under 0.7 with
+#: each other): with 3, one crop covers the pasted picture (IoU > 0.85) for 0.74-0.81 of pip copies, 0.65-0.78 with 1.
 EDGES = 14
+RECTANGLES = 3
 
 
-def _bordered(grey: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The rectangle whose weakest side has the strongest mean step in grey level along it, over the EDGES columns
+def _bordered(grey: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The RECTANGLES whose weakest side has the strongest mean step in grey level along it, over the EDGES columns
     and rows holding the most strong steps (a pasted picture's border: a step all along each of its sides)."""
     h, w = grey.shape
     across_columns, across_rows = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
@@ -106,7 +112,7 @@ def _bordered(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     xs = np.sort(_peaks((across_columns > strong).mean(axis=0), max(2, w // 60)))
     ys = np.sort(_peaks((across_rows > strong).mean(axis=1), max(2, h // 60)))
     if len(xs) < 2 or len(ys) < 2:
-        return None
+        return []
     down = np.vstack([np.zeros((1, w - 1)), np.cumsum(across_columns, axis=0)])  # down[y, x]: column x's sum above row y
     along = np.hstack([np.zeros((h - 1, 1)), np.cumsum(across_rows, axis=1)])  # along[y, x]: row y's sum left of x
     a, b = np.triu_indices(len(xs), 1)  # every pair of columns (left, right) and of rows (top, bottom)
@@ -118,11 +124,22 @@ def _bordered(grey: np.ndarray) -> tuple[int, int, int, int] | None:
                       (along[y1, x1 + 1] - along[y1, x0 + 1]) / wide])  # fmt: skip
     share = (x1 - x0) * (y1 - y0) / (h * w)
     fits = (share >= PASTED_AREA[0]) & (share <= PASTED_AREA[1]) & (wide >= 16) & (tall >= 16)
-    score = np.where(fits, sides.min(axis=0), -1)
-    i, j = np.unravel_index(int(np.argmax(score)), score.shape)
-    if score[i, j] < 0:
-        return None
-    return int(xs[a[i]]) + 1, int(ys[c[j]]) + 1, int(xs[b[i]]) + 1, int(ys[d[j]]) + 1
+    score = np.where(fits, sides.min(axis=0), -1).ravel()
+    found: list[tuple[int, int, int, int]] = []
+    for k in np.argsort(-score, kind="stable"):
+        if score[k] < 0 or len(found) == RECTANGLES:
+            break
+        i, j = np.unravel_index(int(k), (len(a), len(c)))
+        box = (int(xs[a[i]]) + 1, int(ys[c[j]]) + 1, int(xs[b[i]]) + 1, int(ys[d[j]]) + 1)
+        if all(_overlap(box, other) < 0.7 for other in found):
+            found.append(box)
+    return found
+
+
+def _overlap(p: tuple[int, int, int, int], q: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two boxes."""
+    inter = max(0, min(p[2], q[2]) - max(p[0], q[0])) * max(0, min(p[3], q[3]) - max(p[1], q[1]))
+    return inter / ((p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter)
 
 
 def _peaks(profile: np.ndarray, apart: int) -> np.ndarray:
