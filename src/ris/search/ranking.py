@@ -261,9 +261,10 @@ class Ranker:
         """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
         signature matches its crop and keypoints confirm that image (ris.search.copies.pasted_inliers), the crop's
         own or the query's (a picture pasted at a quarter of the side keeps few of the query's 500 keypoints): a
-        picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one."""
+        picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one,
+        when its match is nearly as strong (PASTED_OVER) as the first result's."""
         from ..images import signature
-        from .copies import PASTED_NCC, pasted_inliers
+        from .copies import PASTED_NCC, PASTED_OVER, pasted_inliers
         from .verify import on_threads, query_views
 
         todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
@@ -285,7 +286,7 @@ class Ranker:
 
         counts = on_threads(inliers, list(check.values()), threads)
         for (q, row, ncc, _), n in zip(check.values(), counts, strict=True):
-            if n >= pasted_inliers(ncc):
+            if n >= pasted_inliers(ncc) and (not confirmed[q] or n >= PASTED_OVER * looks[q].inliers):
                 heads[q], confirmed[q] = (0.0, row), True
         return heads, confirmed
 
