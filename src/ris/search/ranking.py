@@ -141,7 +141,7 @@ class Ranker:
         verify_with: each query's image (or a loader of it); the first place then goes to the one of the 5
         plain nearest that geometric verification confirms. embed (the model, images -> reduced vectors): a
         query none of whose 5 plain nearest is confirmed gets a second look (ris.search.views). signatures:
-        the queries' (ris.images.signature); an unconfirmed query's signature match goes first (ris.search.copies).
+        the queries' (ris.images.signature): a signature match goes first where ris.search.copies says so.
         """  # fmt: skip
         from .verify import MIN_INLIERS, TOP, UPSAMPLE_BELOW
 
@@ -285,9 +285,13 @@ class Ranker:
             return self._verifier.counts(views, [c[1].path])[0]
 
         counts = on_threads(inliers, list(check.values()), threads)
+        best: dict[int, tuple[int, ImageRow]] = {}  # per query, its best confirmed match
         for (q, row, ncc, _), n in zip(check.values(), counts, strict=True):
-            if n >= pasted_inliers(ncc) and (not confirmed[q] or n >= PASTED_OVER * looks[q].inliers):
-                heads[q], confirmed[q] = (0.0, row), True
+            strong = n >= pasted_inliers(ncc) and (not confirmed[q] or n >= PASTED_OVER * looks[q].inliers)
+            if strong and n > best.get(q, (0, None))[0]:
+                best[q] = (n, row)
+        for q, (_, row) in best.items():
+            heads[q], confirmed[q] = (0.0, row), True
         return heads, confirmed
 
 
