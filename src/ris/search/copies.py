@@ -52,6 +52,8 @@ def pasted_inliers(ncc: float) -> int:
     from .verify import MIN_INLIERS
 
     return MIN_INLIERS if ncc >= PASTED_SURE else 2 * MIN_INLIERS
+
+
 #: Collections up to this many images are scanned whole (float16 signatures in memory: 512 bytes an image).
 SCAN_MAX = 100_000
 
@@ -61,23 +63,24 @@ class SignatureIndex:
 
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
-        self._key: object = None
-        self._index: faiss.Index | None = None
-        self._ids = np.zeros(0, np.int64)
+        self._scan: tuple[object, faiss.Index | None, np.ndarray] = (None, None, np.zeros(0, np.int64))
 
-    def _scan_index(self, key: object) -> faiss.Index | None:
-        """The scan over every indexed signature (None above SCAN_MAX images, or when none has one)."""
-        if key != self._key:
-            self._key, self._index = key, None
+    def _scan_index(self, key: object) -> tuple[faiss.Index | None, np.ndarray]:
+        """(the scan over every indexed signature, the ids of its rows); no scan above SCAN_MAX images or when no
+        image has a signature. Made anew when the collection's state changes, and swapped in whole."""
+        scan = self._scan
+        if key != scan[0]:
+            index, ids = None, np.zeros(0, np.int64)
             if self.catalog.counts()["ok"] <= SCAN_MAX:
-                ids, rows = self.catalog.signatures()
+                found, rows = self.catalog.signatures()
                 x, valid = signature.unit(rows)
                 if valid.any():
-                    self._index = faiss.IndexScalarQuantizer(signature.WIDTH, faiss.ScalarQuantizer.QT_fp16,
-                                                             faiss.METRIC_INNER_PRODUCT)  # fmt: skip
-                    self._index.add(x[valid])
-                    self._ids = ids[valid]
-        return self._index
+                    index = faiss.IndexScalarQuantizer(signature.WIDTH, faiss.ScalarQuantizer.QT_fp16,
+                                                       faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+                    index.add(x[valid])
+                    ids = found[valid]
+            scan = self._scan = (key, index, ids)
+        return scan[1], scan[2]
 
     def best(self, key: object, queries: np.ndarray, candidates: Sequence[np.ndarray],
              min_ncc: float = MIN_NCC) -> list[tuple[int, float] | None]:  # fmt: skip
@@ -87,13 +90,13 @@ class SignatureIndex:
         ids compared when the collection is too large to scan."""
         q, valid = signature.unit(queries)
         m, _ = signature.unit(signature.mirrored(queries))
-        index = self._scan_index(key)
+        index, ids = self._scan_index(key)
         if index is not None:
             scores, rows = index.search(np.vstack([q, m]), 1)
             n = len(q)
             plain = scores[:n, 0] >= scores[n:, 0] - MIRROR_MARGIN  # mirrored twins: the picture as it is
             pick, best = np.where(plain, rows[:n, 0], rows[n:, 0]), np.where(plain, scores[:n, 0], scores[n:, 0])
-            found = [(int(self._ids[r]), float(s)) if r >= 0 else None for r, s in zip(pick, best, strict=True)]
+            found = [(int(ids[r]), float(s)) if r >= 0 else None for r, s in zip(pick, best, strict=True)]
         else:
             found = [self._best_of(q[i], m[i], cands) for i, cands in enumerate(candidates)]
         return [f if ok and f is not None and f[1] >= min_ncc else None for f, ok in zip(found, valid, strict=True)]
