@@ -70,16 +70,9 @@ def test_a_pasted_picture_is_cropped_along_its_border(coll: Collection) -> None:
             continue  # scaled down to fit: not where template matching finds it
         _, _, _, (x, y) = cv2.minMaxLoc(cv2.matchTemplate(whole, original, cv2.TM_CCOEFF_NORMED))
         truth = np.array([x, y, x + original.shape[1], y + original.shape[0]]) * scale
-        grey = np.asarray(small.convert("L"), np.float32)
-        boxes = [views._detailed(grey), *views._bordered(grey)]
-        good += max(_iou(truth, b) if b is not None else 0 for b in boxes) > 0.85
+        boxes = views.boxes(np.asarray(small.convert("L"), np.float32))
+        good += max((views._overlap(tuple(truth), b) for b in boxes), default=0) > 0.85
     assert good >= 7, good
-
-
-def _iou(a, b) -> float:
-    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0, w) * max(0, h)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_views_bring_rotated_copies_back(coll: Collection) -> None:

@@ -74,5 +74,5 @@ def unit(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mirrored(signatures: np.ndarray) -> np.ndarray:
-    """The signatures of the mirror images (left-right)."""
+    """The signatures of the mirror images (left-right); of `unit` rows too (their dtype kept)."""
     return np.ascontiguousarray(np.asarray(signatures).reshape(-1, SIDE, SIDE)[:, :, ::-1].reshape(-1, WIDTH))

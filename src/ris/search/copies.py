@@ -89,7 +89,7 @@ class SignatureIndex:
         key: identifies the collection's current state (a search snapshot's stamp); candidates: per query, the
         ids compared when the collection is too large to scan."""
         q, valid = signature.unit(queries)
-        m, _ = signature.unit(signature.mirrored(queries))
+        m = signature.mirrored(q)  # mirroring only reorders the grey levels: the mirror's unit rows
         index, ids = self._scan_index(key)
         if index is not None:
             scores, rows = index.search(np.vstack([q, m]), 1)
@@ -105,7 +105,7 @@ class SignatureIndex:
         """NCC of each query signature with one image's (that image's or its mirror's, the better); -1 where either
         has none."""
         q, valid = signature.unit(queries)
-        m, _ = signature.unit(signature.mirrored(queries))
+        m = signature.mirrored(q)
         found, rows = self.catalog.signatures(ids)
         x, has = signature.unit(rows)
         by_id = {int(i): (v, h) for i, v, h in zip(found, x, has, strict=True)}

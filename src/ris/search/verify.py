@@ -141,7 +141,7 @@ class Verifier:
                 full = job[0]()
             except (DecodeError, RisError):
                 return Look(0, 0, None, ())
-            return self.look(working_size(full), job[1], alone, crops and (lambda _: crops(full)))  # crops: from the whole
+            return self.look(working_size(full), job[1], alone, crops and (lambda: crops(full)))  # crops: from the whole
 
         return on_threads(run, jobs, threads)
 
@@ -151,7 +151,7 @@ class Verifier:
         return on_threads(lambda p: max(inliers(v, self._candidate(p)) for v in views), paths, threads)
 
     def look(self, query: Image.Image, paths: Sequence[str], threads: int = 1,
-             crops: Callable[[Image.Image], list] | None = None) -> Look:  # fmt: skip
+             crops: Callable[[], list] | None = None) -> Look:  # fmt: skip
         """Which of the candidate paths (in search order) should come first, with the query's keypoints (and its
         crops, made beside them)."""
         views, cut = query_views(query, threads=threads, also=crops)  # mirrored copies too; thumbnails enlarged
@@ -238,16 +238,15 @@ UPSAMPLE_TO = 320
 
 
 def query_views(img: Image.Image, nfeatures: int = FEATURES, threads: int = 1,
-                also: Callable[[Image.Image], Any] | None = None) -> tuple[tuple[Features, Features], Any]:  # fmt: skip
-    """(ORB features of a query and of its mirror image, also(query) computed beside them on the threads); a
+                also: Callable[[], Any] | None = None) -> tuple[tuple[Features, Features], Any]:  # fmt: skip
+    """(ORB features of a query and of its mirror image, also() computed beside them on the threads); a
     thumbnail is enlarged first (to UPSAMPLE_TO on its longest side), so that a fifth-size copy still yields
     keypoints (harsh set: inliers of its original median 27 this way)."""
-    big = img
     if max(img.size) < UPSAMPLE_BELOW:
         f = UPSAMPLE_TO / max(img.size)
-        big = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
-    work = [lambda: features(big, nfeatures), lambda: features(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)]
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BICUBIC)
+    work = [lambda: features(img, nfeatures), lambda: features(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), nfeatures)]
     if also is not None:
-        work.append(lambda: also(img))
+        work.append(also)
     done = on_threads(lambda task: task(), work, threads)
     return (done[0], done[1]), (done[2] if also is not None else None)

@@ -7,12 +7,14 @@ nearest, the query gets a second look: its VIEWS (rotated back by a few angles a
 windows on a grid) go through the model in one batch, each indexed image scores its best cosine over the views,
 and the CANDIDATES best by that score are verified with the query's keypoints; the best confirmed one goes first.
 
-A picture pasted onto another is found by its sharpness (`pasted`): the background of a picture-in-picture
-copy was enlarged (a photo blown up to frame a picture 25-50% of its side) or is flat shapes, and a screenshot
-is flat around its picture, while the pasted picture keeps its detail. The region of most Laplacian energy,
-its sides moved onto the nearest straight edges, is one more view, and the indexed image whose signature
-matches it (ris.search.copies) is verified first (Caltech-101 harsh set, seed 0: the crop alone finds 0.82 of
-pasted pictures' originals first, the query 0.38).
+A picture pasted onto another is found by its sharpness and its border (`pasted`): the background of a
+picture-in-picture copy was enlarged (a photo blown up to frame a picture 25-50% of its side) or is flat shapes,
+and a screenshot is flat around its picture, while the pasted picture keeps its detail and ends in straight
+edges. The region of most Laplacian energy (its sides moved onto the nearest straight edges) and the rectangles
+of strongest border are cropped, as is a picture turned with black corners (`straightened`); the indexed image
+whose signature matches a crop (ris.search.copies) is verified with the crop's keypoints
+(ris.search.ranking), and the first crops are views too (Caltech-101 harsh set, seed 0: the detailed crop alone
+found 0.82 of pasted pictures' originals first, the query 0.38).
 A query whose first result is confirmed (an exact or mildly edited copy) costs nothing more. Measured in
 benchmarks/RESULTS.md (section 6, "Copies").
 """
@@ -63,9 +65,8 @@ PASTED_SIDE = 720
 
 
 def pasted(img: Image.Image) -> list[Image.Image]:
-    """Crops of where a picture may have been pasted onto this one (see the module docstring): the most detailed
-    region snapped to straight edges, and the rectangle of strongest border; none that covers nearly all of the
-    picture or little of it. Found at up to PASTED_SIDE pixels (pip copies' pasted picture covered by a crop at IoU >
+    """Crops of a picture turned with black corners (`straightened`) and of where one may have been pasted onto
+    this one (`boxes`), found at up to PASTED_SIDE pixels (pip copies' pasted picture covered by a crop at IoU >
     0.85, Caltech-101 harsh set, seeds 0-2: 0.61 of them at 480 px, 0.69 at 720, 0.78 at full size)."""
     from .verify import working_size
 
@@ -73,8 +74,15 @@ def pasted(img: Image.Image) -> list[Image.Image]:
     grey = np.asarray(img.convert("L"), np.float32)
     if min(grey.shape) < 32:
         return []
-    boxes = [box for box in (_detailed(grey), *_bordered(grey)) if box is not None and _fits(box, grey.shape)]
-    return straightened(img) + [img.crop(box) for box in dict.fromkeys(boxes)]  # then by border strength
+    return straightened(img) + [img.crop(box) for box in boxes(grey)]
+
+
+def boxes(grey: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Where a picture may be pasted in this grey image: the most detailed region snapped to straight edges, then
+    the RECTANGLES of strongest border; none that covers nearly all of it or little of it (PASTED_AREA)."""
+    steps = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))  # grey-level steps across columns, rows
+    found = [_detailed(grey, steps), *_bordered(steps)]
+    return list(dict.fromkeys(box for box in found if box is not None and _fits(box, grey.shape)))
 
 
 #: Grey level under which a pixel is the black fill around a turned picture, and the share of the frame the picture
@@ -113,7 +121,7 @@ def _fits(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
     return PASTED_AREA[0] <= (x1 - x0) * (y1 - y0) / (shape[0] * shape[1]) <= PASTED_AREA[1] and min(x1 - x0, y1 - y0) >= 16
 
 
-def _detailed(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+def _detailed(grey: np.ndarray, steps: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int] | None:
     """The box of the region of most Laplacian energy (Otsu's threshold of its local mean), snapped to edges."""
     energy = cv2.blur(np.abs(cv2.Laplacian(grey, cv2.CV_32F, ksize=3)), (max(3, round(max(grey.shape) * DETAIL_WINDOW)),) * 2)
     if energy.max() <= 0:
@@ -125,7 +133,7 @@ def _detailed(grey: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     best = 1 + int(np.argmax(np.bincount(labels.ravel(), weights=energy.ravel(), minlength=n)[1:]))
     x, y, w, h = (int(v) for v in stats[best, :4])
-    return _snapped(grey, (x, y, x + w, y + h))
+    return _snapped(steps, (x, y, x + w, y + h))
 
 
 #: Straight edges tried per direction for the rectangles of strongest border; rectangles kept (IoU under 0.7 with
@@ -134,11 +142,11 @@ EDGES = 14
 RECTANGLES = 3
 
 
-def _bordered(grey: np.ndarray) -> list[tuple[int, int, int, int]]:
+def _bordered(steps: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, int, int, int]]:
     """The RECTANGLES whose weakest side has the strongest mean step in grey level along it, over the EDGES columns
     and rows holding the most strong steps (a pasted picture's border: a step all along each of its sides)."""
-    h, w = grey.shape
-    across_columns, across_rows = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
+    across_columns, across_rows = steps
+    h, w = across_columns.shape[0], across_rows.shape[1]
     strong = max(8.0, float(np.percentile(across_columns[::4, ::4], 90)))  # a sample: the whole took 1.4 ms
     xs = np.sort(_peaks((across_columns > strong).mean(axis=0), max(2, w // 60)))
     ys = np.sort(_peaks((across_rows > strong).mean(axis=1), max(2, h // 60)))
@@ -185,10 +193,10 @@ def _peaks(profile: np.ndarray, apart: int) -> np.ndarray:
     return np.array(out, np.int64)
 
 
-def _snapped(grey: np.ndarray, box: tuple[int, int, int, int], rounds: int = 2) -> tuple[int, int, int, int]:
+def _snapped(steps: tuple[np.ndarray, np.ndarray], box: tuple[int, int, int, int], rounds: int = 2) -> tuple[int, int, int, int]:
     """The box with each side moved to the strongest straight edge within SNAP_BAND of it (the pasted picture's
     border: a step in grey level all along the side), twice."""
-    across_columns, across_rows = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
+    across_columns, across_rows = steps
     x0, y0, x1, y1 = box
     for _ in range(rounds):
         w, h = x1 - x0, y1 - y0

@@ -257,7 +257,7 @@ class VectorFile:
         """float32 rows of these slots, in the order given (repeats allowed)."""
         slots = np.asarray(slots, dtype=np.int64)
         if not len(slots):
-            return np.zeros((0, self.width), np.float32)
+            return self.decode(np.zeros((0, self.width), self.dtype))
         unique, inverse = np.unique(slots, return_inverse=True)
         rows = np.empty((len(unique), self.width), self.dtype)
         fd = self._reader()
@@ -273,6 +273,16 @@ class VectorFile:
                     raise RisError(f"{self.path} is damaged: it ends inside vector {offset // rb}")
                 view, offset = view[got:], offset + got
         return self.decode(rows[inverse.reshape(-1)])
+
+    def read_or_zeros(self, slots: np.ndarray) -> np.ndarray:
+        """`read`, with rows of zeros for slots past the end of the file (or all, when there is none): files that
+        may lag the catalogue (signatures, kept reduced vectors) read those as missing."""
+        slots = np.asarray(slots, np.int64)
+        inside = slots < self.count()
+        found = self.read(slots[inside])
+        out = np.zeros((len(slots), self.width), found.dtype)
+        out[inside] = found
+        return out
 
     def sync(self) -> None:
         if self.path.exists():
@@ -290,15 +300,6 @@ class SignatureFile(VectorFile):
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
         return rows
-
-    def lookup(self, slots: np.ndarray) -> np.ndarray:
-        """Rows of these slots; zeros (no signature) past the end of the file or when there is none."""
-        slots = np.asarray(slots, np.int64)
-        out = np.zeros((len(slots), self.width), np.uint8)
-        inside = slots < self.count()
-        if inside.any():
-            out[inside] = self.read(slots[inside])
-        return out
 
 
 def signature_name(vectors_name: str) -> str:
@@ -429,7 +430,7 @@ class Catalog:
             pairs = np.asarray(found, np.int64).reshape(-1, 2)
             if file is None or not len(pairs):
                 return pairs[:, 0], np.zeros((len(pairs), signature.WIDTH), np.uint8)
-            return pairs[:, 0], file.lookup(pairs[:, 1])
+            return pairs[:, 0], file.read_or_zeros(pairs[:, 1])
 
     def _writer_file(self, width: int) -> tuple[VectorFile, int]:
         """(the file, the next free slot) for appending rows of `width`; the first write names the file."""
@@ -658,7 +659,7 @@ class Catalog:
             rows = old.read(live[start : start + block])
             new.write(start, as_stored(transform(rows) if transform else rows))
             if old_sigs is not None and old_sigs.count():
-                new_sigs.write(start, old_sigs.lookup(live[start : start + block]))
+                new_sigs.write(start, old_sigs.read_or_zeros(live[start : start + block]))
         new.sync()
         new_sigs.sync()
         with self.db:

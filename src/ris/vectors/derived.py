@@ -79,10 +79,7 @@ class Kept(VectorFile):
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, kept) of these ids; rows not kept are zeros."""
-        out = np.zeros((len(ids), self.width), np.float32)
-        inside = ids < self.count()
-        if inside.any():
-            out[inside] = self.read(ids[inside])
+        out = self.read_or_zeros(ids)
         return out, out.any(axis=1)
 
     def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
