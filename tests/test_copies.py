@@ -3,6 +3,8 @@ first; queries the first search confirms, and the rest of every list, are what t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -239,3 +241,30 @@ def test_a_turned_picture_with_black_corners_is_straightened_back(coll: Collecti
         matched += bool(sigs) and max(coll.ranker.signatures.ncc(np.stack(sigs), [row.id] * len(sigs))) >= 0.9
         assert views.straightened(original) == []
     assert matched >= 9, matched
+
+
+def test_the_image_verification_confirms_next_comes_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Among many side views of cars, a noisy copy's original comes first, and a cropped re-post of the same photo
+    (confirmed by keypoints) comes second more often than before the rule, where look-alike cars came before it
+    (24 queries: 13 re-posts second against 7; harsh copy set, seed 1: recall@5 0.947 -> 0.951)."""
+    from ris.search import ranking
+
+    cars = caltech_files("car_side", 120)
+    picked = cars[::5]
+    reposts = []
+    for i, f in enumerate(picked):
+        reposts.append(tmp_path / f"repost{i}.jpg")
+        edits.edit("offcentre_crop", open_image(read_file(str(f))), edits.rng_for(5, "offcentre_crop", i), None).save(reposts[-1])
+    queries = [edits.edit("noise_jpeg", open_image(read_file(str(f))), edits.rng_for(6, "noise_jpeg", i), None)
+               for i, f in enumerate(picked)]  # fmt: skip
+
+    def second(results) -> int:
+        return sum(Path(r.matches[1].path) == repost for r, repost in zip(results, reposts, strict=True))
+
+    with Collection.open_or_create(tmp_path / "c.ris") as c:
+        c.index(cars + caltech_files("airplanes", 20) + caltech_files("Motorbikes", 20) + reposts)
+        results = c.search_many(queries, k=5)
+        monkeypatch.setattr(ranking, "_runner_up", lambda checked, first: None)
+        without = c.search_many(queries, k=5)
+    assert [Path(r.matches[0].path) for r in results] == picked
+    assert second(results) >= second(without) + 3, (second(results), second(without))

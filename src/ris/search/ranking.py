@@ -7,7 +7,9 @@ first place goes to the plain nearest of the served top ANCHOR_POOL, or to the o
 that geometric verification confirms (ris.search.verify); when none is confirmed, a second look at the query's
 rotations and regions (ris.search.views) may confirm another image for it; the image whose signature matches
 the query's (ris.search.copies: blurred, darkened, tiny copies) goes first unless another was confirmed by
-keypoints as ris.search.copies says; the rest follow in served order.
+keypoints as ris.search.copies says; the image verification confirmed best after it comes second (a copy's
+original or another copy of the same picture before images that merely look alike); the rest follow in served
+order.
 
 Each match carries two numbers: `similarity`, the plain cosine of query and image, and `score`, what
 ranked it: the served score, never increasing down the list (a first result promoted as the query's
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 ANCHOR_POOL = 32
 
 Candidates = list[tuple[float, ImageRow]]
+Checked = dict[int, tuple[int, ImageRow]]  # image id -> (agreeing keypoint matches with the query, its row)
 
 
 class Ranker:
@@ -164,27 +167,31 @@ class Ranker:
         by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
         heads = [c[0] if c else None for c in by_plain]
         confirmed, small = [False] * len(heads), [False] * len(heads)
+        checked: list[Checked] = [{} for _ in heads]
         if verify_with is not None:
             looks = self._looks(verify_with, by_plain, threads)
+            for q, look in enumerate(looks):
+                _note(checked[q], [row for _, row in by_plain[q][:TOP]], look.counts)
             heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
             confirmed = [look.inliers >= MIN_INLIERS for look in looks]
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
             crops = [look.crops or [] for look in looks]
-            heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads)
+            heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads, checked)
             if embed is not None:
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
-                                                     threads)  # fmt: skip
+                                                     threads, checked)  # fmt: skip
         if signatures is not None:
             heads = self._by_signature(snap, signatures, heads, confirmed, small, served)
         results = []
         for q, (name, cands, sim, head) in enumerate(zip(names, served, sims, heads, strict=True)):
             similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
             if head is not None and (reordered or verify_with is not None or signatures is not None):
-                if head[1].id not in similarity:  # found by the second look or its signature: its plain cosine
-                    similarity[head[1].id] = float(self.plain(snap, [head[1].id])[0] @ plain[q])
-                    head = (similarity[head[1].id], head[1])
-                head = next((c for c in cands if c[1].id == head[1].id), head)
-                cands = [head] + [c for c in cands if c[1].id != head[1].id]
+                front = [head[1]] + [row for row in [_runner_up(checked[q], head[1].id)] if row is not None]
+                for row in front:
+                    if row.id not in similarity:  # found by the second look or its signature: its plain cosine
+                        similarity[row.id] = float(self.plain(snap, [row.id])[0] @ plain[q])
+                own, ids = {c[1].id: c for c in cands}, {row.id for row in front}
+                cands = [own.get(row.id, (similarity[row.id], row)) for row in front] + [c for c in cands if c[1].id not in ids]
             results.append(SearchResult(name, _matches(cands[:k], similarity)))
         return results
 
@@ -222,7 +229,7 @@ class Ranker:
 
     def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], crops: list[list[Image.Image]],
                      heads: list, confirmed: list[bool], ranked: list[Candidates], embed: Embed, nprobe: int | None,
-                     threads: int) -> tuple[list, list[bool]]:  # fmt: skip
+                     threads: int, checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) after ris.search.views' second look for the queries whose first result verification did
         not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
         over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
@@ -249,6 +256,7 @@ class Ranker:
             order, _ = views.best_per_image(shot, found, self.plain(snap, found))
             pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
             counts = self._verifier.counts(looks[q].views, [row.path for row in pick], alone)
+            _note(checked[q], pick, counts)
             best = choose([looks[q].inliers, *counts])
             return (0.0, pick[best - 1]) if best else None
 
@@ -257,7 +265,8 @@ class Ranker:
         return heads, confirmed
 
     def _pasted_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], heads: list,
-                     confirmed: list[bool], served: list[Candidates], threads: int) -> tuple[list, list[bool]]:  # fmt: skip
+                     confirmed: list[bool], served: list[Candidates], threads: int,
+                     checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
         signature matches its crop and keypoints confirm that image (ris.search.copies.pasted_inliers), the crop's
         own or the query's (a picture pasted at a quarter of the side keeps few of the query's 500 keypoints): a
@@ -287,12 +296,30 @@ class Ranker:
         counts = on_threads(inliers, list(check.values()), threads)
         best: dict[int, tuple[int, ImageRow]] = {}  # per query, its best confirmed match
         for (q, row, ncc, _), n in zip(check.values(), counts, strict=True):
+            _note(checked[q], [row], [n])
             strong = n >= pasted_inliers(ncc) and (not confirmed[q] or n >= PASTED_OVER * looks[q].inliers)
             if strong and n > best.get(q, (0, None))[0]:
                 best[q] = (n, row)
         for q, (_, row) in best.items():
             heads[q], confirmed[q] = (0.0, row), True
         return heads, confirmed
+
+
+def _note(checked: Checked, rows: Sequence[ImageRow], counts: Sequence[int]) -> None:
+    """Remember each row's agreeing matches with the query (its best, when checked twice)."""
+    for row, n in zip(rows, counts, strict=False):  # a query that could not be loaded has no counts
+        if n > checked.get(row.id, (-1, row))[0]:
+            checked[row.id] = (n, row)
+
+
+def _runner_up(checked: Checked, first: int) -> ImageRow | None:
+    """The image that verification confirmed best (MIN_INLIERS) after the first result, if any: an image that shares
+    the query's content comes before those that look alike (harsh copy set, seed 1: recall@5 0.947 -> 0.951; held-out
+    set 0.767 -> 0.781; photos that are copies of nothing, served P@5 by class 0.936 -> 0.934)."""
+    from .verify import MIN_INLIERS
+
+    best = max(((n, row.id, row) for n, row in checked.values() if row.id != first and n >= MIN_INLIERS), default=None)
+    return best[2] if best else None
 
 
 def _indexed(ids: np.ndarray, rows: dict[int, ImageRow]) -> np.ndarray:

@@ -157,7 +157,7 @@ class Verifier:
         views, cut = query_views(query, threads=threads, also=crops)  # mirrored copies too; thumbnails enlarged
         counts = self.counts(views, paths[:TOP], threads)
         first = choose(counts)
-        return Look(first, counts[first] if counts else 0, query, views, cut)
+        return Look(first, counts[first] if counts else 0, query, views, cut, counts)
 
 
 #: Threads kept for `on_threads`, started once: starting two threads a call cost ~9 ms a served query (1.7 ms each
@@ -221,6 +221,7 @@ class Look(NamedTuple):
     query: Image.Image | None
     views: Sequence[Features]
     crops: list | None = None  # what `looks` was asked to cut from the query
+    counts: Sequence[int] = ()  # each candidate's agreeing matches, in the order given
 
 
 def choose(counts: Sequence[int]) -> int:
