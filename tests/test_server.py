@@ -283,3 +283,28 @@ def test_concurrent_searches_all_succeed_identically(base_url: str) -> None:
     for q, matches in results:
         by_query.setdefault(q, set()).add(repr(matches))
     assert len(by_query) == 4 and all(len(v) == 1 for v in by_query.values())
+
+
+def test_the_server_prepares_every_batch_size_its_searches_send(collection_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start the model runs once on each batch size up to views.MAX_VIEWS (OpenVINO prepares a new batch shape
+    on its first call, ~35 ms each on 2 cores), and a search that gets the second look sends no other size."""
+    from ris.search.views import MAX_VIEWS
+    from ris.server import CollectionService
+
+    sizes: list[int] = []
+    real = Collection.extractor
+
+    def spied(self: Collection, *args, **kwargs):
+        extractor = real(self, *args, **kwargs)
+        return lambda pixels: (sizes.append(len(pixels)), extractor(pixels))[1]
+
+    monkeypatch.setattr(Collection, "extractor", spied)
+    service = CollectionService(collection_path, None, "cpu")
+    try:
+        assert sorted(set(sizes)) == list(range(1, MAX_VIEWS + 1))
+        sizes.clear()
+        photo = caltech_images(offset=40, per_category=1)[0].read_bytes()  # not indexed: no confirmed first result
+        service.search(service.query_pixels(photo), 5, "photo", service.verify_image(photo))
+        assert len(sizes) >= 2 and set(sizes) <= set(range(1, MAX_VIEWS + 1)), sizes
+    finally:
+        service.close()
