@@ -181,7 +181,7 @@ class Ranker:
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
                                                      threads, checked)  # fmt: skip
         if signatures is not None:
-            heads = self._by_signature(snap, signatures, heads, confirmed, small, served)
+            heads = self._by_signature(snap, signatures, heads, checked, small, served)
         results = []
         for q, (name, cands, sim, head) in enumerate(zip(names, served, sims, heads, strict=True)):
             similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
@@ -207,11 +207,12 @@ class Ranker:
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
         return self._verifier.looks(jobs, threads, crops=views.pasted)
 
-    def _by_signature(self, snap: Snapshot, signatures: np.ndarray, heads: list, confirmed: list[bool], small: list[bool],
+    def _by_signature(self, snap: Snapshot, signatures: np.ndarray, heads: list, checked: list[Checked], small: list[bool],
                       served: list[Candidates]) -> list:  # fmt: skip
-        """Heads with each query's signature match first where ris.search.copies says so (confirmed: by keypoints;
-        small: a thumbnail); served: the candidates a collection too large to scan compares."""
-        from .copies import NCC_MARGIN, NEAR_NCC
+        """Heads with each query's signature match first where ris.search.copies says so (checked: the images keypoints
+        were matched with, and their agreeing matches; small: a thumbnail); served: the candidates a collection too
+        large to scan compares."""
+        from .copies import NCC_MARGIN, NEAR_NCC, overrules
 
         ids = [np.array([row.id for _, row in c] + ([h[1].id] if h else []), np.int64)
                for c, h in zip(served, heads, strict=True)]  # fmt: skip
@@ -219,8 +220,9 @@ class Ranker:
         todo = [q for q, f in enumerate(found) if f is not None and (heads[q] is None or heads[q][1].id != f[0])]
         have = [q for q in todo if heads[q] is not None]
         own = dict(zip(have, self.signatures.ncc(signatures[have], [heads[q][1].id for q in have]) if have else [], strict=True))
+        matches = {q: [checked[q].get(i, (0,))[0] for i in (heads[q][1].id, found[q][0])] for q in have}
         keep = {q for q in have if own[q] >= found[q][1] - NCC_MARGIN  # as good a match: the head stays
-                or (confirmed[q] and not small[q] and own[q] < NEAR_NCC)}  # keypoints confirmed another layout's picture
+                or (not small[q] and own[q] < NEAR_NCC and overrules(*matches[q]))}  # keypoints confirmed another layout
         todo = [q for q in todo if q not in keep]
         rows = self.catalog.rows([found[q][0] for q in todo])
         for q in todo:
