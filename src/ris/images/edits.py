@@ -9,7 +9,12 @@ every copy is edited differently. Two families:
   + JPEG, shear, border + caption, grey + contrast), plus noise + JPEG and a perspective warp.
 - HELDOUT (never tuned on): a screenshot of a social-media post, a 2x2 collage, a colour cast, an
   aspect-ratio stretch, stickers over a quarter of the picture, pixelation, a tilted photo of a screen.
-  Reported apart: they say whether what was tuned on the first family generalises.
+  Reported apart: they say whether what was tuned on the first family generalises. (Pixelation's failures were
+  looked at on 2026-12-06: it is no longer held out.)
+- UNSEEN (written 2026-12-06 and measured once before any change was made for them): a 9:16 story frame over the
+  picture's own blurred copy, meme bars with text, a vintage filter (sepia, vignette, grain), a square zoomed cut,
+  a slanted half-transparent watermark, four to six generations of rescaling and JPEG, a mirrored small tilt, dim
+  light.
 """
 
 from __future__ import annotations
@@ -263,7 +268,94 @@ HELDOUT: dict[str, Edit] = {
 }  # fmt: skip
 
 
-SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT}
+def story_frame(img, rng, other):
+    """A 9:16 story frame: the picture across its middle over its own enlarged, blurred copy."""
+    fw = int(rng.integers(540, 1080))
+    fh = fw * 16 // 9
+    cover = max(fw / img.width, fh / img.height)
+    back = _scale(img, cover).filter(ImageFilter.GaussianBlur(rng.uniform(12, 25) * fw / 540))
+    x, y = (back.width - fw) // 2, (back.height - fh) // 2
+    frame = back.crop((x, y, x + fw, y + fh))
+    pic = _scale(img, fw * rng.uniform(0.85, 1.0) / img.width)
+    frame.paste(pic, ((fw - pic.width) // 2, int((fh - pic.height) * rng.uniform(0.3, 0.6))))
+    return jpeg(frame, rng.integers(70, 86))
+
+
+def meme(img, rng, other):
+    """White bars above and below with large black text, as a meme template."""
+    w, h = img.size
+    top, bottom = (round(h * rng.uniform(0.15, 0.25)) for _ in range(2))
+    out = ImageOps.expand(img, border=(0, top, 0, bottom), fill=(255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    size = max(10, round(top * 0.45))
+    draw.text((w // 20, top // 4), "WHEN YOU SEE IT", fill=(0, 0, 0), font=_font(size))
+    draw.text((w // 20, top + h + bottom // 4), "you can't unsee it", fill=(0, 0, 0), font=_font(max(10, round(bottom * 0.4))))
+    return jpeg(out, rng.integers(60, 85))
+
+
+def vintage(img, rng, other):
+    """Sepia toning, a dark vignette, grain and flattened contrast."""
+    grey = ImageOps.grayscale(img)
+    toned = ImageOps.colorize(grey, black=(40, 26, 13), white=(255, 240, 200)).convert("RGB")
+    a = np.asarray(ImageEnhance.Contrast(toned).enhance(rng.uniform(0.6, 0.85)), dtype=np.float32)
+    h, w = a.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot((xx - w / 2) / (w / 2), (yy - h / 2) / (h / 2)) / np.sqrt(2)
+    a *= (1 - rng.uniform(0.4, 0.7) * r**2)[..., None]
+    a += rng.normal(0, rng.uniform(5, 12), a.shape)
+    return jpeg(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), rng.integers(60, 80))
+
+
+def square_zoom(img, rng, other):
+    """A square cut of 55-75% of the short side, somewhere in the picture, enlarged to a feed's 1080 px."""
+    w, h = img.size
+    side = max(1, round(min(w, h) * rng.uniform(0.55, 0.75)))
+    x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    return jpeg(img.crop((x, y, x + side, y + side)).resize((1080, 1080), Image.Resampling.BICUBIC), rng.integers(75, 90))
+
+
+def watermark(img, rng, other):
+    """A large half-transparent word across the picture at an angle, and a logo box in a corner."""
+    w, h = img.size
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    size = max(12, round(min(w, h) * rng.uniform(0.15, 0.25)))
+    ImageDraw.Draw(layer).text((w // 10, h // 3), "SAMPLE", fill=(255, 255, 255, int(rng.integers(90, 150))), font=_font(size),
+                               stroke_width=max(1, size // 15), stroke_fill=(0, 0, 0, 120))  # fmt: skip
+    layer = layer.rotate(float(rng.uniform(-35, 35)), resample=Image.Resampling.BILINEAR)
+    out = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
+    box = round(min(w, h) * 0.12)
+    ImageDraw.Draw(out).rectangle((w - box - 6, h - box - 6, w - 6, h - 6), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return jpeg(out, rng.integers(70, 90))
+
+
+def recompress_chain(img, rng, other):
+    """Four to six generations of re-posting: each rescaled by 0.6-1.2 and saved at JPEG quality 30-75."""
+    out = img
+    for _ in range(int(rng.integers(4, 7))):
+        out = jpeg(_scale(out, rng.uniform(0.6, 1.2)), rng.integers(30, 76))
+    return out
+
+
+def mirror_tilt(img, rng, other):
+    """Mirrored, turned by 4-12 degrees and cut to the turned frame, brightness changed, JPEG."""
+    out = rotated(ImageOps.mirror(img), float(rng.uniform(4, 12) * rng.choice([-1, 1])))
+    return jpeg(ImageEnhance.Brightness(out).enhance(rng.uniform(0.75, 1.25)), rng.integers(50, 75))
+
+
+def low_light(img, rng, other):
+    """Darkened by a gamma of 1.8-2.6 with colour noise, as a phone photo taken in dim light."""
+    a = 255 * (np.asarray(img, dtype=np.float32) / 255) ** rng.uniform(1.8, 2.6)
+    a += rng.normal(0, rng.uniform(6, 12), a.shape)
+    return jpeg(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), rng.integers(50, 75))
+
+
+UNSEEN: dict[str, Edit] = {
+    "story_frame": story_frame, "meme": meme, "vintage": vintage, "square_zoom": square_zoom, "watermark": watermark,
+    "recompress_chain": recompress_chain, "mirror_tilt": mirror_tilt, "low_light": low_light,
+}  # fmt: skip
+
+
+SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN}
 
 
 def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:
@@ -273,5 +365,5 @@ def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:
 
 def edit(kind: str, img: Image.Image, rng: np.random.Generator, other: Callable[[], Image.Image]) -> Image.Image:
     """The copy of img edited by `kind`, its parameters drawn from rng; other() gives unrelated pictures."""
-    fn = HARSH.get(kind) or HELDOUT[kind]
+    fn = next(edits[kind] for edits in SETS.values() if kind in edits)
     return fn(img.convert("RGB"), rng, other)

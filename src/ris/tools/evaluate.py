@@ -235,7 +235,7 @@ def queries_against(
 
 
 #: The copy sets `copy_detection` knows: the mild transforms of ris.tools.demo, and ris.images.edits' two families.
-COPY_SETS = ("mild", "harsh", "heldout")
+COPY_SETS = ("mild", "harsh", "heldout", "unseen")
 
 
 def copy_edits(copy_set: str) -> dict[str, Callable]:
