@@ -107,6 +107,24 @@ def test_bench_reports_both_sides_and_their_ratio(subset_dir: Path) -> None:
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
 
 
+def test_bench_without_pytorch_or_a_baseline(subset_dir: Path, tmp_path: Path) -> None:
+    """The default install has no PyTorch: `ris bench --baseline none` still measures ris, and a baseline that cannot
+    run is refused in one line before the indexing run, not after it."""
+    code = ("import sys\nsys.modules['torch'] = None\nsys.modules['keras'] = None\nsys.argv = ['ris'] + sys.argv[1:]\n"
+            "from ris.cli import main\nmain()\n")  # fmt: skip
+    base = ["bench", str(subset_dir), "--limit", "8", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-c", code, *base, "--baseline", "none", "--json"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["indexed"] == 8 and r["ratio"] is None and r["machine"]["torch"] is None
+    for extra, needle in (["--baseline", "torch"], "PyTorch"), (["--baseline", "keras", "--baseline-weights", "w.h5"], "Keras"):
+        proc = subprocess.run([sys.executable, "-c", code, *base, *extra], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)  # fmt: skip
+        _assert_one_line_error(proc, needle)
+    _assert_one_line_error(run_cli(*base, "--baseline", "tensorflow", check=False), "torch, keras or none")
+
+
 def test_eval_copies_and_query_expansion(subset_collection: Path, subset_dir: Path) -> None:
     copies = json.loads(run_cli("eval", "-c", str(subset_collection), "--copies", "12", "--json").stdout)
     assert set(copies["transforms"]) >= {"crop", "flip", "jpeg30", "half", "rotate10", "border", "text", "all"}

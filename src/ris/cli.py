@@ -499,7 +499,8 @@ def bench(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
-    baseline: Annotated[str, typer.Option(help="torch (eager, per image) or keras (the tutorial's loop).")] = "torch",
+    baseline: Annotated[str, typer.Option(help="torch (eager, per image; needs PyTorch), keras (the tutorial's "
+                                          "loop) or none.")] = "torch",
     baseline_limit: Annotated[int, typer.Option("--baseline-limit", help="Images for the slow baseline.")] = 100,
     baseline_weights: Annotated[str | None, typer.Option("--baseline-weights", help="Keras VGG16 .h5 weights.")] = None,
     pooling: Annotated[str | None, typer.Option(help="Descriptor pooling (default: the default collection's).")] = None,
@@ -518,9 +519,11 @@ def bench(
     out.print(f"machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores, GPU {m['gpu'] or 'none'}", highlight=False)
     out.print(f"ris index   : {result['images_per_s']:>8.1f} img/s  ({result['images']} images in {result['seconds']} s, "
               f"{result['model']} {result['precision']} on {result['device']})", highlight=False)  # fmt: skip
-    out.print(f"tutorial    : {result['baseline_images_per_s']:>8.2f} img/s  ({result['baseline']}, "
-              f"{result['baseline_images']} images)", highlight=False)  # fmt: skip
-    out.print(f"ratio       : {result['ratio']}x   peak RSS {result['peak_rss_mb']:.0f} MB", highlight=False)
+    if result["ratio"] is not None:
+        out.print(f"tutorial    : {result['baseline_images_per_s']:>8.2f} img/s  ({result['baseline']}, "
+                  f"{result['baseline_images']} images)", highlight=False)  # fmt: skip
+        out.print(f"ratio       : {result['ratio']}x", highlight=False)
+    out.print(f"peak RSS    : {result['peak_rss_mb']:.0f} MB", highlight=False)
     out.print("stages (s)  : " + ", ".join(f"{k} {v}" for k, v in result["stages_s"].items()), highlight=False)
 
 

@@ -8,6 +8,7 @@ in eager fp32 (PyTorch, or the tutorial's Keras loop itself with --baseline kera
 
 from __future__ import annotations
 
+import importlib
 import platform
 import resource
 import tempfile
@@ -37,19 +38,25 @@ def machine() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
+    torch = _module("torch")  # an extra: the default install has none
+    gpu = torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
     return {
         "cpu": cpu,
         "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
         "cores": runtime.cpu_threads(),
         "gpu": gpu,
-        "torch": torch.__version__,
+        "torch": None if torch is None else torch.__version__,
         **{name: _version(name) for name in ("openvino", "onnxruntime")},
         "python": platform.python_version(),
     }
+
+
+def _module(name: str) -> Any:
+    """The module, or None when it cannot be imported (an extra that is not installed)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _version(package: str) -> str | None:
@@ -119,14 +126,23 @@ def tutorial_loop(files: list[str], model: str, weights: str | None, device: str
         return len(files) / (time.perf_counter() - start)
 
 
+def check_baseline(baseline: str, weights: str | None) -> None:
+    """Refuse a baseline that cannot run here before the long indexing run, not after it."""
+    if baseline == "keras":
+        if _module("keras") is None:
+            raise RisError("--baseline keras needs TensorFlow/Keras installed (pip install tensorflow-cpu)")
+        if not weights or not models.is_hdf5(weights):
+            raise RisError("--baseline keras needs --baseline-weights vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+    elif baseline == "torch":
+        if _module("torch") is None:
+            raise RisError("--baseline torch needs PyTorch (pip install 'ris[torch]'); or --baseline keras, or none")
+    elif baseline != "none":
+        raise RisError(f"--baseline is torch, keras or none, not {baseline!r}")
+
+
 def keras_loop(files: list[str], weights: str | None) -> float:
     """The tutorial's own code path: Keras VGG16 up to fc2, one `predict` per image. Images/s."""
-    try:
-        import keras
-    except ImportError:
-        raise RisError("--baseline keras needs TensorFlow/Keras installed (pip install tensorflow-cpu)") from None
-    if not weights or not models.is_hdf5(weights):
-        raise RisError("--baseline keras needs --baseline-weights vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+    import keras
     from keras.applications.vgg16 import VGG16, preprocess_input
 
     base = VGG16(weights=weights, include_top=True)
@@ -157,6 +173,7 @@ def run_bench(
     """Index `folder` into a throwaway collection and run the baseline on a prefix of the same files."""
     from ..collection import Collection
 
+    check_baseline(baseline, baseline_weights or weights if baseline == "keras" else weights)
     files = [f.path for f in scan([folder])]
     if limit:
         files = files[:: max(1, len(files) // limit)][:limit]  # spread over every class, not the first few
@@ -178,8 +195,10 @@ def run_bench(
     sample = files[:: max(1, len(files) // baseline_limit)][:baseline_limit]
     if baseline == "keras":  # always the tutorial's VGG16, whatever model ours runs
         base_rate = keras_loop(sample, baseline_weights or weights)
-    else:
+    elif baseline == "torch":
         base_rate = tutorial_loop(sample, model, weights, dev)
+    else:
+        base_rate, sample = None, []
     ours = len(files) / wall
     t = report.times
     return {
@@ -192,11 +211,11 @@ def run_bench(
         "skipped": report.skipped,
         "seconds": round(wall, 2),
         "images_per_s": round(ours, 1),
-        "baseline": ("the tutorial's Keras VGG16 fc2 loop (1 predict per image)" if baseline == "keras"
-                     else f"tutorial loop on {model} (eager PyTorch fp32, 1 image per forward)"),
+        "baseline": {"keras": "the tutorial's Keras VGG16 fc2 loop (1 predict per image)", "none": None}.get(
+            baseline, f"tutorial loop on {model} (eager PyTorch fp32, 1 image per forward)"),
         "baseline_images": len(sample),
-        "baseline_images_per_s": round(base_rate, 2),
-        "ratio": round(ours / base_rate, 1),
+        "baseline_images_per_s": None if base_rate is None else round(base_rate, 2),
+        "ratio": None if base_rate is None else round(ours / base_rate, 1),
         "stages_s": {"read+decode (worker-seconds)": round(t.decode, 2), "model": round(t.model, 2),
                      "write": round(t.write, 2), "model waiting for decode": round(t.wait, 2),
                      "model waiting for the writer": round(t.backlog, 2),
