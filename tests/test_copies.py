@@ -21,6 +21,8 @@ CLASSES = 30  # 300 images: enough look-alikes that the plain path misses some c
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory: pytest.TempPathFactory):
+    if not CALTECH.is_dir():
+        pytest.skip(f"Caltech-101 not found at {CALTECH}")
     classes = sorted(p.name for p in CALTECH.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")[:CLASSES]
     with Collection.open_or_create(tmp_path_factory.mktemp("copies") / "c.ris") as c:
         c.index([f for cls in classes for f in caltech_files(cls, 10)])
