@@ -123,7 +123,7 @@ def test_work_on_threads_keeps_order_reuses_its_threads_nests_and_raises() -> No
     import time
 
     from ris.model.runtime import cpu_threads
-    from ris.search.verify import on_threads
+    from ris.threads import on_threads
 
     names: set[str] = set()
 

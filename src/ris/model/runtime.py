@@ -31,6 +31,7 @@ import numpy as np
 from .. import extras
 from ..config import env
 from ..errors import RisError
+from ..threads import cpu_threads
 from . import registry as models
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
@@ -48,10 +49,6 @@ class Extractor(Protocol):
     device: str
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
-
-
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cuda_available() -> bool:

@@ -236,7 +236,8 @@ class Ranker:
         not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
         over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
         result's matches) goes first."""
-        from .verify import TOP, choose, on_threads
+        from ..threads import on_threads
+        from .verify import TOP, choose
 
         todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q]]
         if not todo:
@@ -275,8 +276,9 @@ class Ranker:
         picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one,
         when its match is nearly as strong (PASTED_OVER) as the first result's."""
         from ..images import signature
+        from ..threads import on_threads
         from .copies import PASTED_NCC, PASTED_OVER, pasted_inliers
-        from .verify import on_threads, query_views
+        from .verify import query_views
 
         todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
         if not todo:

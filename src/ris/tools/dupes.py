@@ -288,7 +288,7 @@ def image_features(paths: list[str], threads: int | None = None):
     """([each image's keypoints: (plain, mirrored)], {image: its content, when framed}): every image decoded
     once, on the CPU threads (OpenCV releases the GIL). Held while pairs are matched: ~64 kB an image."""
     from ..model import runtime
-    from ..search.verify import on_threads
+    from ..threads import on_threads
 
     found = on_threads(_views, paths, threads or runtime.cpu_threads())
     return [views for views, _ in found], {i: crop for i, (_, crop) in enumerate(found) if crop is not None}
@@ -312,7 +312,8 @@ def pair_matches(feats: list, pairs: list[tuple[int, int]], threads: int | None 
     """Agreeing keypoint matches (ORB, RANSAC similarity transform; the first image mirrored too) of each
     pair, given each image's (plain, mirrored) keypoints (image_features); on the CPU threads."""
     from ..model import runtime
-    from ..search.verify import inliers, on_threads
+    from ..search.verify import inliers
+    from ..threads import on_threads
 
     def one(pair: tuple[int, int]) -> int:
         (a, am), (b, _) = feats[pair[0]], feats[pair[1]]
