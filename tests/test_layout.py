@@ -106,3 +106,17 @@ def test_environment_knobs_are_read_in_one_place_and_documented_from_it() -> Non
     assert readers == []
     docs = (PACKAGE.parents[1] / "docs" / "configuration.md").read_text()
     assert markdown() in docs and len(SETTINGS) >= 10
+
+
+def test_importing_ris_makes_openmp_threads_sleep_unless_the_user_chose() -> None:
+    """FAISS's spinning OpenMP threads held the second core a served search's threads wanted (docs/configuration.md)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, ris, faiss; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda extra: subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout.strip()  # fmt: skip
+    assert run({}) == "PASSIVE"
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

@@ -8,7 +8,14 @@
 The public API is `__all__`; docs/python-api.md describes it.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# OpenMP threads (FAISS's) spin for a few ms after each parallel region unless told to sleep. A served search runs
+# many short FAISS calls beside threads of its own (ris.threads), which the spinners kept off the second core: 2-3
+# ms late on every verification step, 12 ms of CPU a query. Read once, when FAISS loads libgomp: set here first.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def __getattr__(name: str):
