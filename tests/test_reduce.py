@@ -55,3 +55,22 @@ def test_the_projection_gives_an_image_the_same_vector_alone_and_in_any_batch() 
         np.testing.assert_allclose(part, whole[100 : 100 + n], rtol=0, atol=1e-5)
     x = raw[:13] - 0.5
     np.testing.assert_allclose(reduce.onto_rows(x, proj.components), x @ proj.components.T, rtol=0, atol=1e-5)
+
+
+def test_a_query_projected_and_reduced_in_one_product_gets_the_two_steps_vectors(monkeypatch) -> None:
+    """Folded (a query's projection and PCA as one product) against the stored path's two steps, alone, in batches and
+    in blocks: within cosine 1e-4 where the projected norm's share is taken within 2x of the true one (here ~1)."""
+    raw = np.abs(_structured(900, 2048, rank=80, seed=4))
+    proj = reduce.Projection.fit(raw[:400], 256)
+    reducer = reduce.Reducer.fit(proj(raw[:600]), 32)
+    two_steps = reducer(proj(raw))
+    for share in (reduce.PROJECTED_SHARE, 1.0):
+        monkeypatch.setattr(reduce, "PROJECTED_SHARE", share)
+        folded = reduce.Folded(proj, reducer)
+        whole = folded(raw)
+        assert whole.shape == two_steps.shape and np.allclose(np.linalg.norm(whole, axis=1), 1.0, atol=1e-5)
+        assert np.einsum("ij,ij->i", whole, two_steps).min() > 1 - 1e-4
+        for n in (1, 9):
+            np.testing.assert_allclose(folded(raw[50 : 50 + n]), whole[50 : 50 + n], rtol=0, atol=1e-5)
+    monkeypatch.setattr(reduce, "REDUCE_BLOCK_BYTES", 64 * 4 * 2048)  # 64 rows a block
+    np.testing.assert_allclose(folded(raw), whole, rtol=0, atol=1e-6)

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import RisError
 from . import dba, faiss_index as index, idsets, milvus as milvus_store
 from .catalog import Catalog, VectorFile, runs
-from .reduce import Projection, Reducer, block_rows, fit_sample
+from .reduce import Folded, Projection, Reducer, block_rows, fit_sample
 from .stores import FaissStore, MilvusVectors, VectorStore
 
 #: catalogue meta key: {"generation": G, "index": the factory/kind built, "dims": d} of the current set
@@ -39,15 +39,20 @@ class Space:
     projection: Projection | None
     reducer: Reducer
     _fingerprint: str = ""
+    _folded: Folded | None = field(default=None, repr=False)
 
     @property
     def dims(self) -> int:
         return self.reducer.dims
 
     def from_raw(self, raw: np.ndarray) -> np.ndarray:
-        """A model's raw features (queries) to the vectors the index compares."""
+        """A model's raw features (queries) to the vectors the index compares; projection and PCA in one product
+        (Folded, made on first use) when there are both."""
         if self.projection is not None and raw.shape[1] == self.projection.raw_dims:
-            raw = self.projection(raw)
+            if not self.reducer.fitted:
+                return self.reducer(self.projection(raw))
+            self._folded = self._folded or Folded(self.projection, self.reducer)
+            return self._folded(raw)
         return self.reducer(raw)
 
     def from_stored(self, stored: np.ndarray) -> np.ndarray:
