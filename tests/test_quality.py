@@ -382,3 +382,35 @@ def test_eval_reports_recall_per_harsh_edit(subset_collection: Path) -> None:
     assert out["transforms"]["mirror_crop_jpeg"]["recall@1"] == 1.0 and out["transforms"]["all"]["recall@5"] >= 0.6
     bad = run_cli("eval", "-c", str(subset_collection), "--copies", "3", "--copy-set", "nasty", check=False)
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_verification_keeps_candidates_keypoints_within_its_memory_and_prepares_them_only_while_idle(subset_dir: Path) -> None:
+    """The cache is bounded by bytes (least recently used out first); `prepare` fills nine tenths of it ahead of
+    searches, waits while a search runs, stops when asked, and a search then finds the same answers."""
+    import threading
+
+    from ris.images.decode import open_image, read_file
+    from ris.search.verify import KEYPOINT_BYTES, Verifier, _nbytes
+    from ris.tools.demo import TRANSFORMS
+
+    files = [str(f) for f in sorted(subset_dir.glob("*/*.jpg"))][:12]
+    small = Verifier(cache_bytes=3 * KEYPOINT_BYTES)
+    for f in files[:6]:
+        small._candidate(f)
+    assert 1 <= small.cached() <= 3 and small._bytes == sum(_nbytes(x) for x in small._cache.values()) <= small.budget
+    assert list(small._cache) == [f for f in files[:6] if f in small._cache][-small.cached() :]  # the latest kept
+
+    v, idle, stop = Verifier(cache_bytes=100 * KEYPOINT_BYTES), threading.Event(), threading.Event()
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(v.prepare(files, idle.is_set, stop.is_set)))
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and v.cached() == 0  # a search is running: nothing prepared
+    idle.set()
+    worker.join(60)
+    assert done == [len(files)] and v.cached() == len(files)
+    assert Verifier(cache_bytes=0).prepare(files, lambda: True, lambda: False) == 0  # no memory for it: nothing
+    stop.set()
+    assert Verifier(cache_bytes=100 * KEYPOINT_BYTES).prepare(files, lambda: False, stop.is_set) == 0
+    copy = TRANSFORMS["rotate10"](open_image(read_file(files[0])))
+    assert v.look(copy, [files[1], files[2], files[0]]).first == Verifier().look(copy, [files[1], files[2], files[0]]).first == 2

@@ -178,6 +178,8 @@ def test_files_over_the_size_cap_are_skipped_unread(tmp_path: Path) -> None:
     assert report["skipped_files"][0]["reason"].startswith("file too large: 2.") and "RIS_MAX_FILE_MB" in proc.stdout.decode()
     bad = _run_bytes("search", str(folder / "small0.jpg"), "-c", str(tmp_path / "c.ris"), env={"RIS_MAX_FILE_MB": "lots"})
     assert bad.returncode == 1 and bad.stderr.startswith(b"error: RIS_MAX_FILE_MB must be a positive number"), bad.stderr
+    bad = _run_bytes("search", str(folder / "small0.jpg"), "-c", str(tmp_path / "c.ris"), env={"RIS_KEYPOINT_CACHE_MB": "-1"})
+    assert bad.returncode == 1 and bad.stderr == b"error: RIS_KEYPOINT_CACHE_MB must be a number of megabytes (or 0), not '-1'\n"
 
 
 def test_decoding_is_bounded_by_memory_not_only_pixels() -> None:

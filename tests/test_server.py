@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -240,6 +241,14 @@ def test_health_and_collection_info(client: httpx.Client) -> None:
     second = client.get("/api/collection", params={"offset": 10, "limit": 10}).json()["sample"]
     assert not {r["id"] for r in info["sample"]} & {r["id"] for r in second}
     assert client.get("/api/collection", params={"limit": 0}).status_code == 422
+
+
+def test_the_server_prepares_the_images_keypoints_while_idle(client: httpx.Client) -> None:
+    """After start, verification's keypoints of every indexed image are found ahead of searches (health counts them)."""
+    deadline = time.monotonic() + 60
+    while (health := client.get("/api/health").json())["keypoints"] < health["images"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert health["keypoints"] == health["images"] > 30
 
 
 def test_docs_and_openapi(client: httpx.Client) -> None:

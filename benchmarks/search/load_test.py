@@ -91,6 +91,19 @@ def start_server(collection: Path, port: int, src: Path | None = None) -> subpro
     raise SystemExit("server did not start within 120 s")
 
 
+def wait_prepared(base_url: str, quiet_s: float = 3.0) -> dict:
+    """Wait until the server has kept the keypoints it prepares after start (health's "keypoints" unchanged for quiet_s;
+    a server without the field: at once); how long that took and how many it kept."""
+    start, seen, since = time.monotonic(), -1, time.monotonic()
+    while True:
+        kept = httpx.get(f"{base_url}/api/health", timeout=10).json().get("keypoints")
+        if kept is None or (kept == seen and time.monotonic() - since >= quiet_s):
+            return {"prepared_s": round(time.monotonic() - start - (quiet_s if kept is not None else 0), 1), "keypoints": kept}
+        if kept != seen:
+            seen, since = kept, time.monotonic()
+        time.sleep(0.5)
+
+
 def run_load(base_url: str, queries: list[tuple[str, bytes]], requests: int, concurrency: int, k: int) -> dict:
     """Send the requests from `concurrency` threads (one keep-alive client each); time each one."""
     local = threading.local()
@@ -268,6 +281,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=120)
     parser.add_argument("--copy-set", choices=("harsh", "heldout"), default="harsh")
     parser.add_argument("--exclude", default="", help="with --write-copies: names not to copy (the index's --exclude)")
+    parser.add_argument("--prepared", action="store_true",
+                        help="measure once the server has prepared the keypoints it keeps (health's keypoints steady)")
     args = parser.parse_args()
     if args.write_copies:
         written = write_copies(args.write_copies, args.copies_of or CALTECH, args.copies, args.copy_set, args.exclude)
@@ -277,6 +292,7 @@ def main() -> None:
     if len(sets) > 1:  # each set in its own run (and server), with the same settings
         rest = ["--requests", str(args.requests), "--concurrency", str(args.concurrency), "--k", str(args.k),
                 "--seconds", str(args.seconds), *(["--hostile"] if args.hostile else []),
+                *(["--prepared"] if args.prepared else []),
                 *(["--collection", str(args.collection)] if args.collection else []),
                 *(["--server-src", str(args.server_src)] if args.server_src else [])]  # fmt: skip
         report = {}
@@ -298,6 +314,8 @@ def main() -> None:
         try:
             base_url = f"http://127.0.0.1:{port}"
             info = httpx.get(f"{base_url}/api/collection", params={"limit": 1}).json()
+            prepared = wait_prepared(base_url) if args.prepared else {}
+            rss_prepared = rss_mb(server.pid)["VmRSS"] if args.prepared else None
             if args.hostile:
                 run_load(base_url, queries, 2 * args.concurrency, args.concurrency, args.k)  # warm up
                 report = run_hostile(base_url, queries, args.seconds, args.concurrency, server.pid)
@@ -310,6 +328,7 @@ def main() -> None:
         cpu=machine()["cpu"], cores=len(os.sched_getaffinity(0)), collection_images=info["images"], model=info["model"],
         precision=info["precision"], query_images=len(queries), server="subprocess, uvicorn, 1 worker",
         server_src=str(args.server_src or "installed ris"), query_set=next(iter(sets), "caltech"),
+        **prepared, **({"rss_prepared_mb": rss_prepared} if args.prepared else {}),
     )  # fmt: skip
     if args.json:
         print(json.dumps(report))

@@ -8,6 +8,7 @@ error naming the knob), so this table is also the documentation (`docs/configura
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RIS_MAX_FILE_MB", "100", "The largest file read, in megabytes (checked before reading; larger files are skipped "
             "with a reason, a larger query is refused)."),  # fmt: skip
     Setting("RIS_TOKEN", "", "`ris serve --token`: enables add/remove over the REST API."),
+    Setting("RIS_KEYPOINT_CACHE_MB", "256", "Memory for indexed images' keypoints kept between searches (geometric "
+            "verification; ~20 KB an image). `ris serve` fills it while idle; 0: none kept."),  # fmt: skip
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -51,6 +54,19 @@ def env(name: str) -> str:
         allowed = ", ".join(c for c in setting.choices if c)
         raise RisError(f"{name}={value!r} is not one of: {allowed}")
     return value
+
+
+def megabytes(name: str, zero: bool = False) -> int:
+    """The knob as a number of megabytes, in bytes: a positive number (or 0, where zero is allowed)."""
+    raw = env(name).strip()
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not (math.isfinite(mb) and (mb > 0 or (zero and mb == 0))):
+        kind = "number of megabytes (or 0)" if zero else "positive number of megabytes"
+        raise RisError(f"{name} must be a {kind}, not {raw!r}")
+    return int(mb * 2**20)
 
 
 def markdown() -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import stat
 import warnings
@@ -23,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from ..config import env
-from ..errors import DecodeError, RisError
+from ..config import megabytes
+from ..errors import DecodeError
 
 #: Formats we accept, recognised by content (magic bytes), never by extension: the raster formats Pillow reads
 #: (HEIC/HEIF through pillow-heif, AVIF through Pillow itself), not EPS (which runs Ghostscript) nor Pillow's stubs.
@@ -153,14 +152,7 @@ def decode_bytes(data: bytes, size: int) -> Decoded:
 
 def max_file_bytes() -> int:
     """The largest file read, from RIS_MAX_FILE_MB (megabytes; default 100)."""
-    raw = env(MAX_FILE_ENV).strip()
-    try:
-        mb = float(raw)  # the default (100) is ris.config's
-    except ValueError:
-        mb = -1.0
-    if not (mb > 0 and math.isfinite(mb)):
-        raise RisError(f"{MAX_FILE_ENV} must be a positive number of megabytes, not {raw!r}")
-    return int(mb * 2**20)
+    return megabytes(MAX_FILE_ENV)
 
 
 def read_file(path: str, max_bytes: int | None = None) -> bytes:

@@ -35,7 +35,7 @@ from .results import Match, SearchResult
 from .views import Embed
 
 if TYPE_CHECKING:
-    from .verify import Look
+    from .verify import Look, Verifier
 
 #: With DBA or αQE, the first result is the plain nearest among this many served candidates.
 ANCHOR_POOL = 32
@@ -49,8 +49,16 @@ class Ranker:
 
     def __init__(self, catalog: Catalog, derived: Derived):
         self.catalog, self.derived = catalog, derived
-        self._verifier = None
+        self._verifier: Verifier | None = None
         self.signatures = SignatureIndex(catalog)
+
+    @property
+    def verifier(self) -> Verifier:
+        """Geometric verification, with the candidates' keypoints it keeps between searches (made on first use)."""
+        from .verify import Verifier
+
+        self._verifier = self._verifier or Verifier()
+        return self._verifier
 
     def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
         """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
@@ -175,7 +183,7 @@ class Ranker:
             heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
             confirmed = [look.inliers >= MIN_INLIERS for look in looks]
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
-            crops = [look.crops or [] for look in looks]
+            crops = [list(look.beside[0]) if look.beside else [] for look in looks]
             heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads, checked)
             if embed is not None:
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
@@ -198,14 +206,18 @@ class Ranker:
     def _looks(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
                threads: int) -> list[Look]:  # fmt: skip
         """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached),
-        with the crops of each query's pasted picture (ris.search.views.pasted); queries are decoded at
-        verification's working size."""
-        from .verify import MAX_SIDE, TOP, Verifier
+        with the crops of each query's pasted picture (ris.search.views.pasted) and, for a query alone, its second
+        look's own views (made beside its keypoints); queries are decoded at verification's working size."""
+        from .verify import MAX_SIDE, TOP
 
-        self._verifier = self._verifier or Verifier()
         loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
-        return self._verifier.looks(jobs, threads, crops=views.pasted)
+        alone = len(jobs) == 1 and threads > 1  # its views made beside its keypoints: they filled an idle thread
+
+        def beside(full: Image.Image, work: Image.Image) -> list[Callable[[], object]]:
+            return [lambda: views.pasted(full)] + ([lambda: views.own_views(work)] if alone else [])
+
+        return self.verifier.looks(jobs, threads, beside)
 
     def _by_signature(self, snap: Snapshot, signatures: np.ndarray, heads: list, checked: list[Checked], small: list[bool],
                       served: list[Candidates]) -> list:  # fmt: skip
@@ -242,7 +254,8 @@ class Ranker:
         todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q]]
         if not todo:
             return heads, confirmed
-        shots = [views.views(looks[q].query, crops[q]) for q in todo]
+        made = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}  # made beside its keypoints
+        shots = [(made.get(q) or views.own_views(looks[q].query)) + crops[q][: views.CROP_VIEWS] for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
@@ -258,7 +271,7 @@ class Ranker:
             shot = np.vstack([plain[q : q + 1], vectors[bounds[j] : bounds[j + 1]]])
             order, _ = views.best_per_image(shot, found, self.plain(snap, found))
             pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
-            counts = self._verifier.counts(looks[q].views, [row.path for row in pick], alone)
+            counts = self.verifier.counts(looks[q].views, [row.path for row in pick], alone)
             _note(checked[q], pick, counts)
             best = choose([looks[q].inliers, *counts])
             return (0.0, pick[best - 1]) if best else None
@@ -295,7 +308,7 @@ class Ranker:
 
         def inliers(c: tuple[int, ImageRow, float, Image.Image]) -> int:
             views = (*looks[c[0]].views, *query_views(c[3])[0])
-            return self._verifier.counts(views, [c[1].path])[0]
+            return self.verifier.counts(views, [c[1].path])[0]
 
         counts = on_threads(inliers, list(check.values()), threads)
         best: dict[int, tuple[int, ImageRow]] = {}  # per query, its best confirmed match

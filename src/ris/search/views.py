@@ -56,7 +56,13 @@ MAX_VIEWS = len(ANGLES) + len(WINDOWS) + CROP_VIEWS
 def views(img: Image.Image, crops: Sequence[Image.Image] = ()) -> list[Image.Image]:
     """The second look's views of one query (not the query itself, which the first search used), and the first
     CROP_VIEWS crops of its pasted picture when it has one (`pasted`)."""
-    return [rotated(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS] + list(crops[:CROP_VIEWS])
+    return own_views(img) + list(crops[:CROP_VIEWS])
+
+
+def own_views(img: Image.Image) -> list[Image.Image]:
+    """The views made from the query alone: rotated back, windows (a served query makes them beside its keypoints,
+    ~3 ms, before it is known whether it needs them)."""
+    return [rotated(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS]
 
 
 #: The detail map's window (a fraction of the longest side), how far a side may move onto a straight edge (a
