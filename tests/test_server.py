@@ -243,12 +243,14 @@ def test_health_and_collection_info(client: httpx.Client) -> None:
     assert client.get("/api/collection", params={"limit": 0}).status_code == 422
 
 
-def test_the_server_prepares_the_images_keypoints_while_idle(client: httpx.Client) -> None:
-    """After start, verification's keypoints of every indexed image are found ahead of searches (health counts them)."""
-    deadline = time.monotonic() + 60
-    while (health := client.get("/api/health").json())["keypoints"] < health["images"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert health["keypoints"] == health["images"] > 30
+def test_the_server_prepares_the_images_keypoints_while_idle(collection_path: Path) -> None:
+    """After start, verification's keypoints of every indexed image are found ahead of searches (health counts them;
+    a server of its own: the module's shares its cache with searches of images added and removed since)."""
+    with serve_in_thread(create_app(collection_path)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while (health := client.get("/api/health").json())["keypoints"] < health["images"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health["keypoints"] == health["images"] > 30
 
 
 def test_docs_and_openapi(client: httpx.Client) -> None:
