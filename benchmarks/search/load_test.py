@@ -314,8 +314,7 @@ def main() -> None:
         try:
             base_url = f"http://127.0.0.1:{port}"
             info = httpx.get(f"{base_url}/api/collection", params={"limit": 1}).json()
-            prepared = wait_prepared(base_url) if args.prepared else {}
-            rss_prepared = rss_mb(server.pid)["VmRSS"] if args.prepared else None
+            prepared = {**wait_prepared(base_url), "rss_prepared_mb": rss_mb(server.pid)["VmRSS"]} if args.prepared else {}
             if args.hostile:
                 run_load(base_url, queries, 2 * args.concurrency, args.concurrency, args.k)  # warm up
                 report = run_hostile(base_url, queries, args.seconds, args.concurrency, server.pid)
@@ -328,7 +327,7 @@ def main() -> None:
         cpu=machine()["cpu"], cores=len(os.sched_getaffinity(0)), collection_images=info["images"], model=info["model"],
         precision=info["precision"], query_images=len(queries), server="subprocess, uvicorn, 1 worker",
         server_src=str(args.server_src or "installed ris"), query_set=next(iter(sets), "caltech"),
-        **prepared, **({"rss_prepared_mb": rss_prepared} if args.prepared else {}),
+        **prepared,
     )  # fmt: skip
     if args.json:
         print(json.dumps(report))

@@ -255,7 +255,7 @@ class Ranker:
         if not todo:
             return heads, confirmed
         made = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}  # made beside its keypoints
-        shots = [(made.get(q) or views.own_views(looks[q].query)) + crops[q][: views.CROP_VIEWS] for q in todo]
+        shots = [views.views(looks[q].query, crops[q], made.get(q)) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side

@@ -191,7 +191,7 @@ class Verifier:
         results of `beside`; on several threads the candidates' keypoints are found in the same pass (an idle
         thread took ~3 ms of a served query's 3 equal tasks)."""
         paths = paths[:TOP]
-        load = [lambda p=p: self._candidate(p) for p in paths] if threads > 1 else []
+        load = [lambda p=p: self._candidate(p) for p in paths] if threads > 1 and self.budget else []  # kept for counts
         views, done = query_views(query, threads=threads, also=beside, then=load)  # mirrored too; thumbnails enlarged
         counts = self.counts(views, paths, threads)
         first = choose(counts)

@@ -53,10 +53,10 @@ CROP_VIEWS = 2
 MAX_VIEWS = len(ANGLES) + len(WINDOWS) + CROP_VIEWS
 
 
-def views(img: Image.Image, crops: Sequence[Image.Image] = ()) -> list[Image.Image]:
+def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.Image] | None = None) -> list[Image.Image]:
     """The second look's views of one query (not the query itself, which the first search used), and the first
-    CROP_VIEWS crops of its pasted picture when it has one (`pasted`)."""
-    return own_views(img) + list(crops[:CROP_VIEWS])
+    CROP_VIEWS crops of its pasted picture when it has one (`pasted`); own: its `own_views`, when made already."""
+    return (own if own is not None else own_views(img)) + list(crops[:CROP_VIEWS])
 
 
 def own_views(img: Image.Image) -> list[Image.Image]:
