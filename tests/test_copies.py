@@ -290,3 +290,23 @@ def test_a_pixelated_copy_is_found_by_its_signature_over_weak_keypoint_matches(t
         before = [Path(r.matches[0].path) for r in c.search_many(made, k=5)]
     hits, hits_before = (sum(a == b for a, b in zip(got, originals, strict=True)) for got in (found, before))
     assert hits >= len(originals) - 1 and hits > hits_before + 3, (hits, hits_before)  # 40 and 32 here
+
+
+def test_a_zoomed_cut_is_confirmed_by_the_query_at_half_size(coll: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A square cut of 55-75% of a picture's short side enlarged to 1,080 px (a feed's zoom) is ~4x its original's
+    scale at verification's working size, past ORB's pyramid; the query's keypoints at half size match its original
+    (full Caltech-101, unseen set, square zooms found first, seeds 0-2: 0.82 / 0.65 / 0.67 -> 0.87 / 0.70 / 0.78; here 23
+    -> 27 of 30 confirmed)."""
+    from ris.search import verify
+
+    picked, made = _copies(coll, "square_zoom", 30)
+
+    def counts(halved: bool) -> list[int]:
+        return [coll.ranker.verifier.counts(verify.query_views(verify.working_size(q), halved=halved)[0], [r.path])[0]
+                for r, q in zip(picked, made, strict=True)]  # fmt: skip
+
+    confirmed, before = (sum(n >= verify.MIN_INLIERS for n in counts(h)) for h in (True, False))
+    found = sum(r.matches[0].id == p.id for r, p in zip(coll.search_many(made, k=5), picked, strict=True))
+    monkeypatch.setattr(verify, "HALVED_FROM", 10**6)
+    found_before = sum(r.matches[0].id == p.id for r, p in zip(coll.search_many(made, k=5), picked, strict=True))
+    assert confirmed >= before + 2 and found >= found_before, (confirmed, before, found, found_before)

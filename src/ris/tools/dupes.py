@@ -281,7 +281,7 @@ def _views(path: str):
     except Exception:  # noqa: BLE001  # a file gone or changed since indexing: no keypoints, nothing confirmed
         return (NO_FEATURES, NO_FEATURES), None
     box = content_box(img)
-    return query_views(img, FEATURES)[0], (img.crop(box) if box else None)
+    return query_views(img, FEATURES, halved=False)[0], (img.crop(box) if box else None)
 
 
 def image_features(paths: list[str], threads: int | None = None):
