@@ -1,7 +1,7 @@
 """Harsh, chained edits of a picture, as re-posted copies carry them: the test set of `ris eval --copies`.
 
 Each edit kind draws its own parameters per image from a seeded generator, so a set is reproducible and
-every copy is edited differently. Two families:
+every copy is edited differently. Four families:
 
 - HARSH (tuned on): strong blur + brightness, the picture pasted small on a busy photo, a fifth-size
   thumbnail at JPEG quality 10-20, rotation by 15-40 degrees (corners black or cropped away), rotation +
@@ -14,7 +14,10 @@ every copy is edited differently. Two families:
 - UNSEEN (written 2026-12-06 and measured once before any change was made for them): a 9:16 story frame over the
   picture's own blurred copy, meme bars with text, a vintage filter (sepia, vignette, grain), a square zoomed cut,
   a slanted half-transparent watermark, four to six generations of rescaling and JPEG, a mirrored small tilt, dim
-  light.
+  light. Its square zooms were then looked at (verification's half-size keypoints, ris.search.verify).
+- FRESH (written 2026-12-06 after that, measured once before any change was made for them): a 4:5 portrait cut,
+  a straightened and zoomed picture, a letterbox, a pop filter (posterized, saturated, sharpened), emoji stickers,
+  a beauty filter, a news card of a corner cut, a mirrored zoom.
 """
 
 from __future__ import annotations
@@ -355,7 +358,105 @@ UNSEEN: dict[str, Edit] = {
 }  # fmt: skip
 
 
-SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN}
+def portrait_crop(img, rng, other):
+    """A feed's 4:5 portrait cut (a landscape picture loses its sides; a tall one its top and bottom), placed at
+    random, enlarged to 1,080 x 1,350, JPEG."""
+    w, h = img.size
+    cw, ch = (min(w, round(h * 0.8)), h) if w / h > 0.8 else (w, min(h, round(w / 0.8)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return jpeg(img.crop((x, y, x + cw, y + ch)).resize((1080, 1350), Image.Resampling.BICUBIC), rng.integers(75, 92))
+
+
+def straighten_zoom(img, rng, other):
+    """An editor's straighten tool: turned by 3-9 degrees, cut to the turned frame, then zoomed in a further 10-25%
+    off-centre, enlarged 1.5-2.5x, JPEG."""
+    out = rotated(img, float(rng.uniform(3, 9) * rng.choice([-1, 1])))
+    w, h = out.size
+    keep = rng.uniform(0.75, 0.9)
+    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return jpeg(_scale(out.crop((x, y, x + cw, y + ch)), rng.uniform(1.5, 2.5)), rng.integers(70, 90))
+
+
+def letterbox(img, rng, other):
+    """Fitted into a 16:9 or 1:1 frame of black or blurred bars, the whole frame 480-720 px wide, JPEG."""
+    ratio = 16 / 9 if rng.random() < 0.5 else 1.0
+    width = int(rng.integers(480, 721))
+    frame = (width, round(width / ratio))
+    fit = ImageOps.contain(img, frame, Image.Resampling.LANCZOS)
+    back = (ImageOps.fit(img, frame).filter(ImageFilter.GaussianBlur(12)) if rng.random() < 0.5
+            else Image.new("RGB", frame, (0, 0, 0)))  # fmt: skip
+    back.paste(fit, ((frame[0] - fit.width) // 2, (frame[1] - fit.height) // 2))
+    return jpeg(back, rng.integers(60, 85))
+
+
+def posterize_pop(img, rng, other):
+    """A pop filter: 3-4 bits a channel, saturation x1.4-1.9, a strong unsharp mask, JPEG."""
+    out = ImageOps.posterize(img, int(rng.integers(3, 5)))
+    out = ImageEnhance.Color(out).enhance(rng.uniform(1.4, 1.9))
+    out = out.filter(ImageFilter.UnsharpMask(radius=float(rng.uniform(2, 4)), percent=int(rng.integers(120, 220))))
+    return jpeg(out, rng.integers(60, 85))
+
+
+def emoji_cover(img, rng, other):
+    """One to three large yellow discs with dark features (emoji stickers) over 15-30% of the picture."""
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    n = int(rng.integers(1, 4))
+    r = round(np.sqrt(rng.uniform(0.15, 0.3) * w * h / n / np.pi))
+    for _ in range(n):
+        cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(250, 205, 40), outline=(120, 80, 0), width=max(1, r // 12))
+        for dx in (-r // 3, r // 3):
+            draw.ellipse((cx + dx - r // 8, cy - r // 3, cx + dx + r // 8, cy - r // 12), fill=(60, 40, 20))
+        draw.arc((cx - r // 2, cy - r // 4, cx + r // 2, cy + r // 2), 20, 160, fill=(60, 40, 20), width=max(1, r // 10))
+    return jpeg(out, rng.integers(70, 90))
+
+
+def smooth_skin(img, rng, other):
+    """A beauty filter: edge-keeping smoothing (median 5-7 px twice), warmer tones, lifted shadows, JPEG."""
+    size = int(rng.choice([5, 7]))
+    out = img.filter(ImageFilter.MedianFilter(size)).filter(ImageFilter.MedianFilter(size))
+    a = np.asarray(out, dtype=np.float32)
+    a = 255 * (a / 255) ** rng.uniform(0.7, 0.85) * np.array([1.06, 1.0, 0.92], np.float32)
+    return jpeg(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), rng.integers(65, 85))
+
+
+def news_card(img, rng, other):
+    """A corner cut of 65-80% of each side on a card: a headline bar below, a coloured margin, 800 px wide, JPEG."""
+    w, h = img.size
+    kx, ky = rng.uniform(0.65, 0.8), rng.uniform(0.65, 0.8)
+    cw, ch = round(w * kx), round(h * ky)
+    x, y = (0 if rng.random() < 0.5 else w - cw), (0 if rng.random() < 0.5 else h - ch)
+    pic = ImageOps.contain(img.crop((x, y, x + cw, y + ch)), (760, 760), Image.Resampling.LANCZOS)
+    bar = round(pic.height * rng.uniform(0.25, 0.4))
+    card = Image.new("RGB", (800, pic.height + bar + 40), tuple(int(c) for c in rng.integers(180, 256, 3)))
+    card.paste(pic, ((800 - pic.width) // 2, 20))
+    ImageDraw.Draw(card).text((30, pic.height + 30), "BREAKING: you will not believe this", fill=(20, 20, 20),
+                              font=_font(max(12, bar // 4)))  # fmt: skip
+    return jpeg(card, rng.integers(70, 90))
+
+
+def mirror_zoom(img, rng, other):
+    """Mirrored and cut to 65-85% of each side around a random point, enlarged to 900-1,200 px, JPEG."""
+    out = ImageOps.mirror(img)
+    w, h = out.size
+    keep = rng.uniform(0.65, 0.85)
+    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    cut = out.crop((x, y, x + cw, y + ch))
+    return jpeg(_scale(cut, int(rng.integers(900, 1201)) / max(cut.size)), rng.integers(70, 90))
+
+
+FRESH: dict[str, Edit] = {
+    "portrait_crop": portrait_crop, "straighten_zoom": straighten_zoom, "letterbox": letterbox,
+    "posterize_pop": posterize_pop, "emoji_cover": emoji_cover, "smooth_skin": smooth_skin, "news_card": news_card,
+    "mirror_zoom": mirror_zoom,
+}  # fmt: skip
+
+
+SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN, "fresh": FRESH}
 
 
 def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:

@@ -234,8 +234,8 @@ def queries_against(
                       float(np.concatenate(ap).mean()))  # fmt: skip
 
 
-#: The copy sets `copy_detection` knows: the mild transforms of ris.tools.demo, and ris.images.edits' two families.
-COPY_SETS = ("mild", "harsh", "heldout", "unseen")
+#: The copy sets `copy_detection` knows: the mild transforms of ris.tools.demo, and ris.images.edits' families.
+COPY_SETS = ("mild", "harsh", "heldout", "unseen", "fresh")
 
 
 def copy_edits(copy_set: str) -> dict[str, Callable]:
