@@ -50,6 +50,12 @@ def _scale(img: Image.Image, factor: float) -> Image.Image:
     return img.resize((max(8, round(img.width * factor)), max(8, round(img.height * factor))), Image.Resampling.LANCZOS)
 
 
+def _cut(img: Image.Image, rng: np.random.Generator, cw: int, ch: int) -> Image.Image:
+    """A cw x ch cut of img, placed anywhere in it at random (left, then top, drawn from rng)."""
+    x, y = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
+    return img.crop((x, y, x + cw, y + ch))
+
+
 def _busy(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """A generated busy texture: coloured noise smoothed at several scales plus random shapes."""
     w, h = size
@@ -133,9 +139,7 @@ def offcentre_crop(img, rng, other):
 def mirror_crop_jpeg(img, rng, other):
     keep = rng.uniform(0.7, 0.9)
     w, h = img.size
-    cw, ch = round(w * keep), round(h * keep)
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return jpeg(ImageOps.mirror(img).crop((x, y, x + cw, y + ch)), rng.integers(35, 70))
+    return jpeg(_cut(ImageOps.mirror(img), rng, round(w * keep), round(h * keep)), rng.integers(35, 70))
 
 
 def shear(img, rng, other):
@@ -313,8 +317,7 @@ def square_zoom(img, rng, other):
     """A square cut of 55-75% of the short side, somewhere in the picture, enlarged to a feed's 1080 px."""
     w, h = img.size
     side = max(1, round(min(w, h) * rng.uniform(0.55, 0.75)))
-    x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-    return jpeg(img.crop((x, y, x + side, y + side)).resize((1080, 1080), Image.Resampling.BICUBIC), rng.integers(75, 90))
+    return jpeg(_cut(img, rng, side, side).resize((1080, 1080), Image.Resampling.BICUBIC), rng.integers(75, 90))
 
 
 def watermark(img, rng, other):
@@ -363,8 +366,7 @@ def portrait_crop(img, rng, other):
     random, enlarged to 1,080 x 1,350, JPEG."""
     w, h = img.size
     cw, ch = (min(w, round(h * 0.8)), h) if w / h > 0.8 else (w, min(h, round(w / 0.8)))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return jpeg(img.crop((x, y, x + cw, y + ch)).resize((1080, 1350), Image.Resampling.BICUBIC), rng.integers(75, 92))
+    return jpeg(_cut(img, rng, cw, ch).resize((1080, 1350), Image.Resampling.BICUBIC), rng.integers(75, 92))
 
 
 def straighten_zoom(img, rng, other):
@@ -373,9 +375,8 @@ def straighten_zoom(img, rng, other):
     out = rotated(img, float(rng.uniform(3, 9) * rng.choice([-1, 1])))
     w, h = out.size
     keep = rng.uniform(0.75, 0.9)
-    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return jpeg(_scale(out.crop((x, y, x + cw, y + ch)), rng.uniform(1.5, 2.5)), rng.integers(70, 90))
+    cut = _cut(out, rng, max(1, round(w * keep)), max(1, round(h * keep)))
+    return jpeg(_scale(cut, rng.uniform(1.5, 2.5)), rng.integers(70, 90))
 
 
 def letterbox(img, rng, other):
@@ -443,9 +444,7 @@ def mirror_zoom(img, rng, other):
     out = ImageOps.mirror(img)
     w, h = out.size
     keep = rng.uniform(0.65, 0.85)
-    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    cut = out.crop((x, y, x + cw, y + ch))
+    cut = _cut(out, rng, max(1, round(w * keep)), max(1, round(h * keep)))
     return jpeg(_scale(cut, int(rng.integers(900, 1201)) / max(cut.size)), rng.integers(70, 90))
 
 
