@@ -97,14 +97,16 @@ def thumb_jpeg(img, rng, other):
 
 
 def rotated(img: Image.Image, angle: float) -> Image.Image:
-    """The image rotated by `angle` degrees, cut to the largest centred box of its aspect inside the turned frame
-    (no black corners)."""
+    """The image rotated by `angle` degrees, cut to `valid_box` (no black corners)."""
+    return img.rotate(angle, resample=Image.Resampling.BILINEAR).crop(valid_box(*img.size, angle))
+
+
+def valid_box(w: int, h: int, angle: float) -> tuple[int, int, int, int]:
+    """The largest centred box of a w x h frame's aspect inside that frame turned by `angle` degrees."""
     a = np.radians(abs(angle) % 180)
-    w, h = img.size
     shrink = min(w / (w * np.cos(a) + h * np.sin(a)), h / (w * np.sin(a) + h * np.cos(a)))
     cw, ch = max(1, int(w * shrink)), max(1, int(h * shrink))
-    out = img.rotate(angle, resample=Image.Resampling.BILINEAR)
-    return out.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
 
 
 def _rotate(img: Image.Image, angle: float, crop: bool) -> Image.Image:
