@@ -273,7 +273,7 @@ class CollectionService:
     def _prepare_keypoints(self) -> None:
         """The keypoints of as many indexed images as RIS_KEYPOINT_CACHE_MB holds, found ahead of searches while none
         runs (ris.search.verify.Verifier.prepare), on every core at the lowest CPU priority: an outside query's
-        candidates then cost ~0.5 ms each instead of ~3 (Caltech-101: ~170 MB; 28-31 s on one core of 2, 15-16 s on
+        candidates then cost ~0.5 ms each instead of ~3 (Caltech-101: ~170 MB; 27-31 s on one core of 2, 15-18 s on
         both, AMD EPYC)."""
         from .search.verify import KEYPOINT_BYTES
 

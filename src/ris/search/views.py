@@ -61,7 +61,7 @@ def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.I
 
 def own_views(img: Image.Image) -> list[Image.Image]:
     """The views made from the query alone: rotated back, windows (a served query makes them beside its keypoints,
-    ~3 ms, before it is known whether it needs them)."""
+    ~1 ms, before it is known whether it needs them)."""
     return [turned(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS]
 
 
