@@ -66,6 +66,16 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     return proc
 
 
+def ris_limited(limit: str, value: int) -> list[str]:
+    """The command line of `ris` under a resource limit (resource.RLIMIT_<limit>) that it sets on itself before it starts,
+    writes past a file size limit failing instead of killing it. Not a preexec_fn: that runs Python between fork and
+    exec, where a gRPC poller left in the test process by the Milvus tests once aborted the child (SIGABRT,
+    "epoll_wait error: Bad file descriptor")."""
+    code = (f"import resource, runpy, signal; resource.setrlimit(resource.RLIMIT_{limit}, ({value}, {value})); "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); runpy.run_module('ris', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]
+
+
 def derived_file(collection: Path, kind: str) -> Path:
     """The current generation's derived file of a collection: kind is "pca", "index" or "dba"."""
     from ris.vectors.catalog import Catalog

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 from ris.collection import Collection
 from ris.vectors import faiss_index as index
 
-from .conftest import copy_classes, run_cli
+from .conftest import copy_classes, ris_limited, run_cli
 
 CLASSES = ("accordion", "anchor", "ant", "barrel", "bass", "beaver",
            "binocular", "bonsai", "brain", "buddha", "butterfly", "camera")  # fmt: skip
@@ -37,9 +36,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_classes(tmp_path_factory.mktemp("crash-images"), CLASSES, PER_CLASS)
 
 
+def _index_args(images: Path, coll: Path, batch: int = BATCH) -> list[str]:
+    return ["index", str(images), "-c", str(coll), "--batch-size", str(batch), "--workers", "1", "--json"]
+
+
 def _index_cmd(images: Path, coll: Path, batch: int = BATCH) -> list[str]:
-    return [sys.executable, "-m", "ris", "index", str(images), "-c", str(coll),
-            "--batch-size", str(batch), "--workers", "1", "--json"]  # fmt: skip
+    return [sys.executable, "-m", "ris", *_index_args(images, coll, batch)]
 
 
 def _start(images: Path, coll: Path, batch: int = BATCH) -> subprocess.Popen:
@@ -158,23 +160,14 @@ def test_second_writer_is_refused_and_readers_work_during_a_run(images: Path, tm
     assert report["images"] == TOTAL and report["extracted"] == TOTAL - PER_CLASS
 
 
-def _file_size_limit(limit: int):
-    """preexec_fn: writes past `limit` bytes per file fail with EFBIG, as on a full disk (no root, no mount)."""
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
-
-    return apply
-
-
 @pytest.fixture(scope="module")
 def full_disk_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     """One `ris index` whose catalogue writes start failing part-way (the first class was indexed before)."""
     coll = tmp_path_factory.mktemp("full") / "c.ris"
     run_cli("index", str(images / CLASSES[0]), "-c", str(coll), "--json")  # the model cache is written beforehand
-    proc = subprocess.run(_index_cmd(images, coll), capture_output=True, text=True, timeout=120,
-                          preexec_fn=_file_size_limit(150_000))  # fmt: skip
+    # writes past 150 kB a file fail with EFBIG, as on a full disk (no root, no mount)
+    proc = subprocess.run([*ris_limited("FSIZE", 150_000), *_index_args(images, coll)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     return proc, coll
 
 

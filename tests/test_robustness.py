@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from ris.errors import DecodeError
 from ris.images.decode import open_image, read_file, resize, thumbnail
 from ris.search.verify import Verifier, features
 
-from .conftest import caltech_files, run_cli
+from .conftest import caltech_files, ris_limited, run_cli
 
 CAFE = b"caf\xe9.jpg"  # Latin-1: not UTF-8
 
@@ -154,14 +153,10 @@ def test_devices_and_fifos_are_refused_before_reading(tmp_path: Path) -> None:
             read_file(str(path))
 
 
-def _limit_memory() -> None:
-    """A safety net: code that reads /dev/zero whole fails here instead of taking the machine (24 GB seen)."""
-    resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
-
-
 def test_cli_search_refuses_a_device(indexed) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ris", "search", "/dev/zero", "-c", str(indexed[0])], capture_output=True,
-                          text=True, timeout=300, preexec_fn=_limit_memory)  # fmt: skip
+    # the memory limit is a safety net: code that reads /dev/zero whole fails here instead of taking the machine (24 GB seen)
+    proc = subprocess.run([*ris_limited("AS", 6 * 2**30), "search", "/dev/zero", "-c", str(indexed[0])], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.startswith("error: cannot use query /dev/zero: not a regular file"), proc.stderr
 
 
