@@ -277,14 +277,9 @@ class CollectionService:
         both, AMD EPYC)."""
         from .search.verify import KEYPOINT_BYTES
 
-        try:
-            rows = self.call(self.coll.catalog.page, 0, self.verifier.budget // KEYPOINT_BYTES + 1)
-        except Exception:  # the server closing under it: searches find keypoints as they go
-            if not self._closing.is_set():
-                log.exception("preparing keypoints stopped")
-            return
-        paths, n = [row.path for row in rows], max(1, self.threads)
-        for i in range(1, n):
+        rows = self._unless_closing(self.call, self.coll.catalog.page, 0, self.verifier.budget // KEYPOINT_BYTES + 1)
+        paths, n = [row.path for row in rows or ()], max(1, self.threads)
+        for i in range(1, min(n, len(paths))):
             threading.Thread(target=self._prepare_part, args=(paths[i::n],), name=f"ris-keypoints-{i}", daemon=True).start()
         self._prepare_part(paths[::n])
 
@@ -293,11 +288,17 @@ class CollectionService:
         if sys.platform.startswith("linux"):  # elsewhere PRIO_PROCESS would lower the whole server
             with suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        self._unless_closing(self.verifier.prepare, paths, idle=lambda: self._working == 0, stop=self._closing.is_set)
+
+    def _unless_closing(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """fn's result, or None with its error logged, unless the server is closing under it (searches then find
+        keypoints as they go)."""
         try:
-            self.verifier.prepare(paths, idle=lambda: self._working == 0, stop=self._closing.is_set)
-        except Exception:  # the server closing under it: searches find keypoints as they go
+            return fn(*args, **kwargs)
+        except Exception:
             if not self._closing.is_set():
                 log.exception("preparing keypoints stopped")
+            return None
 
     # --- searching ---
 
