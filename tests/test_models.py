@@ -169,6 +169,24 @@ def test_onnx_runtime_matches_pytorch_and_int8_stays_close(pixels) -> None:
         assert cos.min() > 0.98, (cpu_runtime, cos)
 
 
+def test_streamed_batches_get_the_features_a_query_gets() -> None:
+    """An indexing run's batches go to OpenVINO streams (OpenVinoExtractor.submit), queries to one request on
+    every thread: an image must get the same vector either way, whichever batch it was in and whenever its
+    features are fetched (a stream is reused only once its batch's features are kept)."""
+    ext, _ = runtime.load_extractor(device="cpu", runtime="openvino", threads=2)
+    assert isinstance(ext, runtime.OpenVinoExtractor) and ext.streams == 2
+    x = np.stack([decode_file(str(f), 224).pixels for f in caltech_files("airplanes", 7) + caltech_files("panda", 5)])
+    batches = [x[:4], x[4:9], x[9:]]
+    fetches = [ext.submit(b) for b in batches]  # three in flight on two streams: the first is kept before reuse
+    got = [fetch() for fetch in reversed(fetches)][::-1]
+    for batch, features in zip(batches, got, strict=True):
+        alone = np.concatenate([ext(batch[i : i + 1]) for i in range(len(batch))])
+        assert features.shape == (len(batch), 11520)
+        np.testing.assert_array_equal(features, alone)
+    assert not np.array_equal(got[0][:3], got[1][:3])  # other images, other features
+    np.testing.assert_array_equal(ext.submit(x[:1])(), ext(x[:1]))  # one image: the query path itself
+
+
 def test_device_selection_degrades_to_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

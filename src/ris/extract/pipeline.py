@@ -387,7 +387,8 @@ def _merge(items: list[tuple[Batch, dict[str, np.ndarray]]]) -> tuple[Batch, dic
 
 
 def _submit(extractor: Callable, pixels: Any) -> Callable[[], np.ndarray]:
-    """Start the model on a batch; the returned call waits for its features. GPUs run asynchronously."""
+    """Start the model on a batch; the returned call waits for its features. GPUs and OpenVINO's streams run
+    asynchronously (the next batch is submitted before this one's features are fetched)."""
     submit = getattr(extractor, "submit", None)
     if submit is not None:
         return submit(pixels)
