@@ -38,9 +38,10 @@ from .views import Embed
 if TYPE_CHECKING:
     from .verify import Look, Verifier
 
-#: With DBA or αQE, the first result is the plain nearest among this many served candidates, when confirmed or
-#: when its plain cosine is ANCHOR_MARGIN over the served first's (Caltech-101 leave-one-out P@1 / P@5 0.9419 /
-#: 0.9397 -> 0.9456 / 0.9403; copies of nothing, P@1 0.9255 -> 0.9375; copy sets within a copy: RESULTS section 5).
+#: With DBA or αQE and no confirmed copy, the first result is the plain nearest among this many served candidates
+#: when its plain cosine is ANCHOR_MARGIN over the served first's, else the served first (Caltech-101 leave-one-out
+#: P@1 / P@5 0.9419 / 0.9397 -> 0.9456 / 0.9403; copies of nothing P@1 0.9255 -> 0.9375; copy sets within a copy
+#: of before: benchmarks/RESULTS.md sections 5 and 6).
 ANCHOR_POOL = 32
 ANCHOR_MARGIN = 0.03
 
