@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ris.collection import Collection
-from ris.search.ranking import ANCHOR_MARGIN, ANCHOR_POOL
+from ris.search.ranking import ANCHOR_POOL, stands_out
 from ris.tools import evaluate
 from ris.vectors import dba, faiss_index as index
 from tests.conftest import PER_CLASS, SUBSET_CLASSES, caltech_files, copy_classes, derived_file, run_cli
@@ -82,7 +82,7 @@ def test_leave_one_out_with_dba_never_lets_the_query_help_itself(dba_collection:
     plain = evaluate.leave_one_out(x, labels, ks=(1, 5))
     assert report.map >= plain.map - 0.02  # DBA does not break class retrieval on the subset
     # `ris eval` reports the collection as served: the first result anchored to the plain nearest where it stands out
-    served = evaluate.leave_one_out(x, labels, ks=(1, 5), dba=N, anchor=ANCHOR_POOL, anchor_margin=ANCHOR_MARGIN)
+    served = evaluate.leave_one_out(x, labels, ks=(1, 5), dba=N, anchor=ANCHOR_POOL, served=True)
     out = json.loads(run_cli("eval", "-c", str(dba_collection), "--json").stdout)
     assert out["map"] == pytest.approx(served.map, abs=1e-4)
     assert out["precision@1"] == pytest.approx(served.precision[1], abs=1e-4)
@@ -91,9 +91,10 @@ def test_leave_one_out_with_dba_never_lets_the_query_help_itself(dba_collection:
 
 
 def test_an_unconfirmed_plain_nearest_goes_first_only_where_it_stands_out(dba_collection: Path) -> None:
-    """Without a confirmed copy, the plain nearest is put before the served (DBA) first only when its plain cosine
-    beats the served first's by ANCHOR_MARGIN: a copy's original stands out so, an image of the same kind rarely
-    does. Other photos of the collection's classes meet both cases; `ris eval` ranks the same way (anchor_first)."""
+    """Without a confirmed copy, the plain nearest is put before the served (DBA) first only where it stands out (its
+    plain cosine ANCHOR_MARGIN over the served first's, or SAME_PICTURE high): a copy's original stands out so, an
+    image of the same kind rarely does. Other photos of the collection's classes meet both cases; `ris eval` ranks
+    the same way (anchor_first)."""
     files = [f for c in SUBSET_CLASSES for f in caltech_files(c, 3 * PER_CLASS)[PER_CLASS:]]  # not indexed
     with Collection.open(dba_collection) as coll:
         rows, x = coll.vectors()
@@ -105,16 +106,19 @@ def test_an_unconfirmed_plain_nearest_goes_first_only_where_it_stands_out(dba_co
     for i, result in enumerate(results):
         pool = [int(j) for j in served[i][:ANCHOR_POOL] if j >= 0]
         sims = np.array([by_id[j] @ q[i] for j in pool])
-        stands_out = sims.max() - sims[0] >= ANCHOR_MARGIN
-        assert result.matches[0].id == (pool[int(sims.argmax())] if stands_out else pool[0]), files[i]
-        moved += stands_out and int(sims.argmax()) != 0
-        kept += not stands_out and int(sims.argmax()) != 0
+        out = bool(stands_out(sims.max(), sims[0]))
+        assert result.matches[0].id == (pool[int(sims.argmax())] if out else pool[0]), files[i]
+        moved += out and int(sims.argmax()) != 0
+        kept += not out and int(sims.argmax()) != 0
     assert moved and kept  # both met (2 and 12 of 120 when written): the plain nearest put first, the served first kept
-    order = np.argsort(-(x @ x[:3].T).T, axis=1, kind="stable")[:, 1:]
-    swapped = order[:, [1, 0, *range(2, order.shape[1])]]
-    gap = np.einsum("nd,nd->n", x[:3], x[order[:, 0]] - x[order[:, 1]])
-    np.testing.assert_array_equal(evaluate.anchor_first(swapped, x[:3], x, 8, margin=float(gap.min())), order)
-    np.testing.assert_array_equal(evaluate.anchor_first(swapped, x[:3], x, 8, margin=float(gap.max()) + 1e-6), swapped)
+    order = np.argsort(-(x @ x[:12].T).T, axis=1, kind="stable")  # each image first, then its plain nearest
+    swapped = order[:, [1, 0, *range(2, order.shape[1])]]  # the nearest other image served before the image itself
+    np.testing.assert_array_equal(evaluate.anchor_first(swapped, x[:12], x, 8, served=True), order)  # the same picture
+    others = order[:, 1:]  # leave-one-out: the image itself not indexed
+    flipped = others[:, [1, 0, *range(2, others.shape[1])]]  # its second nearest served first
+    out = stands_out(np.einsum("nd,nd->n", x[:12], x[others[:, 0]]), np.einsum("nd,nd->n", x[:12], x[others[:, 1]]))
+    anchored = evaluate.anchor_first(flipped, x[:12], x, 8, served=True)
+    np.testing.assert_array_equal(anchored, np.where(out[:, None], others, flipped))
 
 
 def test_the_first_result_is_the_plain_nearest_and_the_rest_keep_the_served_order(dba_collection: Path) -> None:

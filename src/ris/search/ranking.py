@@ -3,9 +3,9 @@
 The served order comes from the store (DBA-augmented vectors when the collection has DBA). DBA and αQE
 favour an image's class over the image itself, which loses copies' originals (copy recall@1 0.97 -> 0.89 on
 Caltech-101), so the first place goes to the one of the 5 plain nearest that geometric verification confirms
-(ris.search.verify), or else to the plain nearest of the served top ANCHOR_POOL when its plain cosine beats the
-served first's by ANCHOR_MARGIN (a copy's original stands out so; an image merely of the same kind rarely does,
-and the served first is more often of the query's class); when none is confirmed, a second look at the query's
+(ris.search.verify), or else to the plain nearest of the served top ANCHOR_POOL where it `stands_out` (its plain
+cosine beats the served first's by ANCHOR_MARGIN, or is SAME_PICTURE high: a copy's original stands out so, an
+image merely of the same kind rarely does); when none is confirmed, a second look at the query's
 rotations and regions (ris.search.views) may confirm another image for it; the image whose signature matches
 the query's (ris.search.copies: blurred, darkened, tiny copies) goes first unless another was confirmed by
 keypoints as ris.search.copies says; the image verification confirmed best after it comes second (a copy's
@@ -39,11 +39,21 @@ if TYPE_CHECKING:
     from .verify import Look, Verifier
 
 #: With DBA or αQE and no confirmed copy, the first result is the plain nearest among this many served candidates
-#: when its plain cosine is ANCHOR_MARGIN over the served first's, else the served first (Caltech-101 leave-one-out
-#: P@1 / P@5 0.9419 / 0.9397 -> 0.9456 / 0.9403; copies of nothing P@1 0.9255 -> 0.9375; copy sets within a copy
-#: of before: benchmarks/RESULTS.md sections 5 and 6).
+#: where it `stands_out`, else the served first (Caltech-101 leave-one-out P@1 / P@5 0.9419 / 0.9397 -> 0.9457 /
+#: 0.9403; copies of nothing P@1 0.9255 -> 0.9375; copy sets within a copy of before: benchmarks/RESULTS.md
+#: sections 5 and 6).
 ANCHOR_POOL = 32
+#: Its plain cosine over the served first's by this much, or this high (the same picture: an indexed file searched
+#: again, a re-encoded copy; in a low-dimensional PCA other images come within ANCHOR_MARGIN of it).
 ANCHOR_MARGIN = 0.03
+SAME_PICTURE = 0.95
+
+
+def stands_out(nearest: np.ndarray | float, first: np.ndarray | float) -> np.ndarray:
+    """Whether an unconfirmed plain nearest (plain cosine `nearest`) goes before the served first (`first`): a copy's
+    original stands out so, an image merely of the same kind rarely does (the served first is then more often of
+    the query's class)."""
+    return (np.asarray(nearest) - first >= ANCHOR_MARGIN) | (np.asarray(nearest) >= SAME_PICTURE)
 
 Candidates = list[tuple[float, ImageRow]]
 Checked = dict[int, tuple[int, ImageRow]]  # image id -> (agreeing keypoint matches with the query, its row)
@@ -194,7 +204,7 @@ class Ranker:
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
                                                      threads, checked)  # fmt: skip
         if reordered:  # an unconfirmed plain nearest goes first only when clearly nearer than the served first
-            heads = [h if h is None or ok or s.max() - s[0] >= ANCHOR_MARGIN else None
+            heads = [h if h is None or ok or stands_out(s.max(), s[0]) else None
                      for h, ok, s in zip(heads, confirmed, sims, strict=True)]  # fmt: skip
         if signatures is not None:
             heads = self._by_signature(snap, signatures, heads, checked, small, served)

@@ -77,14 +77,17 @@ def _drop(scores: np.ndarray, ids: np.ndarray, own: np.ndarray) -> tuple[np.ndar
 
 
 def anchor_first(order: np.ndarray, plain_queries: np.ndarray, plain_base: np.ndarray, pool: int,
-                 margin: float = 0.0) -> np.ndarray:  # fmt: skip
-    """Rankings (rows of base positions) with the plain nearest of each row's first `pool` moved to the
-    front where its plain cosine beats the row's first's by `margin`: how a collection with DBA or αQE serves
-    its first result without verification (ris.search.ranking.ANCHOR_MARGIN)."""
+                 served: bool = False) -> np.ndarray:  # fmt: skip
+    """Rankings (rows of base positions) with the plain nearest of each row's first `pool` moved to the front; with
+    `served`, only where it stands out (ris.search.ranking.stands_out): how a collection with DBA or αQE serves its
+    first result without verification."""
+    from ..search.ranking import stands_out
+
     head = order[:, :pool]
     sims = np.einsum("nd,nkd->nk", plain_queries, plain_base[head])
     rows, best = np.arange(len(order)), sims.argmax(axis=1)
-    first = np.where(sims[rows, best] - sims[:, 0] >= margin, head[rows, best], head[:, 0])
+    moved = stands_out(sims[rows, best], sims[:, 0]) if served else np.ones(len(order), bool)
+    first = np.where(moved, head[rows, best], head[:, 0])
     rest = order[order != first[:, None]].reshape(len(order), order.shape[1] - 1)
     return np.concatenate([first[:, None], rest], axis=1)
 
@@ -109,7 +112,7 @@ def leave_one_out(
     dba: int = 0,
     others: np.ndarray | None = None,
     anchor: int = 0,
-    anchor_margin: float = 0.0,
+    served: bool = False,
 ) -> EvalReport:
     """Precision@k and average precision of every image querying the rest (unit vectors, cosine).
 
@@ -117,7 +120,7 @@ def leave_one_out(
     dba > 0 ranks against a database augmented as a collection with `--dba` holds it (ris.vectors.dba), each
     database vector rebuilt without the query among its neighbours (what it would be had the query
     never been indexed); queries stay plain. anchor > 0: the plain nearest of the first `anchor` ranked
-    goes first where it is anchor_margin nearer than the first (as served with DBA or αQE, see anchor_first).
+    goes first (with `served`, where it stands out: as served with DBA or αQE, see anchor_first).
     others: the collection's unlabelled vectors, which take part as DBA neighbours but are not ranked.
     device: where the rankings are computed (`index.search`; default RIS_SEARCH_DEVICE, else auto).
     """
@@ -147,7 +150,7 @@ def leave_one_out(
             ranked = np.argsort(-dense, axis=1, kind="stable")
         order = ranked[ranked != np.arange(start, stop)[:, None]].reshape(stop - start, n - 1)
         if anchor:
-            order = anchor_first(order, x[start:stop], x, anchor, anchor_margin)
+            order = anchor_first(order, x[start:stop], x, anchor, served)
         rel = y[order] == y[start:stop, None]
         block_prec, ap[start:stop] = _score_rankings(rel, class_sizes[y[start:stop]] - 1, ks)
         for k in ks:
@@ -185,7 +188,7 @@ def evaluate_collection(
     """
     from ..errors import RisError
     from ..files.sources import scan
-    from ..search.ranking import ANCHOR_MARGIN, ANCHOR_POOL
+    from ..search.ranking import ANCHOR_POOL
     from ..vectors import dba as dba_mod
 
     rows, vecs = coll.vectors()
@@ -202,17 +205,17 @@ def evaluate_collection(
         qvecs = coll.embed([f.path for f in files])
         db = dba_mod.augment(vecs, *dba_mod.neighbours(vecs, n_dba)) if n_dba else vecs
         return queries_against(qvecs, [f.label for f in files], db[keep], labels, ks, plain_vectors=vecs[keep],
-                               anchor=ANCHOR_POOL if n_dba else 0, anchor_margin=ANCHOR_MARGIN)  # fmt: skip
+                               anchor=ANCHOR_POOL if n_dba else 0, served=True)  # fmt: skip
     others = vecs[np.setdiff1d(np.arange(len(rows)), keep)]
     anchor = ANCHOR_POOL if n_dba or n_qe else 0  # the first result as served (Collection.search_vectors)
     return leave_one_out(vecs[keep], labels, ks, progress=progress(len(keep), len(keep)) if progress else None,
-                         qe=n_qe, dba=n_dba, others=others, anchor=anchor, anchor_margin=ANCHOR_MARGIN)  # fmt: skip
+                         qe=n_qe, dba=n_dba, others=others, anchor=anchor, served=True)  # fmt: skip
 
 
 def queries_against(
     query_vectors: np.ndarray, query_labels: Sequence[str], db_vectors: np.ndarray, db_labels: Sequence[str],
     ks: Sequence[int] = (1, 5, 10), block: int = 512, device: str | None = None,
-    plain_vectors: np.ndarray | None = None, anchor: int = 0, anchor_margin: float = 0.0,
+    plain_vectors: np.ndarray | None = None, anchor: int = 0, served: bool = False,
 ) -> EvalReport:  # fmt: skip
     """Labelled queries (not in the collection) against the collection: precision@k and mAP.
 
@@ -228,7 +231,7 @@ def queries_against(
         _, order = index.search(db, queries[start : start + block], len(yd), device=device)
         if anchor and plain_vectors is not None:
             order = anchor_first(order, queries[start : start + block], np.asarray(plain_vectors, np.float32), anchor,
-                                 anchor_margin)  # fmt: skip
+                                 served)  # fmt: skip
         rel = yd[order] == yq[start : start + block, None]
         block_prec, block_ap = _score_rankings(rel, rel.sum(axis=1), ks)
         for k in ks:
