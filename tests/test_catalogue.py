@@ -320,3 +320,47 @@ def test_the_vector_file_reads_rows_in_any_order_and_keeps_an_unlinked_generatio
     path.write_bytes(stored[:10].tobytes())
     with pytest.raises(RisError, match="damaged: it holds 10 vectors, the catalogue uses 12"):
         VectorFile(path, 24).read(np.array([11]))
+
+
+def test_a_run_fits_on_the_sample_it_kept_as_a_resumed_run_does_on_the_stored_one(
+    subset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer fits the projection on the raw features its run stored, kept in memory, and stores them projected
+    from the fit itself; a run resuming one that stored raw features reads them back and projects them. The same
+    vectors either way, in the same slots."""
+    from ris.images.decode import decode_file
+    from ris.vectors.catalog import Catalog
+    from ris.vectors.sink import CatalogSink
+
+    monkeypatch.setattr(reduce, "FIT_SAMPLE", 20)
+    monkeypatch.setattr(reduce, "PROJECTED_DIMS", 12)
+    with Collection.create(tmp_path / "c.ris") as coll:
+        paths = sorted(f.path for f in scan([subset_dir]))[::2]  # 30, of every class
+        raw = coll.extractor()(np.stack([decode_file(p, coll.manifest.input_size).pixels for p in paths]))
+    shas = [f"{i:064x}" for i in range(1, 31)]
+    batches = [list(range(start, min(start + 8, 30))) for start in range(0, 30, 8)]  # the fit comes with the third
+
+    def catalog(name: str) -> Catalog:
+        (tmp_path / name).mkdir()
+        cat = Catalog(tmp_path / name / "catalog.sqlite")
+        with cat.db:
+            cat.db.executemany("INSERT INTO images (path, size, mtime_ns, label, status) VALUES (?, 1, 1, 'x', 'pending')",
+                               [(p,) for p in paths])  # fmt: skip
+        return cat
+
+    def commit(sink: CatalogSink, batch: list[int]) -> None:
+        sink.commit([(i + 1, shas[i]) for i in batch], {shas[i]: raw[i] for i in batch}, [])
+
+    one_run, resumed = catalog("one"), catalog("resumed")
+    sink = CatalogSink(one_run, raw.shape[1], None)
+    for batch in batches:
+        commit(sink, batch)
+    commit(CatalogSink(resumed, raw.shape[1], None), batches[0])  # a run that stopped before the fit
+    sink = CatalogSink(resumed, raw.shape[1], None)
+    for batch in batches[1:]:
+        commit(sink, batch)
+    ids = list(range(1, 31))
+    a, b = one_run.vectors(ids), resumed.vectors(ids)
+    assert one_run.width == resumed.width == 12 and len(one_run.live_slots()) == 30
+    assert np.abs(a - b).max() < 2**-7 * np.abs(b).max()  # bfloat16's rounding apart
+    np.testing.assert_array_equal(one_run.projection()[1], resumed.projection()[1])

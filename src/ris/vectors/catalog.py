@@ -63,8 +63,11 @@ def as_stored(vectors: Iterable[np.ndarray] | np.ndarray, dims: int = 0) -> np.n
 
 
 def from_stored(stored: np.ndarray) -> np.ndarray:
-    """float32 vectors from stored bfloat16 bits."""
-    return (np.asarray(stored, dtype=np.uint32) << 16).view(np.float32)
+    """float32 vectors from stored bfloat16 bits (one new array: in this VM a fresh page costs ~7 us to fault in,
+    and a cast then a shift faulted in two: 2,048 x 11,520 rows 0.33 -> 0.02 s)."""
+    stored = np.asarray(stored)
+    out = np.empty(stored.shape, np.uint32)
+    return np.left_shift(stored, np.uint32(16), out=out, dtype=np.uint32).view(np.float32)
 
 
 def hash_key(sha256: str) -> int:
@@ -640,15 +643,17 @@ class Catalog:
                 self.db.execute(HKEY_INDEX)
 
     def rewrite(self, transform: Callable[[np.ndarray], np.ndarray] | None = None, width: int | None = None,
-                projection: tuple[np.ndarray, np.ndarray] | None = None, block: int = 8192) -> None:  # fmt: skip
+                projection: tuple[np.ndarray, np.ndarray] | None = None, block: int = 8192,
+                live: tuple[np.ndarray, np.ndarray] | None = None) -> None:  # fmt: skip
         """Copy the live vectors (transformed) into the next generation's file, then switch to it in one
         transaction: a compaction (no transform), or the move to projected vectors (with the projection
-        that made them, kept in the catalogue). Readers keep reading the old file until they see the switch."""
+        that made them, kept in the catalogue). Readers keep reading the old file until they see the switch.
+        `live`: (live slots, their new rows) where the caller has the rows already (nothing is read then)."""
         old = self.vector_file()
         if old is None:
             return
         width = width or old.width
-        live = self.live_slots()
+        live, given = live if live is not None else (self.live_slots(), None)
         generation = int(old.path.name.split(".")[1]) + 1
         new = VectorFile(self.path.parent / f"vectors.{generation}.bf16", width)
         old_sigs = self.signature_file()
@@ -656,8 +661,11 @@ class Catalog:
         for leftover in (new.path, new_sigs.path):  # of a rewrite that crashed before its switch
             leftover.unlink(missing_ok=True)
         for start in range(0, len(live), block):
-            rows = old.read(live[start : start + block])
-            new.write(start, as_stored(transform(rows) if transform else rows))
+            if given is not None:
+                new.write(start, as_stored(given[start : start + block]))
+            else:
+                rows = old.read(live[start : start + block])
+                new.write(start, as_stored(transform(rows) if transform else rows))
             if old_sigs is not None and old_sigs.count():
                 new_sigs.write(start, old_sigs.read_or_zeros(live[start : start + block]))
         new.sync()

@@ -167,14 +167,22 @@ class Projection:
 
     @classmethod
     def fit(cls, raw: np.ndarray, dims: int = PROJECTED_DIMS) -> Projection:
-        x = l2_normalize(raw)
+        return cls.fit_projecting(raw, dims)[0]
+
+    @classmethod
+    def fit_projecting(cls, raw: np.ndarray, dims: int = PROJECTED_DIMS,
+                       overwrite: bool = False) -> tuple[Projection, np.ndarray]:  # fmt: skip
+        """The fitted projection and `raw` projected by it, which the fit has already: X X^T U / s = U s (the
+        extraction's writer stores its sample so without a second 11,520 -> 1,024 product). overwrite: raw may
+        be normalised in place."""
+        x = l2_normalize(raw, in_place=overwrite)
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         x -= mean
         evals, vecs = np.linalg.eigh((x @ x.T).astype(np.float64))
         order = np.argsort(evals)[::-1][: min(dims, len(x) - 1)]
         scale = np.sqrt(np.clip(evals[order], 1e-12, None))
         components = (vecs[:, order] / scale).T.astype(np.float32) @ x  # unit axes: U^T X / s
-        return cls(mean, np.ascontiguousarray(components, np.float32))
+        return cls(mean, np.ascontiguousarray(components, np.float32)), (vecs[:, order] * scale).astype(np.float32)
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) <= SPLIT_ROWS:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import reduce
-from .catalog import Catalog
+from .catalog import Catalog, as_stored, from_stored
 from .reduce import Projection, projects
 
 log = logging.getLogger("ris")
@@ -27,6 +27,9 @@ class CatalogSink:
         self.catalog, self.raw_dims, self.projection = catalog, raw_dims, projection
         self._raw = projects(raw_dims) and projection is None  # still keeping raw features
         self._live = len(catalog.live_slots()) if self._raw else 0
+        # the fit sample as this run stores it (bfloat16 bits, in slot order), so the fit reads nothing back;
+        # a run that resumes one with raw features already stored reads them all from the catalogue instead
+        self._sample: list[np.ndarray] | None = [] if self._raw and not self._live else None
 
     def sample_first(self, todo: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """These pending images, a random FIT_SAMPLE of them first when the projection will be fitted in this run."""
@@ -56,13 +59,22 @@ class CatalogSink:
         self.catalog.commit_batch(done, features, failed, signatures)
         if self._raw and features:
             self._live += len(features)
+            if self._sample is not None:
+                self._sample.append(as_stored(list(features.values())))
             if self._live >= reduce.FIT_SAMPLE:
                 self._project()
 
     def _project(self) -> None:
         """Fit the projection on the raw features kept so far and store every vector projected from now on."""
-        raw = self.catalog.live_vectors()
-        proj = Projection.fit(raw, reduce.PROJECTED_DIMS)
-        self.catalog.rewrite(proj, proj.dims, (proj.mean, proj.components))
-        self.projection, self._raw = proj, False
-        log.debug("the collection stores %d-d projected vectors from now on (fitted on its first %d images)", proj.dims, len(raw))
+        slots = self.catalog.live_slots()
+        kept = np.concatenate(self._sample) if self._sample else None
+        if kept is not None and len(kept) == len(slots):  # else a content stored twice: its first row is not live
+            proj, projected = Projection.fit_projecting(from_stored(kept), reduce.PROJECTED_DIMS, overwrite=True)
+            self.catalog.rewrite(width=proj.dims, projection=(proj.mean, proj.components), live=(slots, projected))
+        else:
+            proj = Projection.fit(self.catalog.live_vectors(), reduce.PROJECTED_DIMS)
+            self.catalog.rewrite(proj, proj.dims, (proj.mean, proj.components))
+        self.projection, self._raw, self._sample = proj, False, None
+        log.debug(
+            "the collection stores %d-d projected vectors from now on (fitted on its first %d images)", proj.dims, len(slots)
+        )
