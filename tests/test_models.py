@@ -187,6 +187,26 @@ def test_streamed_batches_get_the_features_a_query_gets() -> None:
     np.testing.assert_array_equal(ext.submit(x[:1])(), ext(x[:1]))  # one image: the query path itself
 
 
+def test_an_indexing_runs_batches_come_out_projected_once_the_projection_is_fitted() -> None:
+    """OpenVINO projects an indexing run's batches itself once the collection's projection exists (bfloat16 where
+    the CPU has it): what ris.vectors.reduce.Projection gives on the host, to the stored bfloat16's precision;
+    raw features before the fit and for queries."""
+    from ris.vectors.reduce import Projection
+
+    ext, _ = runtime.load_extractor(device="cpu", runtime="openvino", threads=2)
+    x = np.stack([decode_file(str(f), 224).pixels for f in caltech_files("airplanes", 8) + caltech_files("panda", 8)])
+    raw = ext(x)
+    fitted: list[Projection] = []
+    view = ext.projecting(lambda: fitted[0] if fitted else None)
+    np.testing.assert_array_equal(view.submit(x[:4])(), raw[:4])  # nothing fitted yet
+    fitted.append(Projection.fit(raw, 12))
+    on_host = fitted[0](raw)
+    for got, want in ((view.submit(x[4:])(), on_host[4:]), (view(x[:3]), on_host[:3])):
+        assert got.shape == want.shape == (len(want), 12)
+        assert np.abs(got - want).max() < 2**-7 * np.abs(want).max()
+    assert ext(x[:1]).shape == (1, 11520) and view.dim == 11520  # the original still gives raw features
+
+
 def test_device_selection_degrades_to_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
