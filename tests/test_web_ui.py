@@ -35,6 +35,16 @@ WATCH_LOADING = """() => {
   new MutationObserver(() => window.__loadingSeen.push(!document.querySelector('#loading').hidden))
     .observe(document.querySelector('#loading'), { attributes: true, attributeFilter: ['hidden'] });
 }"""
+#: Records the file each search request sends (size, type, the file itself).
+SENT_FILES = """() => {
+  const fetch = window.fetch;
+  window.__sent = [];
+  window.fetch = (url, options) => {
+    const file = options && options.body instanceof FormData ? options.body.get('file') : null;
+    if (file) window.__sent.push([file.size, file.type, file]);
+    return fetch(url, options);
+  };
+}"""
 QUERY = caltech_images(offset=8, per_category=1)[0]  # an accordion that is not in the collection
 
 
@@ -193,6 +203,38 @@ def test_bad_upload_keeps_previous_results(desktop, tmp_path: Path) -> None:
     upload(desktop, caltech_images()[0])  # an indexed image: the next good search clears the message
     message.wait_for(state="hidden")
     assert desktop.locator(f"{RESULTS}[data-rank='1'] .score").get_attribute("data-similarity") == "1.000"
+
+
+def test_a_phone_sized_photo_is_sent_shrunk_and_still_finds_its_original(phone, tmp_path: Path) -> None:
+    """A 12-MP JPEG of several MB (a phone's photo) leaves the browser at most 1,600 px wide, upright as its EXIF
+    orientation says; the search finds the indexed image it shows. Small files are sent as they are."""
+    import numpy as np
+    from PIL import Image
+
+    original = caltech_images()[1]
+    phone.evaluate(SENT_FILES)
+    upload(phone, original)
+    indexed = first_id(phone)
+    assert phone.evaluate("() => window.__sent.at(-1).slice(0, 2)") == [original.stat().st_size, "image/jpeg"]  # as it is
+
+    img = Image.open(original).convert("RGB")
+    big = img.resize((4000, round(4000 * img.height / img.width)), Image.BICUBIC)
+    noise = np.random.default_rng(0).integers(-6, 7, (big.height, big.width, 3))
+    big = Image.fromarray(np.clip(np.asarray(big, np.int16) + noise, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown upright by turning it 90 degrees clockwise
+    photo = tmp_path / "IMG_0001.jpg"
+    big.transpose(Image.Transpose.ROTATE_90).save(photo, quality=95, exif=exif)
+    assert photo.stat().st_size > 3_000_000
+    upload(phone, photo)
+    assert first_id(phone) == indexed
+    size, kind, width, height = phone.evaluate("""async () => {
+      const [size, kind, file] = window.__sent.at(-1);
+      const bitmap = await createImageBitmap(file);
+      return [size, kind, bitmap.width, bitmap.height];
+    }""")
+    upright = tuple(round(side * 1600 / max(big.size)) for side in big.size)  # not the file's turned one
+    assert kind == "image/jpeg" and 20_000 < size < 800_000 and (width, height) == upright, (size, width, height)
 
 
 def test_show_n_reruns_the_search(desktop) -> None:
