@@ -237,7 +237,6 @@ class OpenVinoExtractor:
             self._fetch[slot] = fetch
             return fetch
 
-
     def projecting(self, current: Callable[[], Any]) -> ProjectingOpenVino:
         """This extractor, delivering an indexing run's features projected by whatever `current()` returns at each
         batch (a ris.vectors.reduce.Projection, or None: raw features), as ris.model.torch_runtime does on a GPU."""
