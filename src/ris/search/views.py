@@ -22,6 +22,7 @@ benchmarks/RESULTS.md (section 6, "Copies").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -32,9 +33,10 @@ from ..images.edits import valid_box
 #: Angles (degrees) the query is rotated back by; windows (left, top, side) as fractions of the query's sides.
 ANGLES = (-22.0, 22.0)
 WINDOWS = ((0.0, 0.0, 0.5), (0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.5, 0.5, 0.5), (0.25, 0.25, 0.5))
-#: Candidates per view read from the store, and images verified after the views' ranking.
+#: Candidates per view read from the store, and images verified after the views' ranking (after a crop look's).
 PER_VIEW = 16
 CANDIDATES = 8
+CROP_CANDIDATES = 2
 
 Embed = Callable[[Sequence[Image.Image]], np.ndarray]
 
@@ -86,7 +88,15 @@ PASTED_SIDE = 1280
 DETAIL_SIDE = 720
 
 
-def pasted(img: Image.Image) -> list[Image.Image]:
+class Pasted(NamedTuple):
+    """A query's crops where a picture may be pasted (`pasted`), and the boxes of those cut from it as they stand
+    (not the straightened ones), as fractions of its sides: (left, top, right, bottom)."""
+
+    crops: list[Image.Image]
+    boxes: list[tuple[float, float, float, float]]
+
+
+def pasted(img: Image.Image) -> Pasted:
     """Crops of a picture turned with black corners (`straightened`) and of where one may have been pasted onto
     this one (`boxes`), found at up to PASTED_SIDE pixels, the detail map at up to DETAIL_SIDE (pip copies' pasted
     picture covered by a crop at IoU > 0.85, Caltech-101 harsh set, seeds 0-2: 0.61 of them at 480 px, 0.69 at 720,
@@ -97,8 +107,11 @@ def pasted(img: Image.Image) -> list[Image.Image]:
     img = working_size(img, PASTED_SIDE)
     grey = np.asarray(img.convert("L"), np.float32)
     if min(grey.shape) < 32:
-        return []
-    return straightened(img) + [img.crop(box) for box in boxes(grey)]
+        return Pasted([], [])
+    found = boxes(grey)
+    w, h = img.size
+    return Pasted(straightened(img) + [img.crop(box) for box in found],
+                  [(x0 / w, y0 / h, x1 / w, y1 / h) for x0, y0, x1, y1 in found])  # fmt: skip
 
 
 def boxes(grey: np.ndarray) -> list[tuple[int, int, int, int]]:
