@@ -184,14 +184,19 @@ class Projection:
         components = (vecs[:, order] / scale).T.astype(np.float32) @ x  # unit axes: U^T X / s
         return cls(mean, np.ascontiguousarray(components, np.float32)), (vecs[:, order] * scale).astype(np.float32)
 
+    def centred(self, raw: np.ndarray) -> np.ndarray:
+        """Raw features as the axes take them: unit rows, less the fit's mean (an engine projecting on its own
+        device applies the axes to these, ris.model.runtime)."""
+        return l2_normalize(raw) - self.mean
+
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) <= SPLIT_ROWS:
-            return self._split(l2_normalize(raw) - self.mean)
+            return self._split(self.centred(raw))
         out = np.empty((len(raw), self.dims), np.float32)
         step = block_rows(self.raw_dims)
         with small_product(len(raw)):
             for start in range(0, len(raw), step):
-                out[start : start + step] = onto_rows(l2_normalize(raw[start : start + step]) - self.mean, self.components)
+                out[start : start + step] = onto_rows(self.centred(raw[start : start + step]), self.components)
         return out
 
     def _split(self, x: np.ndarray) -> np.ndarray:
