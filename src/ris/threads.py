@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 
 def cpu_threads() -> int:
@@ -68,3 +69,18 @@ def on_threads(fn: Callable, items: Sequence, threads: int) -> list:
     for helper in running:
         helper.result()  # a helper's error, raised here
     return out
+
+
+@contextmanager
+def faiss_alone() -> Iterator[None]:
+    """FAISS on the calling thread alone (OpenMP's setting is each thread's own): work spread over our own threads,
+    or run at the lowest priority, must not start OpenMP's threads too (with OMP_WAIT_POLICY=PASSIVE a binary
+    inverted file's search ran no faster on two of them than on one)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)

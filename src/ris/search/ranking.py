@@ -5,8 +5,10 @@ favour an image's class over the image itself, which loses copies' originals (co
 Caltech-101), so the first place goes to the one of the 5 plain nearest that geometric verification confirms
 (ris.search.verify), or else to the plain nearest of the served top ANCHOR_POOL where it `stands_out` (its plain
 cosine beats the served first's by ANCHOR_MARGIN, or is SAME_PICTURE high: a copy's original stands out so, an
-image merely of the same kind rarely does); when none is confirmed, a second look at the query's
-rotations and regions (ris.search.views) may confirm another image for it; the image whose signature matches
+image merely of the same kind rarely does); the images sharing most keypoints with the query (ris.search.votes,
+once the indexed images' keypoints are kept) are verified too, a confirmed one first where none was; when none
+is confirmed, a second look at the query's rotations and regions (ris.search.views; only its pasted picture's
+crops where the votes hold every image) may confirm another image for it; the image whose signature matches
 the query's (ris.search.copies: blurred, darkened, tiny copies) goes first unless another was confirmed by
 keypoints as ris.search.copies says; the image verification confirmed best after it comes second (a copy's
 original or another copy of the same picture before images that merely look alike); the rest follow in served
@@ -34,6 +36,7 @@ from . import views
 from .copies import SignatureIndex
 from .results import Match, SearchResult
 from .views import Embed
+from .votes import VOTED, VOTED_INLIERS
 
 if TYPE_CHECKING:
     from .verify import Look, Verifier
@@ -74,6 +77,18 @@ class Ranker:
 
         self._verifier = self._verifier or Verifier()
         return self._verifier
+
+    def keep_keypoints(self, threads: int = 1) -> int:
+        """Find the indexed images' keypoints (as many as RIS_KEYPOINT_CACHE_MB holds) and build their votes
+        (ris.search.votes), as `ris serve` does while idle: searches then verify without decoding candidates, and
+        check the images that share most keypoints with the query too; how many images vote."""
+        from ..threads import on_threads
+        from .verify import KEYPOINT_BYTES
+
+        rows = self.catalog.page(0, self.verifier.budget // KEYPOINT_BYTES + 1)
+        on_threads(lambda part: self.verifier.prepare([r.path for r in part], lambda: True, lambda: False),
+                   [rows[i::threads] for i in range(threads)], threads)  # fmt: skip
+        return self.verifier.vote_for([(row.id, row.path) for row in rows])
 
     def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
         """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
@@ -192,7 +207,8 @@ class Ranker:
         confirmed, small = [False] * len(heads), [False] * len(heads)
         checked: list[Checked] = [{} for _ in heads]
         if verify_with is not None:
-            looks = self._looks(verify_with, by_plain, threads)
+            voting = self.verifier.votes.covers(snap.store.ntotal)
+            looks = self._looks(verify_with, by_plain, threads, own_views=not voting)
             for q, look in enumerate(looks):
                 _note(checked[q], [row for _, row in by_plain[q][:TOP]], look.counts)
             heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
@@ -200,11 +216,12 @@ class Ranker:
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
             crops = [list(look.beside[0].crops) if look.beside else [] for look in looks]
             heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads, checked)
+            heads, confirmed = self._vote_look(looks, heads, confirmed, threads, checked)
             if embed is not None:
                 boxes = [look.beside[0].boxes if look.beside else [] for look in looks]
                 self._crop_look(snap, looks, crops, boxes, heads, confirmed, embed, nprobe, threads, checked)
                 heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
-                                                     threads, checked)  # fmt: skip
+                                                     threads, checked, own_views=not voting)  # fmt: skip
         if reordered:  # an unconfirmed plain nearest goes first only when clearly nearer than the served first
             heads = [h if h is None or ok or stands_out(s.max(), s[0]) else None
                      for h, ok, s in zip(heads, confirmed, sims, strict=True)]  # fmt: skip
@@ -224,15 +241,16 @@ class Ranker:
         return results
 
     def _looks(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
-               threads: int) -> list[Look]:  # fmt: skip
+               threads: int, own_views: bool = True) -> list[Look]:  # fmt: skip
         """Which of each query's 5 plain nearest geometric verification puts first (candidates' keypoints cached),
         with the crops of each query's pasted picture (ris.search.views.pasted) and, for a query alone, its second
-        look's own views (made beside its keypoints); queries are decoded at verification's working size."""
+        look's own views (made beside its keypoints, where own_views); queries are decoded at verification's
+        working size."""
         from .verify import MAX_SIDE, TOP
 
         loaders = [q if callable(q) else (lambda q=q: query_image(q, MAX_SIDE)) for q in queries]
         jobs = [(load, [row.path for _, row in cands[:TOP]]) for load, cands in zip(loaders, ranked, strict=True)]
-        alone = len(jobs) == 1 and threads > 1  # its views made beside its keypoints: they filled an idle thread
+        alone = len(jobs) == 1 and threads > 1 and own_views  # its views made beside its keypoints: an idle thread
 
         def beside(full: Image.Image, work: Image.Image) -> list[Callable[[], object]]:
             return [lambda: views.pasted(full)] + ([lambda: views.own_views(work)] if alone else [])
@@ -263,18 +281,20 @@ class Ranker:
 
     def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], crops: list[list[Image.Image]],
                      heads: list, confirmed: list[bool], ranked: list[Candidates], embed: Embed, nprobe: int | None,
-                     threads: int, checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
+                     threads: int, checked: list[Checked], own_views: bool = True) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) after ris.search.views' second look for the queries whose first result verification did
         not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
         over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
-        result's matches) goes first."""
+        result's matches) goes first. Without own_views (the keypoint votes found what they would), only a pasted
+        picture's crops are views, and a query without them gets no second look."""
         from ..threads import on_threads
         from .verify import TOP, choose
 
-        todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q]]
+        todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q] and (own_views or crops[q])]
         if not todo:
             return heads, confirmed
         made = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}  # made beside its keypoints
+        made = made if own_views else dict.fromkeys(todo, [])
         shots = [views.views(looks[q].query, crops[q], made.get(q)) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
@@ -298,6 +318,36 @@ class Ranker:
 
         for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
             heads[q], confirmed[q] = head or heads[q], confirmed[q] or head is not None
+        return heads, confirmed
+
+    def _vote_look(self, looks: list[Look], heads: list, confirmed: list[bool], threads: int,
+                   checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
+        """(heads, confirmed) after verifying the VOTED images that share most keypoints with each query
+        (ris.search.votes) and were not checked yet: one with VOTED_INLIERS agreeing matches (and MARGIN x the first
+        result's) goes first where none was confirmed, else is noted to come second (_runner_up); nothing before the
+        votes are built."""
+        from ..threads import on_threads
+        from .verify import choose
+
+        votes = self.verifier.votes
+        if not votes.ready:
+            return heads, confirmed
+        todo = [q for q, look in enumerate(looks) if look.query is not None]
+        voted = {q: [i for i, _ in votes.best(looks[q].views, VOTED, threads) if i not in checked[q]] for q in todo}
+        rows = self.catalog.rows([i for v in voted.values() for i in v])
+        picks = {q: [rows[i] for i in voted[q] if i in rows] for q in todo}
+        todo = [q for q in todo if picks[q]]
+        alone = threads if len(todo) == 1 else 1
+
+        def one(q: int) -> list[int]:
+            return self.verifier.counts(looks[q].views, [row.path for row in picks[q]], alone)
+
+        for q, counts in zip(todo, on_threads(one, todo, threads), strict=True):
+            strong = [(row, n) for row, n in zip(picks[q], counts, strict=True) if n >= VOTED_INLIERS]
+            _note(checked[q], [row for row, _ in strong], [n for _, n in strong])
+            best = choose([looks[q].inliers, *(n for _, n in strong)])
+            if best and not confirmed[q]:
+                heads[q], confirmed[q] = (0.0, strong[best - 1][0]), True
         return heads, confirmed
 
     def _crop_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], boxes: list[list],

@@ -28,7 +28,8 @@ from PIL import Image
 
 from ..config import megabytes
 from ..errors import DecodeError, RisError
-from ..threads import on_threads
+from ..threads import faiss_alone, on_threads
+from .votes import KeypointVotes
 
 #: Candidates checked per query, keypoints per image, longest side they are found at.
 TOP = 5
@@ -143,13 +144,8 @@ def nearest_two(da: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     against 0.8 ms for OpenCV's brute-force matcher and its Python match objects."""
     index = faiss.IndexBinaryFlat(db.shape[1] * 8)
     index.add(db)
-    threads = faiss.omp_get_max_threads()  # OpenMP's setting is the calling thread's own
-    faiss.omp_set_num_threads(1)
-    try:
-        dist, nearest = index.search(da, 2)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return dist, nearest
+    with faiss_alone():
+        return index.search(da, 2)
 
 
 class Verifier:
@@ -164,6 +160,7 @@ class Verifier:
         self._bytes = 0
         self._lock = threading.Lock()
         self.budget = megabytes(CACHE_ENV, zero=True) if cache_bytes is None else cache_bytes
+        self.votes = KeypointVotes()
 
     def _candidate(self, path: str) -> Features:
         """A candidate's keypoints (cached); none when its file can no longer be decoded."""
@@ -199,6 +196,14 @@ class Verifier:
             self._candidate(path)
             done += 1
         return done
+
+    def vote_for(self, rows: Iterable[tuple[int, str]]) -> int:
+        """Build the keypoint votes (ris.search.votes) from the kept keypoints of these (image id, path); how many
+        images they hold. Their index takes about as much memory again as the keypoints."""
+        with self._lock:
+            kept = [(i, self._cache[p]) for i, p in rows if p in self._cache]
+        self.votes.build(kept)
+        return self.votes.images
 
     def keypoints(self, path: str) -> Features:
         """An indexed image's keypoints (cached; none when its file can no longer be decoded)."""

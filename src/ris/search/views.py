@@ -15,8 +15,9 @@ of strongest border are cropped, as is a picture turned with black corners (`str
 whose signature matches a crop (ris.search.copies) is verified with the crop's keypoints
 (ris.search.ranking), and the first crops are views too (Caltech-101 harsh set, seed 0: the detailed crop alone
 found 0.82 of pasted pictures' originals first, the query 0.38).
-A query whose first result is confirmed (an exact or mildly edited copy) costs nothing more. Measured in
-benchmarks/RESULTS.md (section 6, "Copies").
+A query whose first result is confirmed (an exact or mildly edited copy) costs nothing more. Where the keypoint
+votes (ris.search.votes) hold every indexed image, they find what the rotated views and windows found, and only
+the crops are views. Measured in benchmarks/RESULTS.md (section 6, "Copies").
 """
 
 from __future__ import annotations
