@@ -244,13 +244,26 @@ def test_health_and_collection_info(client: httpx.Client) -> None:
 
 
 def test_the_server_prepares_the_images_keypoints_while_idle(collection_path: Path) -> None:
-    """After start, verification's keypoints of every indexed image are found ahead of searches (health counts them;
-    a server of its own: the module's shares its cache with searches of images added and removed since)."""
-    with serve_in_thread(create_app(collection_path)) as url, httpx.Client(base_url=url, timeout=30) as client:
+    """After start, verification's keypoints of every indexed image are found ahead of searches and then vote
+    (ris.search.votes; health counts both); an image added votes at once, one removed no longer (a server of its
+    own: the module's shares its cache with searches of images added and removed since)."""
+    with serve_in_thread(create_app(collection_path, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=30) as client:
         deadline = time.monotonic() + 60
-        while (health := client.get("/api/health").json())["keypoints"] < health["images"] and time.monotonic() < deadline:
+        while (health := client.get("/api/health").json())["voted"] < health["images"] and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert health["keypoints"] == health["images"] > 30
+        assert health["keypoints"] == health["images"] == health["voted"] > 30
+
+        new = caltech_images(offset=12, per_category=1)[1]
+        added = client.post("/api/images", files=upload(new), headers=AUTH).json()
+        assert client.get("/api/health").json()["voted"] == health["voted"] + 1
+        turned = io.BytesIO()
+        with Image.open(new) as img:  # turned by 35 degrees, its corners cut off: its CNN vector is far from the original's
+            img.convert("RGB").rotate(35, Image.Resampling.BICUBIC).crop((img.width // 5, img.height // 5, img.width * 4 // 5,
+                                                                          img.height * 4 // 5)).save(turned, "JPEG")  # fmt: skip
+        found = client.post("/api/search", files={"file": ("turned.jpg", turned.getvalue())}, data={"k": "5"}).json()
+        assert found["matches"][0]["id"] == added["id"]
+        assert client.delete(f"/api/images/{added['id']}", headers=AUTH).status_code == 200
+        assert client.get("/api/health").json()["voted"] == health["voted"]
 
 
 def test_docs_and_openapi(client: httpx.Client) -> None:

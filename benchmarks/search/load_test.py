@@ -93,12 +93,15 @@ def start_server(collection: Path, port: int, src: Path | None = None) -> subpro
 
 def wait_prepared(base_url: str, quiet_s: float = 3.0) -> dict:
     """Wait until the server has kept the keypoints it prepares after start (health's "keypoints" unchanged for quiet_s;
-    a server without the field: at once); how long that took and how many it kept."""
+    a server without the field: at once) and built their votes (health's "voted" above 0, where it has the field);
+    how long that took and how many it kept."""
     start, seen, since = time.monotonic(), -1, time.monotonic()
     while True:
-        kept = httpx.get(f"{base_url}/api/health", timeout=10).json().get("keypoints")
-        if kept is None or (kept == seen and time.monotonic() - since >= quiet_s):
-            return {"prepared_s": round(time.monotonic() - start - (quiet_s if kept is not None else 0), 1), "keypoints": kept}
+        health = httpx.get(f"{base_url}/api/health", timeout=10).json()
+        kept, voting = health.get("keypoints"), health.get("voted", 1) > 0
+        if kept is None or (kept == seen and voting and time.monotonic() - since >= quiet_s):
+            return {"prepared_s": round(time.monotonic() - start - (quiet_s if kept is not None else 0), 1), "keypoints": kept,
+                    "voted": health.get("voted")}  # fmt: skip
         if kept != seen:
             seen, since = kept, time.monotonic()
         time.sleep(0.5)

@@ -59,6 +59,7 @@ from .images import signature
 from .images.decode import open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
+from .threads import faiss_alone
 from .tools import dupes
 from .vectors.catalog import ImageRow, displayed
 
@@ -173,6 +174,8 @@ class HealthOut(BaseModel):
     detail: str | None = None
     keypoints: int = Field(0, description="Images whose keypoints verification keeps at hand (found while idle after "
                                           "start, up to RIS_KEYPOINT_CACHE_MB)")  # fmt: skip
+    voted: int = Field(0, description="Images whose keypoints vote for a query's candidates (ris.search.votes; built "
+                                      "once the keypoints are kept)")  # fmt: skip
 
 
 class DupeImageOut(ImageOut):
@@ -277,11 +280,23 @@ class CollectionService:
         both, AMD EPYC)."""
         from .search.verify import KEYPOINT_BYTES
 
-        rows = self._unless_closing(self.call, self.coll.catalog.page, 0, self.verifier.budget // KEYPOINT_BYTES + 1)
-        paths, n = [row.path for row in rows or ()], max(1, self.threads)
-        for i in range(1, min(n, len(paths))):
-            threading.Thread(target=self._prepare_part, args=(paths[i::n],), name=f"ris-keypoints-{i}", daemon=True).start()
-        self._prepare_part(paths[::n])
+        rows = self._unless_closing(self.call, self.coll.catalog.page, 0, self.verifier.budget // KEYPOINT_BYTES + 1) or []
+        paths, n = [row.path for row in rows], max(1, self.threads)
+        others = [threading.Thread(target=self._prepare_part, args=(paths[i::n],), name=f"ris-keypoints-{i}", daemon=True)
+                  for i in range(1, min(n, len(paths)))]  # fmt: skip
+        for thread in others:
+            thread.start()
+        self._prepare_part(paths[::n])  # this thread now at the lowest priority, as the votes' build below
+        for thread in others:
+            thread.join()
+        if not self._closing.is_set():
+            self._unless_closing(self._build_votes, [(row.id, row.path) for row in rows])
+
+    def _build_votes(self, rows: list[tuple[int, str]]) -> None:
+        """The keypoint votes (ris.search.votes) of the kept keypoints, built on this thread alone (~10 s for
+        Caltech-101's 4M descriptors): FAISS's other threads would not run at its low priority."""
+        with faiss_alone():
+            self.verifier.vote_for(rows)
 
     def _prepare_part(self, paths: list[str]) -> None:
         """One thread's share of `_prepare_keypoints`, at the lowest CPU priority."""
@@ -379,7 +394,10 @@ class CollectionService:
                 raise HTTPException(400, "the image could not be indexed")
             return row, not known
 
-        return self.call(add_and_find)
+        row, new = self.call(add_and_find)
+        if new and self.verifier.votes.ready:  # its keypoints vote from now on, as the others'
+            self.verifier.votes.add(row.id, self.verifier.keypoints(row.path))
+        return row, new
 
     def add_upload(self, data: bytes, label: str | None) -> tuple[ImageRow, bool]:
         """Save an upload under uploads/ and index it; a file this call wrote is removed again if indexing fails."""
@@ -397,6 +415,7 @@ class CollectionService:
 
     def remove(self, row: ImageRow) -> None:
         self.call(self.coll.remove_ids, [row.id])
+        self.verifier.votes.remove([row.id])
         for thumb in self.thumbs.glob(f"{row.id}-*.jpg"):
             thumb.unlink(missing_ok=True)
         if Path(row.path).is_relative_to(self.uploads.absolute()):
@@ -907,7 +926,7 @@ def create_app(
             log.exception("health: the catalogue cannot be read")
             images, problem = 0, problem or "the catalogue cannot be read (details in the server's log)"
         body = {"status": "error" if problem else "ok", "images": images, "version": __version__, "detail": problem,
-                "keypoints": service.verifier.cached()}  # fmt: skip
+                "keypoints": service.verifier.cached(), "voted": service.verifier.votes.images}  # fmt: skip
         return JSONResponse(body, 503 if problem else 200)
 
     @app.get("/api/collection", response_model=CollectionOut, tags=["info"])
