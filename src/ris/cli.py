@@ -452,6 +452,8 @@ def evaluate(
     verify: Annotated[
         bool | None, typer.Option("--verify/--no-verify", help="--copies: geometric verification (default: the collection's).")
     ] = None,
+    votes: Annotated[bool, typer.Option("--votes/--no-votes", help="--copies: keep the indexed images' keypoints first and "
+                     "search with their votes, as `ris serve` does (default); --no-votes: as a one-off `ris search`.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as one line of JSON.")] = False,
 ) -> None:
     """Retrieval quality: leave-one-out precision@1/5/10 and mAP by folder label, or copy detection.
@@ -460,6 +462,7 @@ def evaluate(
     leave-one-out no database vector holds the query itself (ris.vectors.dba.without_query).
     """
     from .collection import Collection
+    from .threads import cpu_threads
     from .tools import evaluate as ev
 
     ks = sorted({1, 5, 10, k})
@@ -470,6 +473,10 @@ def evaluate(
                 raise RisError(f"copy detection searches the collection as indexed (--dba {coll.manifest.dba}); "
                                f"to measure --dba {dba}, run `ris index … --dba {dba}` on it first")  # fmt: skip
             chosen = "harsh" if harsh else copy_set
+            ev.copy_edits(chosen)  # an unknown set is refused before the keypoints are found
+            if votes and (coll.manifest.verify if verify is None else verify):
+                err.print("keeping the indexed images' keypoints, as `ris serve` does…", highlight=False)
+                coll.ranker.keep_keypoints(cpu_threads())
             report = ev.copy_detection(coll, copies, seed=seed, k=k, qe=qe, verify=verify, copy_set=chosen)
         if json_out:
             sys.stdout.write(json.dumps({"copies": copies, "copy_set": chosen, "seed": seed, "transforms": report}) + "\n")
