@@ -390,6 +390,7 @@ def test_keypoint_votes_point_at_the_original_of_a_turned_copy(coll: Collection)
     assert votes.best(query_views(working_size(open_image(read_file(rows[0].path))))[0], 5) == []  # not built yet
     votes.build([(r.id, verifier.keypoints(r.path)) for r in rows])
     assert votes.covers(len(rows)) and not votes.covers(len(rows) + 1)
+    assert votes.worth(2 * len(rows)) and not votes.worth(2 * len(rows) + 1)  # asked while they hold half the images
     picked, made = _copies(coll, "rotate_scale")
     seen = [query_views(working_size(img))[0] for img in made]
     firsts = [[i for i, _ in votes.best(views_, 1, threads=2)] for views_ in seen]

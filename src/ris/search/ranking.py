@@ -216,7 +216,8 @@ class Ranker:
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
             crops = [list(look.beside[0].crops) if look.beside else [] for look in looks]
             heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads, checked)
-            heads, confirmed = self._vote_look(looks, heads, confirmed, threads, checked)
+            if self.verifier.votes.worth(snap.store.ntotal):
+                heads, confirmed = self._vote_look(looks, heads, confirmed, threads, checked)
             if embed is not None:
                 boxes = [look.beside[0].boxes if look.beside else [] for look in looks]
                 self._crop_look(snap, looks, crops, boxes, heads, confirmed, embed, nprobe, threads, checked)
@@ -324,14 +325,11 @@ class Ranker:
                    checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
         """(heads, confirmed) after verifying the VOTED images that share most keypoints with each query
         (ris.search.votes) and were not checked yet: one with VOTED_INLIERS agreeing matches (and MARGIN x the first
-        result's) goes first where none was confirmed, else is noted to come second (_runner_up); nothing before the
-        votes are built."""
+        result's) goes first where none was confirmed, else is noted to come second (_runner_up)."""
         from ..threads import on_threads
         from .verify import choose
 
         votes = self.verifier.votes
-        if not votes.ready:
-            return heads, confirmed
         todo = [q for q, look in enumerate(looks) if look.query is not None]
         voted = {q: [i for i, _ in votes.best(looks[q].views, VOTED, threads) if i not in checked[q]] for q in todo}
         rows = self.catalog.rows([i for v in voted.values() for i in v])

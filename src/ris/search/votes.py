@@ -31,6 +31,8 @@ RATIO = 0.85
 #: MIN_INLIERS, as images picked for sharing descriptors with the query reach 12 by chance more often.
 VOTED = 4
 VOTED_INLIERS = 24
+#: The share of the collection the votes must hold to be asked at all.
+MIN_SHARE = 0.5
 #: Each indexed descriptor's cost in memory: its 32 bytes and its image's id.
 DESCRIPTOR_BYTES = 40
 
@@ -54,6 +56,11 @@ class KeypointVotes:
     def images(self) -> int:
         """How many images' keypoints vote."""
         return len(self._voters)
+
+    def worth(self, count: int) -> bool:
+        """Whether the votes hold at least MIN_SHARE of a collection of `count` images: below that a vote costs its
+        ~5 ms for few finds (a server whose keypoint budget holds a small part of a large collection)."""
+        return self._index is not None and len(self._voters) >= MIN_SHARE * count
 
     def covers(self, count: int) -> bool:
         """Whether the votes hold as many images as the collection (`count`): a search then finds by them what the
