@@ -405,7 +405,7 @@ def test_kept_keypoints_vote_for_the_copies_the_second_look_sought(coll: Collect
     """Once the indexed images' keypoints are kept (as `ris serve` keeps them), the images sharing most keypoints with
     a query are verified wherever its CNN vector lands (here: anywhere at all, and no second look), and the second
     look's own views are not made, since the votes find what they found (full Caltech-101, harsh set seed 5: recall@5
-    0.946 -> 0.972, an outside query served p50 54-57 -> 47 ms); a collection grown past the votes gets them back."""
+    0.946 -> 0.972, an outside query served p50 54-56 -> 47-51 ms); a collection grown past the votes gets them back."""
     from ris.search.verify import Verifier
 
     rows = coll.catalog.all_rows()
