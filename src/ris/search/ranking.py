@@ -287,7 +287,7 @@ class Ranker:
         not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
         over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
         result's matches) goes first. Without own_views (the keypoint votes found what they would), only a pasted
-        picture's crops are views, and a query without them gets no second look."""
+        picture's first crop is a view, and a query without one gets no second look."""
         from ..threads import on_threads
         from .verify import TOP, choose
 
@@ -295,8 +295,8 @@ class Ranker:
         if not todo:
             return heads, confirmed
         made = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}  # made beside its keypoints
-        made = made if own_views else dict.fromkeys(todo, [])
-        shots = [views.views(looks[q].query, crops[q], made.get(q)) for q in todo]
+        made, cut = (made, views.CROP_VIEWS) if own_views else (dict.fromkeys(todo, []), views.VOTED_CROP_VIEWS)
+        shots = [views.views(looks[q].query, crops[q][:cut], made.get(q)) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
