@@ -278,9 +278,7 @@ class CollectionService:
         runs (ris.search.verify.Verifier.prepare), on every core at the lowest CPU priority: an outside query's
         candidates then cost ~0.5 ms each instead of ~3 (Caltech-101: ~170 MB; 27-31 s on one core of 2, 15-18 s on
         both, AMD EPYC)."""
-        from .search.verify import KEYPOINT_BYTES
-
-        rows = self._unless_closing(self.call, self.coll.catalog.page, 0, self.verifier.budget // KEYPOINT_BYTES + 1) or []
+        rows = self._unless_closing(self.call, self.coll.ranker.keypoint_rows) or []
         paths, n = [row.path for row in rows], max(1, self.threads)
         others = [threading.Thread(target=self._prepare_part, args=(paths[i::n],), name=f"ris-keypoints-{i}", daemon=True)
                   for i in range(1, min(n, len(paths)))]  # fmt: skip
@@ -293,8 +291,8 @@ class CollectionService:
             self._unless_closing(self._build_votes, [(row.id, row.path) for row in rows])
 
     def _build_votes(self, rows: list[tuple[int, str]]) -> None:
-        """The keypoint votes (ris.search.votes) of the kept keypoints, built on this thread alone (~10 s for
-        Caltech-101's 4M descriptors): FAISS's other threads would not run at its low priority."""
+        """The keypoint votes (ris.search.votes) of the kept keypoints, built on this thread alone (~7 s for
+        Caltech-101's 4M descriptors): FAISS's OpenMP threads would not share its lowest priority."""
         with faiss_alone():
             self.verifier.vote_for(rows)
 

@@ -83,12 +83,17 @@ class Ranker:
         (ris.search.votes), as `ris serve` does while idle: searches then verify without decoding candidates, and
         check the images that share most keypoints with the query too; how many images vote."""
         from ..threads import on_threads
-        from .verify import KEYPOINT_BYTES
 
-        rows = self.catalog.page(0, self.verifier.budget // KEYPOINT_BYTES + 1)
+        rows = self.keypoint_rows()
         on_threads(lambda part: self.verifier.prepare([r.path for r in part], lambda: True, lambda: False),
                    [rows[i::threads] for i in range(threads)], threads)  # fmt: skip
         return self.verifier.vote_for([(row.id, row.path) for row in rows])
+
+    def keypoint_rows(self) -> list[ImageRow]:
+        """The indexed images whose keypoints are kept ahead of searches: the first that RIS_KEYPOINT_CACHE_MB holds."""
+        from .verify import KEYPOINT_BYTES
+
+        return self.catalog.page(0, self.verifier.budget // KEYPOINT_BYTES + 1)
 
     def plain(self, snap: Snapshot, ids: np.ndarray) -> np.ndarray:
         """Plain reduced vectors of these ids: from the DBA graph's copy when it holds them all for this PCA
@@ -294,8 +299,10 @@ class Ranker:
         todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q] and (own_views or crops[q])]
         if not todo:
             return heads, confirmed
-        made = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}  # made beside its keypoints
-        made, cut = (made, views.CROP_VIEWS) if own_views else (dict.fromkeys(todo, []), views.VOTED_CROP_VIEWS)
+        if own_views:
+            made, cut = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}, views.CROP_VIEWS  # beside keypoints
+        else:
+            made, cut = dict.fromkeys(todo, []), views.VOTED_CROP_VIEWS
         shots = [views.views(looks[q].query, crops[q][:cut], made.get(q)) for q in todo]
         vectors = embed([v for shot in shots for v in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
