@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 from ris.errors import DecodeError
-from ris.images.decode import MAX_PIXELS, decode_bytes, decode_file, open_image
+from ris.images import decode
+from ris.images.decode import MAX_PIXELS, decode_bytes, decode_file, open_image, read_file
 
 from .conftest import caltech_files
 
@@ -82,6 +84,27 @@ def test_bad_files_raise_with_a_reason(tmp_path: Path) -> None:
             decode_bytes(data, 224)
     with pytest.raises(DecodeError, match="unreadable"):
         decode_file(str(tmp_path / "vanished.jpg"), 224)
+
+
+def test_a_file_is_read_whole_and_one_that_grows_past_the_cap_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """read_file reads what fstat saw and one byte more; a file longer than fstat said (it grew since) is read on,
+    to its end or to one byte past the cap, where it is refused."""
+    photo = caltech_files("sunflower", 1)[0].read_bytes()
+    for size in (0, 1, 5000, len(photo)):
+        path = tmp_path / f"f{size}.jpg"
+        path.write_bytes(photo[:size])
+        assert read_file(str(path), max_bytes=len(photo)) == photo[:size]
+    real_fstat = decode.os.fstat
+
+    def stale_fstat(fd: int):  # the size as it was before the file grew
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, *st[1:6], 100, *st[7:]))
+
+    monkeypatch.setattr(decode.os, "fstat", stale_fstat)
+    grown = tmp_path / f"f{len(photo)}.jpg"
+    assert read_file(str(grown), max_bytes=len(photo)) == photo  # read on to its end
+    with pytest.raises(DecodeError, match="it grew while read"):
+        read_file(str(grown), max_bytes=len(photo) - 1)
 
 
 def test_decompression_bomb_is_refused() -> None:

@@ -9,6 +9,8 @@ images.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import hashlib
 import mmap
 import multiprocessing as mp
@@ -132,6 +134,26 @@ def _decode_job(job: tuple) -> tuple[int, str | None, np.ndarray | None, str | N
         return image_id, None, None, str(exc), time.perf_counter() - start
     except Exception as exc:  # a decoder bug must not abort a million-image run
         return image_id, None, None, f"decode failed: {type(exc).__name__}: {exc}", time.perf_counter() - start
+
+
+#: glibc's mallopt parameters, and what a decode process sets them to: blocks under 4 MB (a decoded photo, its
+#: resized copy, a file's bytes) come from a heap that keeps up to 64 MB free instead of being mapped and unmapped
+#: each time (each mapping's pages faulted in and zeroed anew). Full Caltech-101 decoded by one worker (AMD EPYC
+#: Zen 4): 23k page faults instead of 47k; with read_file's exact reads, 0.59 ms an image instead of 0.65.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+DECODER_HEAP = {_M_MMAP_THRESHOLD: 4 << 20, _M_TRIM_THRESHOLD: 64 << 20}
+
+
+@functools.cache
+def decoder_process() -> None:
+    """Tune this process's allocator for decoding (DECODER_HEAP); once a process, where glibc runs it (a no-op
+    elsewhere). Called by the decode workers, never by a caller's process: a server's heap stays as it is."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in DECODER_HEAP.items():
+        mallopt(param, value)
 
 
 def _read_job(job: tuple) -> tuple[int, str | None, bytes | None, str | None, float]:
@@ -290,7 +312,7 @@ def _take_workers(workers: int, nslots: int, batch_size: int, size: int, slotted
         shared = mmap.mmap(-1, nslots * batch_size * size * size * 3)  # MAP_SHARED | MAP_ANONYMOUS
         slots = np.frombuffer(shared, np.uint8).reshape(nslots, batch_size, size, size, 3)
         _SLOTS[id(slots)] = slots  # inherited by the workers (and by any the pool re-forks)
-    return _Workers(key, mp.get_context("fork" if fork else "spawn").Pool(workers), slots)
+    return _Workers(key, mp.get_context("fork" if fork else "spawn").Pool(workers, decoder_process), slots)
 
 
 def _return_workers(used: _Workers, finished: bool) -> None:

@@ -123,8 +123,9 @@ def merge_shard(sink: Sink, shard: Shard) -> int:
 
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """CPU task: read, hash and decode files; failures keep their row with a reason (zero pixels)."""
-    from .pipeline import _decode_job
+    from .pipeline import _decode_job, decoder_process
 
+    decoder_process()
     results = [_decode_job((int(i), str(p), size)) for i, p in zip(batch["id"], batch["path"], strict=True)]
     blank = np.zeros((size, size, 3), np.uint8)
     pixels = np.stack([r[2] if r[2] is not None else blank for r in results])

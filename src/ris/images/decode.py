@@ -175,8 +175,10 @@ def read_file(path: str, max_bytes: int | None = None) -> bytes:
         limit = f"limit {cap / 2**20:,.6g} MB; set {MAX_FILE_ENV} to change it"
         if st.st_size > cap:
             raise DecodeError(f"file too large: {st.st_size / 2**20:,.1f} MB ({limit})")
-        try:
-            data = fh.read(cap + 1)
+        try:  # exactly what fstat saw and one byte more (read(cap + 1) allocated the cap at every file)
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grows: read on, to one byte past the cap
+                data += fh.read(cap - len(data) + 1)
         except OSError as exc:
             raise DecodeError(f"unreadable: {exc.strerror or exc}") from None
     if len(data) > cap:
