@@ -28,6 +28,7 @@ CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collect
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file (vgg16: torchvision .pth or Keras .h5).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Decode processes (default: half the cores; all but two with a GPU).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", metavar="PATTERN",
     help="Leave out paths matching this glob, relative to a scanned folder (repeatable; also read from its .risignore).",
@@ -164,7 +165,7 @@ def index(
     dims: Annotated[int | None, typer.Option(help="PCA dimensions (default 256; 0 keeps raw features).")] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    workers: WorkersOpt = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Ray: local, auto, ray://H:P.")] = None,
     index_factory: Annotated[
         str | None, typer.Option("--index", help='FAISS factory string (Milvus store: FLAT, HNSW, …), or "auto".')
@@ -202,7 +203,7 @@ def add(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    workers: WorkersOpt = None,
     exclude: ExcludeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
@@ -504,7 +505,7 @@ def bench(
     device: DeviceOpt = "auto",
     precision: Annotated[str | None, typer.Option(help="int8 (CPU default) or fp32.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: half the cores).")] = None,
+    workers: WorkersOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N images (spread over the folder).")] = None,
     baseline: Annotated[str, typer.Option(help="torch (eager, per image; needs PyTorch), keras (the tutorial's "
                                           "loop) or none.")] = "torch",

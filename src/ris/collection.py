@@ -240,7 +240,7 @@ class Collection:
                 else:
                     cores = threads or runtime.cpu_threads()
                     ext = sink.projecting(self.extractor(device, threads=cores))
-                    nworkers = default_workers(cores) if workers is None else workers
+                    nworkers = default_workers(cores, ext.device) if workers is None else workers
                     commit = lambda b, f: sink.commit(b.ok, f, b.failed, b.signatures)  # noqa: E731
                     times = extract.run(todo, ext, self.manifest.input_size, commit, known=sink.known,
                                         batch_size=batch_size, workers=nworkers, progress=tick)  # fmt: skip
