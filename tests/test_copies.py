@@ -230,7 +230,8 @@ def test_a_large_collection_compares_the_signatures_of_its_candidates_only(coll:
 
 
 def test_signatures_on_the_gpu_path_equal_the_cpu_ones() -> None:
-    """GPU-decoded batches get their signatures from the tensor (ris.images.signature.of_tensor): the same box means."""
+    """GPU-decoded batches get their signatures from the tensor (ris.images.signature.of_tensor): the same box means;
+    an image searched alone gets the signature it was stored with in a batch."""
     torch = pytest.importorskip("torch")
     from ris.images import signature
     from ris.images.decode import decode_file
@@ -238,7 +239,9 @@ def test_signatures_on_the_gpu_path_equal_the_cpu_ones() -> None:
     for size in (224, 260):
         pixels = np.stack([decode_file(str(f), size).pixels for f in caltech_files("cup", 6)])
         on_tensor = signature.of_tensor(torch.from_numpy(pixels)).astype(int)
-        assert np.abs(on_tensor - signature.of_pixels(pixels)).max() <= 1  # float sums in another order
+        batched = signature.of_pixels(pixels)  # 224: the batch as one tall picture; 260: image by image
+        assert np.abs(on_tensor - batched).max() <= 1  # float sums in another order
+        assert all(np.array_equal(signature.of_pixels(one), row) for one, row in zip(pixels, batched, strict=True))
 
 
 def test_a_turned_picture_with_black_corners_is_straightened_back(coll: Collection) -> None:

@@ -36,9 +36,15 @@ def area(size: int) -> np.ndarray:
 
 def of_pixels(pixels: np.ndarray) -> np.ndarray:
     """Signatures (n, WIDTH) uint8 of model inputs (n, size, size, 3) uint8, or (WIDTH,) of one (size, size, 3):
-    OpenCV's grey and INTER_AREA box means, ~20 us an image."""
+    OpenCV's grey and INTER_AREA box means. Where the cells are whole pixels (224: 14 x 14) the batch is one tall
+    picture whose cells never straddle two images: one grey conversion and one uint8 box mean for all, 24 us an
+    image instead of 34 one by one (the same grey levels: 0 of 260k cells differ on Caltech-101)."""
     if pixels.ndim == 3:
         return of_pixels(pixels[None])[0]
+    n, size = len(pixels), pixels.shape[1]
+    if size % SIDE == 0 and pixels.shape[2] == size:
+        tall = cv2.cvtColor(np.ascontiguousarray(pixels).reshape(n * size, size, 3), cv2.COLOR_RGB2GRAY)
+        return cv2.resize(tall, (SIDE, n * SIDE), interpolation=cv2.INTER_AREA).reshape(n, WIDTH)
     out = np.empty((len(pixels), WIDTH), np.uint8)
     for i, image in enumerate(pixels):
         grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32)
