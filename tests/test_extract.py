@@ -140,6 +140,44 @@ def test_a_writer_error_reaches_the_caller_after_what_was_queued(files: list[str
     assert committed and committed == sorted(committed)
 
 
+def test_batches_wait_in_the_models_queue_while_the_main_thread_hands_earlier_ones_on(files: list[str]) -> None:
+    """With OpenVINO's streams the pipeline keeps the extractor's `in_flight` batches submitted (two more than its
+    streams), so a stream that ends one starts the next at once; each image still gets the features a query of it
+    gets, and the writer commits the batches in order."""
+    from ris.model import runtime
+
+    ext, _ = runtime.load_extractor(device="cpu", runtime="openvino", threads=2)
+
+    class Counted:  # the real extractor, counting the batches submitted and not yet fetched
+        device, in_flight, submitted, most = "cpu", ext.in_flight, 0, 0
+
+        def __call__(self, pixels: np.ndarray) -> np.ndarray:
+            return ext(pixels)
+
+        def submit(self, pixels: np.ndarray):
+            fetch, kept = ext.submit(pixels), []
+            self.submitted += 1
+            self.most = max(self.most, self.submitted)
+
+            def result() -> np.ndarray:
+                if not kept:
+                    kept.append(fetch())
+                    self.submitted -= 1
+                return kept[0]
+
+            return result
+
+    counted, committed = Counted(), []
+    on_batch = lambda batch, features: committed.append((batch.ok, features))  # noqa: E731
+    extract.run(list(enumerate(files)), counted, 224, on_batch, batch_size=4, workers=1)
+    assert counted.most == ext.in_flight == 4 and counted.submitted == 0
+    ids = [image_id for ok, _ in committed for image_id, _ in ok]
+    assert ids == [i for i in range(len(files)) if i != 9]
+    features = {sha: f for _, feats in committed for sha, f in feats.items()}
+    for image_id, sha in [item for ok, _ in committed for item in ok][::5]:
+        np.testing.assert_array_equal(features[sha], ext(decode_file(files[image_id], 224).pixels[None])[0])
+
+
 def test_the_torch_engine_projects_on_its_device_as_the_sink_would(tmp_path: Path) -> None:
     """A GPU engine hands the writer stored vectors (ris.model.torch_runtime projects there); run here on the CPU with
     the real network: the same numbers as the sink's projection on the host, raw features before the fit, raw

@@ -174,10 +174,10 @@ def test_streamed_batches_get_the_features_a_query_gets() -> None:
     every thread: an image must get the same vector either way, whichever batch it was in and whenever its
     features are fetched (a stream is reused only once its batch's features are kept)."""
     ext, _ = runtime.load_extractor(device="cpu", runtime="openvino", threads=2)
-    assert isinstance(ext, runtime.OpenVinoExtractor) and ext.streams == 2
+    assert isinstance(ext, runtime.OpenVinoExtractor) and ext.streams == 2 and ext.in_flight == 4
     x = np.stack([decode_file(str(f), 224).pixels for f in caltech_files("airplanes", 7) + caltech_files("panda", 5)])
-    batches = [x[:4], x[4:9], x[9:]]
-    fetches = [ext.submit(b) for b in batches]  # three in flight on two streams: the first is kept before reuse
+    batches = [x[:2], x[2:4], x[4:7], x[7:9], x[9:]]
+    fetches = [ext.submit(b) for b in batches]  # five on four requests: the first is kept before its reuse
     got = [fetch() for fetch in reversed(fetches)][::-1]
     for batch, features in zip(batches, got, strict=True):
         alone = np.concatenate([ext(batch[i : i + 1]) for i in range(len(batch))])

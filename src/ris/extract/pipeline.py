@@ -413,7 +413,8 @@ def _merge(items: list[tuple[Batch, dict[str, np.ndarray]]]) -> tuple[Batch, dic
 
 def _submit(extractor: Callable, pixels: Any) -> Callable[[], np.ndarray]:
     """Start the model on a batch; the returned call waits for its features. GPUs and OpenVINO's streams run
-    asynchronously (the next batch is submitted before this one's features are fetched)."""
+    asynchronously: the next batches are submitted before this one's features are fetched (the extractor's
+    `in_flight` batches at once, default 2)."""
     submit = getattr(extractor, "submit", None)
     if submit is not None:
         return submit(pixels)
@@ -459,7 +460,8 @@ def run(
     job = _read_job if on_device else _decode_job
     extracted: set[str] = set()
     writer = _Writer(on_batch, times)
-    pending: tuple[Batch, list[str], Callable[[], np.ndarray]] | None = None
+    pending: deque[tuple[Batch, list[str], Callable[[], np.ndarray]]] = deque()
+    in_flight = max(2, getattr(extractor, "in_flight", 2))  # batches submitted and not yet fetched
 
     def finish(batch: Batch, shas: list[str], result: Callable[[], np.ndarray]) -> None:
         start = time.perf_counter()
@@ -489,11 +491,11 @@ def run(
                 batch.signatures = dict(zip(shas, signature_of(pixels), strict=True))
             extracted.update(shas)
             batch.pixels = None  # features only from here on: the writer does not hold images
-            if pending is not None:
-                finish(*pending)
-            pending = (batch, shas, result)
-        if pending is not None:
-            finish(*pending)
+            pending.append((batch, shas, result))
+            if len(pending) >= in_flight:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     except BaseException:
         writer.close(failed=True)
         raise

@@ -192,6 +192,8 @@ class OpenVinoExtractor:
         self.lock = threading.Lock()
         self.name, self.input_size, self.dim = name, input_size, dim
         self.streams = min(STREAMS, max(1, threads))
+        # an indexing run's batches in flight: two queued behind the streams' own (see submit)
+        self.in_flight = self.streams + 2 if self.streams > 1 else 1
         streamed = {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams}
         self._compile_streams = lambda: core.compile_model(model, "CPU", streamed)
         self._requests: list = []
@@ -205,21 +207,26 @@ class OpenVinoExtractor:
             return self.request.infer({0: np.ascontiguousarray(pixels)})[0].copy()
 
     def submit(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
-        """Start an indexing run's batch on the next of `streams` streams of one thread each (compiled on first use);
-        the returned call waits for its features (the pipeline keeps two batches in flight, ris.extract.pipeline).
+        """Start an indexing run's batch on `streams` streams of one thread each (compiled on first use), through
+        the next of `in_flight` infer requests; the returned call waits for its features (the pipeline keeps
+        `in_flight` batches submitted, ris.extract.pipeline).
 
         With every thread on one request, a thread that the decode worker or the writer took its core from
         keeps the others waiting at each layer; a stream of one thread runs on alone. Full Caltech-101 on 2
-        cores (AMD EPYC Zen 4): 27.2-27.4 s instead of 28.8-29.5 (`ris bench`), the same features to the bit."""
+        cores (AMD EPYC Zen 4): 27.2-27.4 s instead of 28.8-29.5 (`ris bench`), the same features to the bit.
+        Two requests more than streams wait in OpenVINO's queue, so a stream that ends a batch starts the next
+        at once, not when the main thread, which projects, hashes signatures and hands batches to the writer on
+        cores the streams share, comes back to submit: 24.2-26.5 s instead of 25.2-26.7 (the same machine, same
+        features to the bit; one more request only: 24.7-26.8 s)."""
         if self.streams < 2 or len(pixels) < 2:
             out = self(pixels)
             return lambda: out
         with self._submitting:  # not self.lock: a query must not wait for an indexing run's batch
             if not self._requests:
                 compiled = self._compile_streams()
-                self._requests = [compiled.create_infer_request() for _ in range(self.streams)]
-                self._fetch = [lambda: np.zeros((0, self.dim), np.float32)] * self.streams
-            slot = self._turn % self.streams
+                self._requests = [compiled.create_infer_request() for _ in range(self.in_flight)]
+                self._fetch = [lambda: np.zeros((0, self.dim), np.float32)] * self.in_flight
+            slot = self._turn % self.in_flight
             self._turn += 1
             self._fetch[slot]()  # the batch it ran before, kept before the request is reused
             request = self._requests[slot]
