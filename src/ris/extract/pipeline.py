@@ -124,12 +124,9 @@ def _decode_job(job: tuple) -> tuple[int, str | None, np.ndarray | None, str | N
     image_id, path, size = job[:3]
     start = time.perf_counter()
     try:
-        decoded = decode_file(path, size)
-        pixels = decoded.pixels
-        if len(job) == 6:
-            _SLOTS[job[3]][job[4], job[5]] = pixels
-            pixels = None
-        return image_id, decoded.sha256, pixels, None, time.perf_counter() - start
+        slotted = len(job) == 6
+        decoded = decode_file(path, size, _SLOTS[job[3]][job[4], job[5]] if slotted else None)
+        return image_id, decoded.sha256, None if slotted else decoded.pixels, None, time.perf_counter() - start
     except DecodeError as exc:
         return image_id, None, None, str(exc), time.perf_counter() - start
     except Exception as exc:  # a decoder bug must not abort a million-image run
