@@ -40,7 +40,11 @@ def test_a_collection_switches_to_projected_vectors_once_large_enough(subset_dir
     with Collection.create(tmp_path / "c.ris", dims=16) as coll:
         coll.index([subset_dir / "cup", subset_dir / "panda"])  # 20 images: raw features kept
         assert coll.catalog.width == coll.manifest.raw_dims and coll.catalog.projection() is None
+        read, projection = [], coll.catalog.projection
+        coll.catalog.projection = lambda: read.append(projection()) or read[-1]  # type: ignore[method-assign]
         coll.add([subset_dir])  # 60: the projection is fitted on the first 40 and every vector stored projected
+        assert read == [None]  # the run's end read no projection back: only queries need it (read below)
+        del coll.catalog.projection
         assert coll.catalog.width == 24 and coll.catalog.projection() is not None
         assert len(coll.catalog.live_slots()) == coll.catalog.used_slots() == 60
         info = coll.info()
