@@ -37,8 +37,10 @@ DERIVED = "derived"
 class Space:
     """raw features -> stored vectors (the projection, if any) -> reduced unit vectors (PCA, if fitted).
 
-    The projection is read on first use: only queries need it (the stored vectors are projected already), and
-    reading it costs ~0.1 s (24 MB, 47 MB of fresh memory as float32) that an indexing run would pay at its end."""
+    A writer's space reads the projection on first use: only queries need it (the stored vectors are projected
+    already), and reading it costs ~0.1 s (24 MB, 47 MB of fresh memory as float32) that every indexing run would
+    pay at its end. A reader's snapshot reads it at once (Derived.snapshot): a writer in another process may
+    project a collection that had no projection while the snapshot is in use."""
 
     load_projection: Callable[[], Projection | None]
     reducer: Reducer
@@ -170,6 +172,7 @@ class Derived:
         if snap is not None and snap.stamp == stamp:
             return snap
         space = self._space(pca_path)
+        space.projection  # noqa: B018 - read now, with this generation (see Space)
         store = snap.store if snap is not None and snap.generation == g and isinstance(snap.store, MilvusVectors) else None
         if store is None:
             store = self._store(g, state["index"], writable=False)
