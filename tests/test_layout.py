@@ -99,6 +99,13 @@ def test_the_facade_stays_small() -> None:
     assert len((PACKAGE / "collection.py").read_text().splitlines()) <= 350
 
 
+def test_files_are_replaced_in_one_place() -> None:
+    """Every temp-file-and-rename goes through ris.files.atomic (fsync of the file and its folder)."""
+    renamers = [p.name for p in PACKAGE.rglob("*.py") if p.name != "atomic.py" and ("os.replace(" in p.read_text()
+                or "os.rename(" in p.read_text())]  # fmt: skip
+    assert renamers == []
+
+
 def test_environment_knobs_are_read_in_one_place_and_documented_from_it() -> None:
     from ris.config import SETTINGS, markdown
 

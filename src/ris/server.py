@@ -26,7 +26,6 @@ import secrets
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -55,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .collection import Collection
 from .errors import CollectionLocked, DecodeError, RisError
+from .files.atomic import write_bytes
 from .images import signature
 from .images.decode import open_image, resize
 from .model.runtime import cpu_threads
@@ -434,7 +434,7 @@ class CollectionService:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, optimize=True)
         try:
-            write_atomic(dest, buf.getvalue())
+            write_atomic(dest, buf.getvalue(), durable=False)
         except OSError:
             return buf.getvalue()
         return dest
@@ -505,19 +505,11 @@ def stream_file(fh: BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so concurrent readers never see half a file (mode 0644, as a
-    file copied in would be, not mkstemp's 0600)."""
+def write_atomic(dest: Path, data: bytes, durable: bool = True) -> None:
+    """Write through ris.files.atomic, so concurrent readers never see half a file (mode 0644, as a file copied in
+    would be); its folder is made when missing. durable=False for a cache (thumbnails): no fsync."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(dest, data, durable=durable, mode=0o644)
 
 
 # --- uploads ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DecodeError, RisError
+from ..files.atomic import replacing
 from ..images import signature
 from ..vectors.catalog import from_stored
 from .pipeline import ModelSettings, Sink, StageTimes
@@ -83,16 +84,14 @@ def save_shard(shard: Shard, directory: Path, raw_dims: int) -> Path:
     from ..vectors.catalog import as_stored
 
     path = directory / shard.name
-    tmp = path.with_name(path.name + ".tmp")
     features = as_stored(shard.features, raw_dims)
-    with open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh, ids=np.asarray(shard.ids, np.int64), shas=np.asarray(shard.shas, dtype=str), features=features,
             signatures=np.asarray(shard.signatures, np.uint8).reshape(len(shard.ids), signature.WIDTH),
             failed_ids=np.asarray([i for i, _ in shard.failed], np.int64),
             reasons=np.asarray([r for _, r in shard.failed], dtype=str),
         )  # fmt: skip
-    os.replace(tmp, path)
     return path
 
 

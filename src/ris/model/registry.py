@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import extras
 from ..config import env
 from ..errors import RisError
+from ..files.atomic import replacing, write_text
 
 POOLINGS = ("avg", "gem", "rmac", "grid", "grid3")
 #: Grid poolings: cells per side (GeM of each cell, concatenated).
@@ -125,22 +126,19 @@ def is_hdf5(path: str | os.PathLike) -> bool:
 
 def download_weights(url: str, sha256_prefix: str, dest: Path) -> Path:
     """Fetch a weights file once into the cache, keeping it only if its SHA-256 matches."""
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RisError(
-            f"vgg16 needs ImageNet weights and they could not be downloaded ({exc}); pass --weights with "
-            f"torchvision's {VGG16_TORCHVISION_FILE} or Keras' {VGG16_KERAS_FILE}, or put one of them in {dest.parent}"
-        ) from None
-    digest = file_sha256(tmp)
-    if not digest.startswith(sha256_prefix):
-        tmp.unlink(missing_ok=True)
-        raise RisError(f"downloaded weights from {url} have the wrong SHA-256 ({digest[:16]}…); not kept")
-    os.replace(tmp, dest)
+    with replacing(dest) as tmp:  # kept only when whole and right
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:
+            raise RisError(
+                f"vgg16 needs ImageNet weights and they could not be downloaded ({exc}); pass --weights with torchvision's "
+                f"{VGG16_TORCHVISION_FILE} or Keras' {VGG16_KERAS_FILE}, or put one of them in {dest.parent}"
+            ) from None
+        digest = file_sha256(tmp)
+        if not digest.startswith(sha256_prefix):
+            raise RisError(f"downloaded weights from {url} have the wrong SHA-256 ({digest[:16]}…); not kept")
     return dest
 
 
@@ -243,9 +241,7 @@ def weights_digest(name: str, weights: str | None = None) -> str:
         known = {}
     if key not in known:
         known[key] = file_sha256(path)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, memo)
+        write_text(memo, json.dumps(known))
     return known[key]
 
 

@@ -13,10 +13,8 @@ CPU default when installed; RIS_CPU_RUNTIME=onnx picks ONNX Runtime.
 from __future__ import annotations
 
 import glob
-import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +29,7 @@ import numpy as np
 from .. import extras
 from ..config import env
 from ..errors import RisError
+from ..files.atomic import replacing
 from ..threads import cpu_threads
 from . import registry as models
 
@@ -319,32 +318,22 @@ def cpu_runtime() -> str:
     return wanted or ("openvino" if has_openvino() else "onnx")
 
 
-def _atomic_target(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def export_onnx(net, input_size: int, path: Path) -> None:
     """Trace the FeatureNet to ONNX with a dynamic batch axis; written atomically."""
     import torch
 
-    tmp = _atomic_target(path)
     warnings.filterwarnings("ignore", module="torch.onnx")
     warnings.filterwarnings("ignore", message="Constant folding")
     # the poolings read the map's size as Python ints: constants by design (a model has one input size)
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
-    try:
+    with replacing(path, ".onnx") as tmp:
         torch.onnx.export(
             net.float().to(memory_format=torch.contiguous_format), (dummy,), str(tmp),
             input_names=["pixels"], output_names=["features"],
             dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
             opset_version=17, dynamo=False,
         )  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 CALIBRATION_IMAGES = 64
@@ -420,20 +409,18 @@ def quantize_int8(fp32_path: Path, path: Path, input_size: int, progress: Callab
             self.done += 1
             return None if batch is None else {"pixels": batch}
 
-    pre = _atomic_target(path)
-    tmp = _atomic_target(path)
-    try:
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        fp32_nodes, overrides = _int8_plan(pre)
-        quantization.quantize_static(
-            str(pre), str(tmp), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            nodes_to_exclude=fp32_nodes, extra_options={"TensorQuantOverrides": overrides},
-        )  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        pre.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    with replacing(path, ".onnx") as tmp:
+        pre = tmp.with_name(f"{tmp.name}.pre.onnx")  # the shape-inferred fp32 model quantize_static reads
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            fp32_nodes, overrides = _int8_plan(pre)
+            quantization.quantize_static(
+                str(pre), str(tmp), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                nodes_to_exclude=fp32_nodes, extra_options={"TensorQuantOverrides": overrides},
+            )  # fmt: skip
+        finally:
+            pre.unlink(missing_ok=True)
 
 
 def onnx_model_path(name: str, pooling: str, weights_sha: str, precision: str) -> Path:
