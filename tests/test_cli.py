@@ -257,3 +257,26 @@ def test_every_option_has_help() -> None:
     missing = [f"{name} {p.opts[0]}" for name, cmd in commands.items() for p in cmd.params
                if p.param_type_name == "option" and not getattr(p, "help", None)]  # fmt: skip
     assert not missing, missing
+
+
+def test_serving_beyond_loopback_says_so_once_ready(subset_collection: Path) -> None:
+    """The lines a person exposing a collection must read come from the CLI, after the collection has loaded."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "ris", "serve", "-c", str(subset_collection), "--host", "0.0.0.0",
+                             "--port", port], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = [proc.stderr.readline() for _ in range(2)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert lines[0].startswith("warning: listening on 0.0.0.0: anyone who can reach this machine can search")
+    assert lines[1].startswith("note: requests are answered for the host names ") and "localhost" in lines[1]
+
+
+def test_settings_prints_the_documented_table() -> None:
+    from ris.config import markdown
+
+    proc = run_cli("settings")
+    assert proc.stdout == markdown() and "| `RIS_MAX_FILE_MB` | 100 |" in proc.stdout

@@ -575,7 +575,15 @@ def serve(
     _check_port(host, port)
     run(collection, host=host, port=port, token=token, weights=weights, device=device,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
-        allow_origins=tuple(allow_origin or ()))  # fmt: skip
+        allow_origins=tuple(allow_origin or ()), say=lambda line: err.print(line, highlight=False))  # fmt: skip
+
+
+@app.command()
+def settings() -> None:
+    """The environment variables ris reads: default, values, what each does (the table of docs/configuration.md)."""
+    from .config import markdown
+
+    out.print(markdown(), end="", highlight=False)
 
 
 @app.command(name="map")

@@ -2,7 +2,7 @@
 
 Code reads a knob only through `env(name)`, which checks it against the table (a bad value is one clear
 error naming the knob), so this table is also the documentation (`docs/configuration.md` is written from it:
-`python -m ris.config`). Collection options (model, pooling, DBA, ...) are not here: they are
+`ris settings`). Collection options (model, pooling, DBA, ...) are not here: they are
 `ris.manifest.Options`, recorded per collection.
 """
 
@@ -74,7 +74,3 @@ def markdown() -> str:
     """The table as docs/configuration.md shows it."""
     rows = [f"| `{s.name}` | {s.default or '—'} | {', '.join(c for c in s.choices if c) or 'any'} | {s.help} |" for s in SETTINGS]
     return "| variable | default | values | what it does |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":
-    print(markdown(), end="")

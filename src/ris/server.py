@@ -1083,6 +1083,17 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
         thread.join(timeout)
 
 
+def exposure_notes(host: str, hosts: list[str] | tuple[str, ...], token: bool) -> list[str]:
+    """What a server bound beyond loopback exposes, and to which Host names it answers."""
+    if host in LOOPBACK:
+        return []
+    notes = [f"warning: listening on {host}: anyone who can reach this machine can search"
+             f"{' (and, with the token, change)' if token else ''} this collection"]  # fmt: skip
+    if "*" not in hosts:
+        notes.append(f"note: requests are answered for the host names {', '.join(hosts)}; add others with --allow-host")
+    return notes
+
+
 def run(
     collection: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -1093,17 +1104,15 @@ def run(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     allow_hosts: tuple[str, ...] = (),
     allow_origins: tuple[str, ...] = (),
+    say: Callable[[str], object] = lambda line: None,
 ) -> None:
-    """Serve until interrupted. The collection and model load before the port opens."""
+    """Serve until interrupted. The collection and model load before the port opens; `say` gets the lines the
+    person starting it must read (exposure_notes) once they have."""
     import uvicorn
 
     hosts = allowed_hosts(host, allow_hosts)
     app = create_app(collection, token=token, weights=weights, device=device, max_upload_bytes=max_upload_bytes,
                      hosts=hosts, allow_origins=allow_origins)  # fmt: skip
-    if host not in LOOPBACK:
-        print(f"warning: listening on {host}: anyone who can reach this machine can search"
-              f"{' (and, with the token, change)' if token else ''} this collection", file=sys.stderr)  # fmt: skip
-        if "*" not in hosts:
-            print(f"note: requests are answered for the host names {', '.join(hosts)}; add others with --allow-host",
-                  file=sys.stderr)  # fmt: skip
+    for line in exposure_notes(host, hosts, token is not None):
+        say(line)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
