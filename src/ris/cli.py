@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -190,9 +190,10 @@ def index(
 
     In folders, image files are found by extension (files without one by content); other files
     (sidecars, videos, documents) are ignored and counted, hidden files and folders skipped."""
-    _index(_paths(paths, from_list), collection, model, weights, pooling, precision, dims, device,
-           batch_size, workers, json_out, resync=True, ray=ray, index_factory=index_factory, nprobe=nprobe,
-           store=store, dba=dba, verify=verify, exclude=exclude)  # fmt: skip
+    options = dict(model=model, pooling=pooling, precision=precision, dims=dims, index_factory=index_factory,
+                   nprobe=nprobe, store=store, dba=dba, verify=verify)  # fmt: skip
+    _index(_paths(paths, from_list), collection, weights=weights, options=options, device=device, batch_size=batch_size,
+           workers=workers, json_out=json_out, resync=True, ray=ray, exclude=exclude)  # fmt: skip
 
 
 @app.command()
@@ -208,14 +209,15 @@ def add(
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as one line of JSON.")] = False,
 ) -> None:
     """Add images to an existing collection (nothing is dropped)."""
-    _index(_paths(paths, from_list), collection, None, weights, None, None, None, device,
-           batch_size, workers, json_out, resync=False, must_exist=True, exclude=exclude)  # fmt: skip
+    _index(_paths(paths, from_list), collection, weights=weights, options=None, device=device, batch_size=batch_size,
+           workers=workers, json_out=json_out, resync=False, exclude=exclude)  # fmt: skip
 
 
-def _index(paths, collection, model, weights, pooling, precision, dims, device, batch_size, workers,
-           json_out, resync, must_exist=False, ray: str | None = None, index_factory: str | None = None,
-           nprobe: int | None = None, store: str | None = None, dba: int | None = None,
-           verify: bool | None = None, exclude: list[str] | None = None) -> None:  # fmt: skip
+def _index(paths: list[str], collection: Path, *, weights: str | None, options: dict[str, Any] | None, device: str,
+           batch_size: int, workers: int | None, json_out: bool, resync: bool, ray: str | None = None,
+           exclude: list[str] | None = None) -> None:  # fmt: skip
+    """Index into a collection opened as it is (options None: `ris add`) or opened or created with these options
+    (ris.manifest.Options fields; None: not asked)."""
     from .collection import Collection
 
     if batch_size < 1:
@@ -227,12 +229,10 @@ def _index(paths, collection, model, weights, pooling, precision, dims, device, 
     for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
         if not os.path.exists(os.path.expanduser(path)):
             raise RisError(f"no such file or folder: {path}")
-    if must_exist:
+    if options is None:
         coll = Collection.open(collection, weights)
     else:
-        coll = Collection.open_or_create(collection, weights, model=model, pooling=pooling, precision=precision, dims=dims,
-                                         index_factory=index_factory, nprobe=nprobe, store=store, dba=dba,
-                                         verify=verify)  # fmt: skip
+        coll = Collection.open_or_create(collection, weights, **options)
     # the model is loaded before the bar appears (Collection.index reuses it: same device, default threads)
     before = None if ray is not None else (lambda: coll.extractor(device))
     with coll, progress_bar(enabled=not json_out, before=before) as bar:
