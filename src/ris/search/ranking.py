@@ -22,6 +22,7 @@ copy is shown at least at the score of the result below it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,6 +61,24 @@ def stands_out(nearest: np.ndarray | float, first: np.ndarray | float) -> np.nda
 
 Candidates = list[tuple[float, ImageRow]]
 Checked = dict[int, tuple[int, ImageRow]]  # image id -> (agreeing keypoint matches with the query, its row)
+
+
+@dataclass
+class _Verifying:
+    """One search's queries while verification chooses their first results: what each look reads, per query, and
+    what it updates (heads, confirmed, checked)."""
+
+    snap: Snapshot
+    plain: np.ndarray  # the queries' plain vectors
+    served: list[Candidates]  # each query's candidates in served order...
+    by_plain: list[Candidates]  # ...and by plain cosine
+    looks: list[Look]  # verification of the first TOP by plain cosine (ris.search.verify)
+    heads: list  # each query's first result so far: (score, row), or None
+    confirmed: list[bool]  # whether keypoints confirmed it
+    checked: list[Checked]  # the images keypoints were matched with, and their agreeing matches
+    crops: list[list[Image.Image]]  # each query's pasted picture's crops (ris.search.views.pasted)
+    nprobe: int | None
+    threads: int
 
 
 class Ranker:
@@ -216,18 +235,18 @@ class Ranker:
             looks = self._looks(verify_with, by_plain, threads, own_views=not voting)
             for q, look in enumerate(looks):
                 _note(checked[q], [row for _, row in by_plain[q][:TOP]], look.counts)
-            heads = [c[look.first] if c else None for c, look in zip(by_plain, looks, strict=True)]
-            confirmed = [look.inliers >= MIN_INLIERS for look in looks]
+            v = _Verifying(snap, plain, served, by_plain, looks, heads=[c[look.first] if c else None for c, look in
+                           zip(by_plain, looks, strict=True)], confirmed=[look.inliers >= MIN_INLIERS for look in looks],
+                           checked=checked, crops=[list(look.beside[0].crops) if look.beside else [] for look in looks],
+                           nprobe=nprobe, threads=threads)  # fmt: skip
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
-            crops = [list(look.beside[0].crops) if look.beside else [] for look in looks]
-            heads, confirmed = self._pasted_look(snap, looks, crops, heads, confirmed, served, threads, checked)
+            self._pasted_look(v)
             if self.verifier.votes.worth(snap.store.ntotal):
-                heads, confirmed = self._vote_look(looks, heads, confirmed, threads, checked)
+                self._vote_look(v)
             if embed is not None:
-                boxes = [look.beside[0].boxes if look.beside else [] for look in looks]
-                self._crop_look(snap, looks, crops, boxes, heads, confirmed, embed, nprobe, threads, checked)
-                heads, confirmed = self._second_look(snap, plain, looks, crops, heads, confirmed, by_plain, embed, nprobe,
-                                                     threads, checked, own_views=not voting)  # fmt: skip
+                self._crop_look(v, embed)
+                self._second_look(v, embed, own_views=not voting)
+            heads, confirmed = v.heads, v.confirmed
         if reordered:  # an unconfirmed plain nearest goes first only when clearly nearer than the served first
             heads = [h if h is None or ok or stands_out(s.max(), s[0]) else None
                      for h, ok, s in zip(heads, confirmed, sims, strict=True)]  # fmt: skip
@@ -285,61 +304,58 @@ class Ranker:
             heads[q] = (0.0, rows[found[q][0]]) if found[q][0] in rows else heads[q]
         return heads
 
-    def _second_look(self, snap: Snapshot, plain: np.ndarray, looks: list[Look], crops: list[list[Image.Image]],
-                     heads: list, confirmed: list[bool], ranked: list[Candidates], embed: Embed, nprobe: int | None,
-                     threads: int, checked: list[Checked], own_views: bool = True) -> tuple[list, list[bool]]:  # fmt: skip
-        """(heads, confirmed) after ris.search.views' second look for the queries whose first result verification did
-        not confirm: their views (with their pasted picture's crop) embedded in one batch, each image's best cosine
-        over a query's views, the best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first
-        result's matches) goes first. Without own_views (the keypoint votes found what they would), only a pasted
-        picture's first crop is a view, and a query without one gets no second look."""
+    def _second_look(self, v: _Verifying, embed: Embed, own_views: bool = True) -> None:
+        """ris.search.views' second look for the queries whose first result verification did not confirm: their views
+        (with their pasted picture's crop) embedded in one batch, each image's best cosine over a query's views, the
+        best CANDIDATES verified; a confirmed one (MIN_INLIERS, MARGIN x the first result's matches) goes first.
+        Without own_views (the keypoint votes found what they would), only a pasted picture's first crop is a view,
+        and a query without one gets no second look."""
         from ..threads import on_threads
         from .verify import TOP, choose
 
-        todo = [q for q, look in enumerate(looks) if look.query is not None and not confirmed[q] and (own_views or crops[q])]
+        looks, crops, plain, threads = v.looks, v.crops, v.plain, v.threads
+        todo = [q for q, look in enumerate(looks) if look.query is not None and not v.confirmed[q] and (own_views or crops[q])]
         if not todo:
-            return heads, confirmed
+            return
         if own_views:
             made, cut = {q: looks[q].beside[1] for q in todo if len(looks[q].beside) > 1}, views.CROP_VIEWS  # beside keypoints
         else:
             made, cut = dict.fromkeys(todo, []), views.VOTED_CROP_VIEWS
         shots = [views.views(looks[q].query, crops[q][:cut], made.get(q)) for q in todo]
-        vectors = embed([v for shot in shots for v in shot])
+        vectors = embed([view for shot in shots for view in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
-        _, ids, rows = self.nearest(snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, nprobe)
+        _, ids, rows = self.nearest(v.snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, v.nprobe)
 
         def one(j: int) -> tuple[float, ImageRow] | None:
             q = todo[j]
             found = np.unique(np.concatenate([ids[bounds[j] : bounds[j + 1]].ravel(), ids[len(vectors) + j]]))
-            seen = {row.id for _, row in ranked[q][:TOP]}
+            seen = {row.id for _, row in v.by_plain[q][:TOP]}
             found = np.array([i for i in found if int(i) in rows and int(i) not in seen], np.int64)
             if not len(found):
                 return None
             shot = np.vstack([plain[q : q + 1], vectors[bounds[j] : bounds[j + 1]]])
-            order, _ = views.best_per_image(shot, found, self.plain(snap, found))
+            order, _ = views.best_per_image(shot, found, self.plain(v.snap, found))
             pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
             counts = self.verifier.counts(looks[q].views, [row.path for row in pick], alone)
-            _note(checked[q], pick, counts)
+            _note(v.checked[q], pick, counts)
             best = choose([looks[q].inliers, *counts])
             return (0.0, pick[best - 1]) if best else None
 
         for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
-            heads[q], confirmed[q] = head or heads[q], confirmed[q] or head is not None
-        return heads, confirmed
+            v.heads[q], v.confirmed[q] = head or v.heads[q], v.confirmed[q] or head is not None
 
-    def _vote_look(self, looks: list[Look], heads: list, confirmed: list[bool], threads: int,
-                   checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
-        """(heads, confirmed) after verifying the VOTED images that share most keypoints with each query
-        (ris.search.votes) and were not checked yet: one with VOTED_INLIERS agreeing matches (and MARGIN x the first
-        result's) goes first where none was confirmed, else is noted to come second (_runner_up)."""
+    def _vote_look(self, v: _Verifying) -> None:
+        """Verify the VOTED images that share most keypoints with each query (ris.search.votes) and were not checked yet:
+        one with VOTED_INLIERS agreeing matches (and MARGIN x the first result's) goes first where none was confirmed,
+        else is noted to come second (_runner_up)."""
         from ..threads import on_threads
         from .verify import choose
 
-        votes = self.verifier.votes
+        votes, looks, threads, checked = self.verifier.votes, v.looks, v.threads, v.checked
         todo = [q for q, look in enumerate(looks) if look.query is not None]
         voted = {q: [i for i, _ in votes.best(looks[q].views, VOTED, threads) if i not in checked[q]] for q in todo}
-        rows = self.catalog.rows([i for v in voted.values() for i in v])
+        rows = self.catalog.rows([i for ids in voted.values() for i in ids])
         picks = {q: [rows[i] for i in voted[q] if i in rows] for q in todo}
         todo = [q for q in todo if picks[q]]
         alone = threads if len(todo) == 1 else 1
@@ -351,13 +367,10 @@ class Ranker:
             strong = [(row, n) for row, n in zip(picks[q], counts, strict=True) if n >= VOTED_INLIERS]
             _note(checked[q], [row for row, _ in strong], [n for _, n in strong])
             best = choose([looks[q].inliers, *(n for _, n in strong)])
-            if best and not confirmed[q]:
-                heads[q], confirmed[q] = (0.0, strong[best - 1][0]), True
-        return heads, confirmed
+            if best and not v.confirmed[q]:
+                v.heads[q], v.confirmed[q] = (0.0, strong[best - 1][0]), True
 
-    def _crop_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], boxes: list[list],
-                   heads: list, confirmed: list[bool], embed: Embed, nprobe: int | None, threads: int,
-                   checked: list[Checked]) -> None:  # fmt: skip
+    def _crop_look(self, v: _Verifying, embed: Embed) -> None:
         """A confirmed first result that leaves a region of the query unexplained (ris.search.verify.unexplained: a
         picture pasted over it, a sticker) gets the query's pasted picture searched too: its crops embedded, their
         CROP_CANDIDATES best new images verified with the crops' own keypoints and noted, so that a confirmed one
@@ -366,14 +379,16 @@ class Ranker:
         from ..threads import on_threads
         from .verify import enlarged, features, unexplained
 
-        todo = [q for q, look in enumerate(looks) if confirmed[q] and heads[q] is not None and boxes[q]
-                and unexplained(look, self.verifier.keypoints(heads[q][1].path), boxes[q])]  # fmt: skip
+        boxes = [look.beside[0].boxes if look.beside else [] for look in v.looks]
+        todo = [q for q, look in enumerate(v.looks) if v.confirmed[q] and v.heads[q] is not None and boxes[q]
+                and unexplained(look, self.verifier.keypoints(v.heads[q][1].path), boxes[q])]  # fmt: skip
         if not todo:
             return
-        shots = [crops[q][: views.CROP_VIEWS] for q in todo]
+        shots = [v.crops[q][: views.CROP_VIEWS] for q in todo]
         vectors = embed([crop for shot in shots for crop in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
-        _, ids, rows = self.nearest(snap, vectors, views.PER_VIEW, nprobe)
+        _, ids, rows = self.nearest(v.snap, vectors, views.PER_VIEW, v.nprobe)
+        threads, checked = v.threads, v.checked
         alone = threads if len(todo) == 1 else 1
 
         def one(j: int) -> None:
@@ -382,17 +397,15 @@ class Ranker:
             found = np.array([i for i in found if int(i) in rows and int(i) not in checked[q]], np.int64)
             if not len(found):
                 return
-            order, _ = views.best_per_image(vectors[bounds[j] : bounds[j + 1]], found, self.plain(snap, found))
+            order, _ = views.best_per_image(vectors[bounds[j] : bounds[j + 1]], found, self.plain(v.snap, found))
             pick = [rows[int(i)] for i in order[: views.CROP_CANDIDATES]]
             own = [features(enlarged(crop)) for crop in shots[j]]
             _note(checked[q], pick, self.verifier.counts(own, [row.path for row in pick], alone))
 
         on_threads(one, range(len(todo)), threads)
 
-    def _pasted_look(self, snap: Snapshot, looks: list[Look], crops: list[list[Image.Image]], heads: list,
-                     confirmed: list[bool], served: list[Candidates], threads: int,
-                     checked: list[Checked]) -> tuple[list, list[bool]]:  # fmt: skip
-        """(heads, confirmed) with each query's pasted picture first (ris.search.views.pasted) where an indexed image's
+    def _pasted_look(self, v: _Verifying) -> None:
+        """Each query's pasted picture first (ris.search.views.pasted) where an indexed image's
         signature matches its crop and keypoints confirm that image (ris.search.copies.pasted_inliers), the crop's
         own or the query's (a picture pasted at a quarter of the side keeps few of the query's 500 keypoints): a
         picture pasted onto another indexed one (a picture-in-picture of two of them) is the copy of the pasted one,
@@ -402,12 +415,13 @@ class Ranker:
         from .copies import PASTED_NCC, PASTED_OVER, pasted_inliers
         from .verify import query_views
 
-        todo = [(q, crop) for q, cs in enumerate(crops) for crop in cs]
+        looks, heads, confirmed = v.looks, v.heads, v.confirmed
+        todo = [(q, crop) for q, cs in enumerate(v.crops) for crop in cs]
         if not todo:
-            return heads, confirmed
+            return
         sigs = np.stack([signature.of_image(crop) for _, crop in todo])
-        found = self.signatures.best(snap.stamp, sigs, [np.array([row.id for _, row in served[q]], np.int64) for q, _ in todo],
-                                     PASTED_NCC)  # fmt: skip
+        found = self.signatures.best(v.snap.stamp, sigs, [np.array([row.id for _, row in v.served[q]], np.int64)
+                                                          for q, _ in todo], PASTED_NCC)  # fmt: skip
         rows = self.catalog.rows([f[0] for f in found if f is not None])
         check: dict[tuple[int, int], tuple[int, ImageRow, float, Image.Image]] = {}
         for (q, crop), f in zip(todo, found, strict=True):
@@ -419,16 +433,15 @@ class Ranker:
             views = (*looks[c[0]].views, *query_views(c[3])[0])
             return self.verifier.counts(views, [c[1].path])[0]
 
-        counts = on_threads(inliers, list(check.values()), threads)
+        counts = on_threads(inliers, list(check.values()), v.threads)
         best: dict[int, tuple[int, ImageRow]] = {}  # per query, its best confirmed match
         for (q, row, ncc, _), n in zip(check.values(), counts, strict=True):
-            _note(checked[q], [row], [n])
+            _note(v.checked[q], [row], [n])
             strong = n >= pasted_inliers(ncc) and (not confirmed[q] or n >= PASTED_OVER * looks[q].inliers)
             if strong and n > best.get(q, (0, None))[0]:
                 best[q] = (n, row)
         for q, (_, row) in best.items():
             heads[q], confirmed[q] = (0.0, row), True
-        return heads, confirmed
 
 
 def _note(checked: Checked, rows: Sequence[ImageRow], counts: Sequence[int]) -> None:
