@@ -518,8 +518,9 @@ def bench(
     from .model.registry import DEFAULT_POOLING
     from .tools.bench import run_bench
 
-    result = run_bench(folder, model, weights, device, precision, batch_size, workers, limit, baseline, baseline_limit,
-                       baseline_weights, pooling or DEFAULT_POOLING)  # fmt: skip
+    result = run_bench(folder, model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
+                       workers=workers, limit=limit, baseline=baseline, baseline_limit=baseline_limit,
+                       baseline_weights=baseline_weights, pooling=pooling or DEFAULT_POOLING)  # fmt: skip
     if json_out:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -158,6 +158,7 @@ def keras_loop(files: list[str], weights: str | None) -> float:
 
 def run_bench(
     folder: str,
+    *,
     model: str = models.DEFAULT_MODEL,
     weights: str | None = None,
     device: str = "auto",
