@@ -579,14 +579,6 @@ def serve(
         allow_origins=tuple(allow_origin or ()), say=lambda line: err.print(line, highlight=False))  # fmt: skip
 
 
-@app.command()
-def settings() -> None:
-    """The environment variables ris reads: default, values, what each does (the table of docs/configuration.md)."""
-    from .config import markdown
-
-    out.print(markdown(), end="", highlight=False)
-
-
 @app.command(name="map")
 def map_(
     collection: CollectionOpt = Path("collection.ris"),
@@ -650,6 +642,14 @@ def export(
         n = coll.info()["images"]
         written = write_export(coll, out_path, fmt)
     err.print(f"exported {n} images to {written} ({fmt})", highlight=False, markup=False)
+
+
+@app.command()
+def settings() -> None:
+    """The environment variables ris reads: default, values, what each does (the table of docs/configuration.md)."""
+    from .config import markdown
+
+    out.print(markdown(), end="", highlight=False)
 
 
 def _bytes_safe_streams() -> None:
