@@ -266,6 +266,33 @@ def test_the_server_prepares_the_images_keypoints_while_idle(collection_path: Pa
         assert client.get("/api/health").json()["voted"] == health["voted"]
 
 
+def test_a_server_searched_without_pause_from_the_start_still_prepares_its_keypoints(collection_path: Path) -> None:
+    """Keypoints are prepared while no search runs, and with a tenth of the time while searches do: under steady
+    load from the first second a server never idles, and without them every outside query stays on the dearer path."""
+    import threading
+
+    queries = [upload(path) for path in caltech_images(offset=20, per_category=1)[:4]]
+    with serve_in_thread(create_app(collection_path)) as url:
+        stop, answered, busy = threading.Event(), [], []
+
+        def search(q: dict) -> None:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while not stop.is_set():
+                    answered.append(c.post("/api/search", files=q, data={"k": "5"}).status_code)
+
+        with ThreadPoolExecutor(len(queries)) as pool:
+            for q in queries:
+                pool.submit(search, q)
+            with httpx.Client(base_url=url, timeout=60) as client:
+                deadline = time.monotonic() + 90
+                while (health := client.get("/api/health").json())["voted"] < health["images"] and time.monotonic() < deadline:
+                    busy.append(len(answered))
+                    time.sleep(0.5)
+            stop.set()
+    assert health["keypoints"] == health["images"] == health["voted"] > 30
+    assert set(answered) == {200} and len(busy) >= 2 and busy[-1] > busy[0]  # searches ran all along
+
+
 def test_docs_and_openapi(client: httpx.Client) -> None:
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()

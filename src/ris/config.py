@@ -41,8 +41,8 @@ SETTINGS: tuple[Setting, ...] = (
             "with a reason, a larger query is refused)."),  # fmt: skip
     Setting("RIS_TOKEN", "", "`ris serve --token`: enables add/remove over the REST API."),
     Setting("RIS_KEYPOINT_CACHE_MB", "256", "Memory for indexed images' keypoints kept between searches (geometric "
-            "verification; ~20 KB an image). `ris serve` fills it while idle, then indexes them for keypoint votes "
-            "(as much memory again); 0: none kept."),  # fmt: skip
+            "verification; ~20 KB an image). `ris serve` fills it after start (slowly under load), then indexes them "
+            "for keypoint votes (as much memory again); 0: none kept."),  # fmt: skip
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 

@@ -172,8 +172,8 @@ class HealthOut(BaseModel):
     images: int
     version: str
     detail: str | None = None
-    keypoints: int = Field(0, description="Images whose keypoints verification keeps at hand (found while idle after "
-                                          "start, up to RIS_KEYPOINT_CACHE_MB)")  # fmt: skip
+    keypoints: int = Field(0, description="Images whose keypoints verification keeps at hand (found after start, "
+                                          "while idle and slowly under load, up to RIS_KEYPOINT_CACHE_MB)")  # fmt: skip
     voted: int = Field(0, description="Images whose keypoints vote for a query's candidates (ris.search.votes; built "
                                       "once the keypoints are kept)")  # fmt: skip
 
@@ -275,9 +275,9 @@ class CollectionService:
 
     def _prepare_keypoints(self) -> None:
         """The keypoints of as many indexed images as RIS_KEYPOINT_CACHE_MB holds, found ahead of searches while none
-        runs (ris.search.verify.Verifier.prepare), on every core at the lowest CPU priority: an outside query's
-        candidates then cost ~0.5 ms each instead of ~3 (Caltech-101: ~170 MB; 27-31 s on one core of 2, 15-18 s on
-        both, AMD EPYC)."""
+        runs and with a tenth of the time while they do (ris.search.verify.Verifier.prepare), on every core at the
+        lowest CPU priority: an outside query's candidates then cost ~0.5 ms each instead of ~3 (Caltech-101: ~170 MB;
+        27-31 s on one core of 2, 15-18 s on both, AMD EPYC)."""
         rows = self._unless_closing(self.call, self.coll.ranker.keypoint_rows) or []
         paths, n = [row.path for row in rows], max(1, self.threads)
         others = [threading.Thread(target=self._prepare_part, args=(paths[i::n],), name=f"ris-keypoints-{i}", daemon=True)
