@@ -57,7 +57,7 @@ def run(folder: str, work: Path, name: str, copies: int) -> dict:
     copy_ms = 1000 * (time.perf_counter() - start) / max(1, copies * (len(cd) - 1))
     coll.close()
     return {"config": name, "model": model, "pooling": pooling, "precision": precision, "dba": dba, "verify": verify,
-            "dims": coll.vectors()[1].shape[1], "copy_ms_per_query": copy_ms,
+            "dims": coll.derived.snapshot().space.dims, "copy_ms_per_query": copy_ms,
             "images": loo.images, "precision@1": loo.precision[1], "precision@5": loo.precision[5],
             "map": loo.map, "copy_recall@1": cd["all"]["recall@1"], "copy_detail": cd,
             "images_per_s": report.images / seconds}  # fmt: skip
