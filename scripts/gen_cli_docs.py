@@ -25,6 +25,7 @@ ris add NEW/ -c my.ris                       # add without dropping anything
 ris remove 'PHOTOS/holiday/*' -c my.ris      # by path, folder or glob
 ris search q.jpg other.jpg -c my.ris -k 5 --json      # one JSON object per query and line
 ris search q.jpg -c my.ris --grid out.png --html out.html
+ris search EDITED/ -c my.ris -k 1 -f paths   # every image in a folder (as index finds them); bad files skipped
 ris eval -c my.ris                           # leave-one-out precision@k and mAP by folder label (docs/quality.md)
 ris eval -c my.ris --copies 200              # copy detection: recall@1/@5 per transform
 ris dupes -c my.ris --csv                    # exact and near-duplicate groups

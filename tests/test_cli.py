@@ -280,3 +280,33 @@ def test_settings_prints_the_documented_table() -> None:
 
     proc = run_cli("settings")
     assert proc.stdout == markdown() and "| `RIS_MAX_FILE_MB` | 100 |" in proc.stdout
+
+
+def test_search_a_folder_of_queries(subset_collection: Path, subset_dir: Path, tmp_path: Path) -> None:
+    """A folder given to `ris search` searches its images as `ris index` would find them (recursively; hidden,
+    non-image names left out), in batches, each shown under the folder as named; one that cannot be used is skipped
+    with a line, and a folder of nothing usable is a one-line error."""
+    originals = sorted(subset_dir.rglob("*.jpg"))[:35]  # more than one batch (SEARCH_BATCH)
+    folder = tmp_path / "edited"
+    for i, src in enumerate(originals):
+        dst = folder / ("sub" if i % 3 == 0 else "") / f"{i:02d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / ".hidden.jpg").write_bytes(originals[0].read_bytes())
+    proc = run_cli("search", "edited", str(originals[5]), "-c", str(subset_collection), "-k", "1", "--json", cwd=tmp_path)
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected = sorted((f"edited/{p.relative_to(folder)}", originals[int(p.stem)]) for p in folder.rglob("[0-9]*.jpg"))
+    assert [(g["query"], g["matches"][0]["path"]) for g in got] == [(q, str(o)) for q, o in expected] + [
+        (str(originals[5]), str(originals[5]))]  # fmt: skip
+    assert proc.stderr.strip() == "skipped: cannot use query edited/bad.jpg: not an image (or an unsupported format)"
+
+    useless = tmp_path / "useless"
+    useless.mkdir()
+    (useless / "a.jpg").write_bytes(b"not an image")
+    proc = run_cli("search", str(useless), "-c", str(subset_collection), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not proc.stdout
+    assert lines[0].startswith("skipped: ")
+    assert lines[1] == f"error: nothing searched: no usable image among the 1 file found in {useless}"

@@ -314,6 +314,44 @@ def _query(arg: str) -> str | bytes:
     return arg
 
 
+#: Queries searched at once by `ris search`: each batch's results print as it ends, and memory stays bounded.
+SEARCH_BATCH = 32
+
+
+def _queries(args: list[str]) -> list[tuple[str, str | bytes, bool]]:
+    """(name shown, query, named explicitly) for each query argument; a folder gives its image files, found as
+    `ris index` finds them (recursively, hidden and .risignore'd names left out), named under the folder as given."""
+    from .files.sources import scan
+
+    items: list[tuple[str, str | bytes, bool]] = []
+    for arg in args:
+        if arg != "-" and not arg.lower().startswith(("http://", "https://")) and os.path.isdir(arg):
+            root = os.path.normpath(os.path.abspath(os.path.expanduser(arg)))
+            items += [(path, path, False) for path in (os.path.join(arg, os.path.relpath(f.path, root)) for f in scan([arg]))]
+        else:
+            items.append((arg, _query(arg), True))
+    return items
+
+
+def _searched(coll, batch: list[tuple[str, str | bytes, bool]], **options: Any) -> list[tuple[str, Any]]:
+    """(name, result) for a batch of queries. A file found in a folder that cannot be used is skipped with a line
+    (as `ris index` skips it); a query named explicitly that cannot be used is the command's error."""
+    try:
+        return list(zip([name for name, _, _ in batch], coll.search_many([q for _, q, _ in batch], **options), strict=True))
+    except RisError:
+        if len(batch) == 1 and batch[0][2]:
+            raise
+    found = []
+    for name, query, explicit in batch:  # rare: find which query it was, one by one
+        try:
+            found.append((name, coll.search_many([query], **options)[0]))
+        except RisError as exc:
+            if explicit:
+                raise
+            err.print(f"skipped: {exc}", highlight=False)
+    return found
+
+
 def _print_table(r) -> None:
     """One query's matches: a table on a terminal; elsewhere tab-separated lines, never wrapped, for pipes."""
     if not out.is_terminal:
@@ -339,7 +377,8 @@ def _written(what: str, write: Callable[[], Path]) -> None:
 
 @app.command()
 def search(
-    queries: Annotated[list[str], typer.Argument(help="Query images: files, http(s) URLs, or - for stdin.")],
+    queries: Annotated[list[str], typer.Argument(
+        help="Query images: files, folders (their images), http(s) URLs, or - for stdin.")],  # fmt: skip
     collection: CollectionOpt = Path("collection.ris"),
     k: Annotated[int, typer.Option("-k", help="Matches per query.")] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per query, one per line.")] = False,
@@ -368,18 +407,24 @@ def search(
         raise RisError(f"--format must be table, json or paths, not {fmt!r}")
     if queries.count("-") > 1:
         raise RisError("stdin (-) can be read once: give it as one query only")
-    loaded = [_query(q) for q in queries]
+    items = _queries(queries)
+    results = []
     with Collection.open(collection, weights) as coll:
-        results = coll.search_many(loaded, k=k, device=device, qe=qe, nprobe=nprobe, verify=verify)
-    for r, name in zip(results, queries, strict=True):
-        r.query = name  # "-" or the URL, not "<image>"
-    for r in results:
-        if json_out or fmt == "json":
-            sys.stdout.write(json.dumps(r.as_json()) + "\n")
-        elif fmt == "paths":
-            sys.stdout.writelines(m.path + "\n" for m in r.matches)
-        else:
-            _print_table(r)
+        for start in range(0, len(items), SEARCH_BATCH):
+            for name, r in _searched(coll, items[start : start + SEARCH_BATCH], k=k, device=device, qe=qe, nprobe=nprobe,
+                                     verify=verify):  # fmt: skip
+                r.query = name  # as given: "-", the URL or the path under the folder named, not "<image>"
+                if json_out or fmt == "json":
+                    sys.stdout.write(json.dumps(r.as_json()) + "\n")
+                elif fmt == "paths":
+                    sys.stdout.writelines(m.path + "\n" for m in r.matches)
+                else:
+                    _print_table(r)
+                sys.stdout.flush()
+                results.append(r)
+    if not results:
+        n = len(items)
+        raise RisError(f"nothing searched: no usable image among the {n} file{'s' * (n != 1)} found in {', '.join(queries)}")
     if grid:
         _written("grid", lambda: grid_png(results, grid))
     if html_out:
