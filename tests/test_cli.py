@@ -196,6 +196,8 @@ def test_remove_resolves_a_relative_glob_against_the_current_folder(subset_dir: 
     run_cli("index", str(subset_dir / "cup"), str(subset_dir / "panda"), "-c", coll)
     proc = run_cli("remove", "cup/*_000[12].jpg", "-c", coll, cwd=subset_dir)
     assert "removed 2 images; 18 remain" in proc.stderr
+    proc = run_cli("remove", "cup/*_000[12].jpg", "cups/x.jpg", "-c", coll, cwd=subset_dir)  # gone, and a typo
+    assert proc.stderr.strip() == "removed nothing: no indexed image matches cup/*_000[12].jpg, cups/x.jpg; 18 remain"
 
 
 def _search(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

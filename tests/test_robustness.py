@@ -94,7 +94,7 @@ def test_remove_takes_an_indexed_name_literally(tree: Path, indexed, tmp_path: P
     shutil.copytree(indexed[0], copy)
     for name, left in ((b"d/[/x]", 12), (b"[bold red]/a.jpg", 11), (CAFE, 10), (b":smile: [i]b.jpg", 9)):
         proc = _run_bytes("remove", name, "-c", str(copy), cwd=tree)  # relative, as typed in that folder
-        assert proc.returncode == 0 and f"removed 1 images; {left} remain".encode() in proc.stderr, (name, proc.stderr)
+        assert proc.returncode == 0 and f"removed 1 image; {left} remain".encode() in proc.stderr, (name, proc.stderr)
     proc = _run_bytes("remove", str(tree / "photo[0-1].jpg"), "-c", str(copy))  # no such name: a glob
     assert b"removed 2 images; 7 remain" in proc.stderr, proc.stderr
 

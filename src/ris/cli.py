@@ -253,10 +253,14 @@ def remove(
     from .collection import Collection
 
     # a relative glob is relative to here, as a relative path is (indexed paths are absolute)
-    patterns = [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(os.getcwd(), p) for p in patterns]
+    absolute = [p if os.path.isabs(os.path.expanduser(p)) else os.path.join(os.getcwd(), p) for p in patterns]
     with Collection.open(collection) as coll:
-        n = coll.remove(patterns)
-        err.print(f"removed {n} images; {coll.info()['images']} remain")
+        n = coll.remove(absolute)
+        left = coll.info()["images"]
+    if n:
+        err.print(f"removed {n} image{'s' * (n != 1)}; {left} remain", highlight=False)
+    else:  # not an error (removing what is gone is done), but a mistyped path must not look like success
+        err.print(f"removed nothing: no indexed image matches {', '.join(patterns)}; {left} remain", highlight=False)
 
 
 @app.command()
