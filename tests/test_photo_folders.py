@@ -31,6 +31,8 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (year / "metadata.json").write_text("{}")  # Google Takeout sidecar
     (year / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(2000))  # video-like
     (year / "notes.PDF").write_bytes(b"%PDF-1.4\n")
+    (year / "IMG_0002.CR2").write_bytes(b"II*\x00\x10\x00\x00\x00CR\x02\x00" + bytes(3000))  # camera RAW
+    (year / "DSC_0003.NEF").write_bytes(b"MM\x00*\x00\x00\x00\x08" + bytes(3000))
     Image.open(jpegs[0]).save(year / "panda.HEIC", quality=80)  # written by pillow-heif
     Image.open(jpegs[4]).save(year / "sunflower.avif", quality=80)  # written by Pillow's AVIF plugin
     Image.open(jpegs[8]).convert("L").save(year / "airplane.pgm")
@@ -51,7 +53,8 @@ def test_scan_finds_images_and_counts_the_rest(photo_folder: Path) -> None:
     names = sorted(Path(f.path).relative_to(photo_folder).as_posix() for f in found)
     assert len(names) == 12 + 4 and all(n.startswith("2024/") for n in names)
     assert {"2024/panda.HEIC", "2024/sunflower.avif", "2024/airplane.pgm", "2024/broken.jpg"} <= set(names)
-    assert found.ignored == 12 + 4  # 12 .xmp, .aae, .json, .mp4, .PDF
+    assert found.ignored == 12 + 4 + 2  # 12 .xmp, .aae, .json, .mp4, .PDF, two camera RAW files
+    assert found.ignored_types == {".xmp": 12, ".nef": 1, ".aae": 1, ".cr2": 1, ".mp4": 1, ".json": 1, ".pdf": 1}
     assert len(scan([photo_folder])) == 17  # without --exclude, export/ counts; .risignore still drops scratch/
 
 
@@ -63,11 +66,14 @@ def test_heic_avif_pgm_decode(photo_folder: Path) -> None:
 def test_index_a_photo_folder(photo_folder: Path, tmp_path: Path) -> None:
     coll = str(tmp_path / "c.ris")
     proc = run_cli("index", str(photo_folder), "-c", coll, "--exclude", "export")
-    assert "ignored 16 non-image files" in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "ignored 18 non-image files (by extension: .xmp 12, .nef 1, .aae 1, .cr2 1, .mp4 1, .json 1, 1 more kind)" in lines
+    assert "  2 of them camera RAW files: ris does not read RAW; it finds their JPEGs (the camera's, or exported ones) " \
+           "where those are in the folders" in lines  # fmt: skip
     assert "skipped" in proc.stderr and "broken.jpg" in proc.stderr
-    assert ".xmp" not in proc.stderr and "clip.mp4" not in proc.stderr  # not listed, only counted
+    assert "panda_image_0001.jpg.xmp" not in proc.stderr and "clip.mp4" not in proc.stderr  # not listed, only counted
     report = json.loads(run_cli("index", str(photo_folder), "-c", coll, "--exclude", "export", "--json").stdout)
-    assert report["images"] == 15 and report["skipped"] == 1 and report["ignored"] == 16 and report["new"] == 0
+    assert report["images"] == 15 and report["skipped"] == 1 and report["ignored"] == 18 and report["new"] == 0
     info = json.loads(run_cli("info", "-c", coll, "--json").stdout)
     assert [Path(s["path"]).name for s in info["skipped_files"]] == ["broken.jpg"]
 
@@ -78,3 +84,15 @@ def test_index_a_photo_folder(photo_folder: Path, tmp_path: Path) -> None:
     for query, line in zip(originals, lines, strict=True):
         matches = [Path(m["path"]).name for m in json.loads(line)["matches"]]
         assert matches == [query, originals[query]]  # itself, then the JPEG it was made from
+
+
+def test_a_folder_of_camera_raw_files_only_says_so(photo_folder: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "card"
+    raw.mkdir()
+    for name in ("IMG_0002.CR2", "DSC_0003.NEF"):
+        shutil.copy2(photo_folder / "2024" / name, raw / name)
+    proc = run_cli("index", str(raw), "-c", str(tmp_path / "c.ris"), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: no image files found (2 non-image files ignored: .nef 1, .cr2 1) in: {raw} "
+        "(camera RAW files are not read: export them as JPEG)")  # fmt: skip
+    assert not (tmp_path / "c.ris").exists()

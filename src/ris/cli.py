@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -146,7 +147,14 @@ def _print_report(report, as_json: bool) -> None:
         f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
     )
     if report.ignored:
-        err.print(f"ignored {report.ignored} non-image files (by extension)", highlight=False)
+        from .files.sources import CAMERA_RAW_EXTENSIONS, ignored_summary
+
+        err.print(f"ignored {report.ignored} non-image files (by extension: {ignored_summary(report.ignored_types)})",
+                  highlight=False)  # fmt: skip
+        raw = sum(n for ext, n in report.ignored_types.items() if ext in CAMERA_RAW_EXTENSIONS)
+        if raw:
+            err.print(f"  {raw} of them camera RAW files: ris does not read RAW; it finds their JPEGs (the camera's, or "
+                      "exported ones) where those are in the folders", highlight=False)  # fmt: skip
     for item in report.skipped_files[:10]:
         err.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
     if len(report.skipped_files) > 10:
@@ -229,19 +237,38 @@ def _index(paths: list[str], collection: Path, *, weights: str | None, options: 
     for path in paths:  # before the collection is created: a mistyped folder must not leave an empty one behind
         if not os.path.exists(os.path.expanduser(path)):
             raise RisError(f"no such file or folder: {path}")
+    fresh = options is not None and not collection.exists()
     if options is None:
         coll = Collection.open(collection, weights)
     else:
         coll = Collection.open_or_create(collection, weights, **options)
     # the model is loaded before the bar appears (Collection.index reuses it: same device, default threads)
     before = None if ray is not None else (lambda: coll.extractor(device))
-    with coll, progress_bar(enabled=not json_out, before=before) as bar:
-        report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
-                            progress=bar, ray=ray, exclude=exclude or ())  # fmt: skip
+    try:
+        with coll, progress_bar(enabled=not json_out, before=before) as bar:
+            report = coll.index(paths, resync=resync, batch_size=batch_size, workers=workers, device=device,
+                                progress=bar, ray=ray, exclude=exclude or ())  # fmt: skip
+    except RisError:
+        if fresh:
+            _drop_if_empty(collection)
+        raise
     _print_report(report, json_out)
     if ray is not None and not json_out:  # evidence that the cluster's nodes shared the work (JSON: times.nodes)
         for node, counts in sorted(report.times.nodes.items()):
             err.print(f"  node {node}: {counts['decoded']} decoded, {counts['extracted']} through the model", highlight=False)
+
+
+def _drop_if_empty(path: Path) -> None:
+    """A collection this run created and then indexed nothing into (a folder of no images) is not left behind."""
+    from .collection import Collection
+
+    try:
+        with Collection.open(path) as coll:
+            empty = not coll.info()["images"]
+    except RisError:
+        return
+    if empty:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @app.command()

@@ -95,6 +95,7 @@ class IndexReport:
     times: StageTimes
     skipped_files: list[dict[str, str]]
     ignored: int = 0  # non-image files (sidecars, videos, documents) not tried, by extension
+    ignored_types: dict[str, int] = field(default_factory=dict)  # how many of each extension
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,24 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .heic .heif .hif .avif .ppm .pgm .pbm .pnm .jp2 .j2k "
     ".tga .qoi .pcx .sgi .psd".split()
 )
+#: Camera RAW files: ignored like other non-images (no RAW decoder here), but named as such, since a photo folder's
+#: RAW files are photos a user may expect to find.
+CAMERA_RAW_EXTENSIONS = frozenset(
+    ".dng .cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .raf .orf .rw2 .rwl .pef .srw .x3f .3fr .iiq .erf .kdc .dcr .mrw "
+    ".mef .mos .raw".split()
+)
 #: A file of glob patterns (one a line, '#' comments) in a scanned folder: matching paths are left out.
 IGNORE_FILE = ".risignore"
 
 
 class Scan(list):
-    """scan()'s files (a list of SourceFile) and how many non-image files it ignored."""
+    """scan()'s files (a list of SourceFile) and the non-image files it ignored, by extension."""
 
-    ignored: int = 0
+    ignored_types: dict[str, int] = {}  # noqa: RUF012 (replaced per scan, never mutated)
+
+    @property
+    def ignored(self) -> int:
+        return sum(self.ignored_types.values())
 
 
 def is_image_name(path: str) -> bool:
@@ -120,7 +131,7 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
     max_file_bytes()  # a bad RIS_MAX_FILE_MB fails the run here, not every file in the decode workers
     exclude = list(exclude)
     found: dict[str, SourceFile] = {}
-    ignored = 0
+    ignored: Counter[str] = Counter()
     for raw in paths:
         root = os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(raw))))
         try:
@@ -132,7 +143,7 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
             if path in found:
                 continue
             if is_dir and not is_image_name(path):
-                ignored += 1
+                ignored[os.path.splitext(path)[1].lower()] += 1
                 continue
             try:
                 source = _source(path)
@@ -141,8 +152,18 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
             if source is not None:
                 found[path] = source
     if not found:
-        what = f"no image files found ({ignored} non-image files ignored)" if ignored else "no files found"
-        raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths))
+        n = sum(ignored.values())
+        what = f"no image files found ({n} non-image files ignored: {ignored_summary(ignored)})" if n else "no files found"
+        raw = " (camera RAW files are not read: export them as JPEG)" if CAMERA_RAW_EXTENSIONS & set(ignored) else ""
+        raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths) + raw)
     result = Scan(sorted(found.values(), key=lambda f: f.path))
-    result.ignored = ignored
+    result.ignored_types = dict(ignored.most_common())
     return result
+
+
+def ignored_summary(types: dict[str, int], most: int = 6) -> str:
+    """Ignored files by extension, the commonest first: ".cr2 120, .xmp 118, .mov 3"."""
+    items = sorted(types.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{ext} {n}" for ext, n in items[:most])
+    more = len(items) - most
+    return text + (f", {more} more kind{'s' * (more != 1)}" if more > 0 else "")
