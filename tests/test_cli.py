@@ -34,8 +34,9 @@ def test_search_json_is_one_object_per_query(subset_collection: Path, subset_dir
     for query, line in zip(queries, lines, strict=True):
         obj = json.loads(line)
         assert set(obj) == {"query", "matches"} and obj["query"] == query
-        assert [set(m) for m in obj["matches"]] == [{"rank", "path", "score", "similarity", "label"}] * 3
+        assert [set(m) for m in obj["matches"]] == [{"rank", "path", "score", "similarity", "label", "inliers"}] * 3
         assert obj["matches"][0]["path"] == query and obj["matches"][0]["label"] in SUBSET_CLASSES
+        assert obj["matches"][0]["inliers"] >= 12  # the indexed file itself: keypoints confirm it
         assert [m["rank"] for m in obj["matches"]] == [1, 2, 3]
         assert Path(obj["matches"][1]["path"]).is_absolute()
 
@@ -49,6 +50,7 @@ def test_search_writes_grid_and_page(subset_collection: Path, subset_dir: Path, 
     assert grid.width >= 6 * 160 and grid.height >= 160
     page = (tmp_path / "p.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 6 and "sunflower" in page
+    assert page.count("✓ same") == 1  # the indexed file itself, confirmed by keypoints
 
 
 def test_info_json(subset_collection: Path) -> None:

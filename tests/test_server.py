@@ -62,7 +62,7 @@ def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collect
     api = client.post("/api/search", files=upload(query), data={"k": "5"}).json()
     with Collection.open(collection_path) as coll:
         expected = coll.search(query, k=5).as_json()
-    keys = ("rank", "path", "score", "similarity", "label")
+    keys = ("rank", "path", "score", "similarity", "label", "inliers")
     assert [{key: m[key] for key in keys} for m in api["matches"]] == expected["matches"]
 
 
@@ -78,8 +78,9 @@ def test_search_with_verification_answers_as_the_library(client: httpx.Client, c
     assert api.status_code == 200, api.text
     with Collection.open(collection_path) as coll:
         lib = coll.search(str(copy), k=5, verify=True).as_json()["matches"]
-    got = [(m["rank"], m["path"]) for m in api.json()["matches"]]
-    assert got == [(m["rank"], m["path"]) for m in lib] and got[0][1] == str(original)
+    got = [(m["rank"], m["path"], m["inliers"]) for m in api.json()["matches"]]
+    assert got == [(m["rank"], m["path"], m["inliers"]) for m in lib] and got[0][1] == str(original)
+    assert got[0][2] >= 12 and [n for _, _, n in got[1:]] == [None] * 4  # keypoints confirm the original alone
 
 
 def test_more_like_this_by_id(client: httpx.Client) -> None:

@@ -144,6 +144,7 @@ def test_first_search_shows_loading_then_results(desktop, tmp_path: Path) -> Non
     assert "#1" in caption and (".jpg" in caption or ".png" in caption)
     score = first.nth(0).locator(".score")
     assert 0 < float(score.get_attribute("data-similarity")) <= 1.0001 and "cosine" in score.get_attribute("title")
+    assert desktop.locator(f"{RESULTS} .badge.same").count() == 0  # a photo of nothing indexed: no image is its picture
     assert per_row(boxes(desktop)) >= 4, "a desktop shows several results per row"
     shoot(desktop, tmp_path, "desktop-results")
 
@@ -228,6 +229,10 @@ def test_a_phone_sized_photo_is_sent_shrunk_and_still_finds_its_original(phone, 
     assert photo.stat().st_size > 3_000_000
     upload(phone, photo)
     assert first_id(phone) == indexed
+    same = phone.locator(RESULTS).nth(0).locator(".badge.same")  # keypoints confirm it: the same picture
+    assert same.is_visible() and same.text_content() == "✓ same" and "agreeing keypoint matches" in same.get_attribute("title")
+    assert phone.locator(f"{RESULTS} .badge.same").count() == 1
+    shoot(phone, tmp_path, "phone-same-picture", full_page=False)
     size, kind, width, height = phone.evaluate("""async () => {
       const [size, kind, file] = window.__sent.at(-1);
       const bitmap = await createImageBitmap(file);

@@ -390,11 +390,11 @@ def _print_table(r) -> None:
         for m in r.matches:
             sys.stdout.write(f"{m.rank}\t{m.score:.3f}\t{m.cosine:.3f}\t{m.label or '-'}\t{m.path}\n")
         return
-    table = Table(title=f"query: {r.query}", title_justify="left")
-    for col in ("rank", "score", "similarity", "label", "path"):
+    table = Table(title=f"query: {r.query}", title_justify="left", caption="✓ keypoints confirm the same picture")
+    for col in ("rank", "score", "similarity", "", "label", "path"):
         table.add_column(col, overflow="fold")
     for m in r.matches:
-        table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", m.label or "-", m.path)
+        table.add_row(str(m.rank), f"{m.score:.3f}", f"{m.cosine:.3f}", "✓" if m.inliers else "", m.label or "-", m.path)
     out.print(table)
 
 

@@ -110,6 +110,8 @@ class MatchOut(BaseModel):
     score: float = Field(description="What ranked the match (DBA-served similarity); never increases down the list")
     similarity: float = Field(description="Plain cosine similarity of query and image (1 = identical)")
     label: str | None
+    inliers: int | None = Field(description="Agreeing keypoint matches that confirm the image shows the query's "
+                                             "picture (12 or more; null: not confirmed, or not checked)")  # fmt: skip
     id: int
     thumbnail: str
     image: str

@@ -262,7 +262,7 @@ class Ranker:
                         similarity[row.id] = float(self.plain(snap, [row.id])[0] @ plain[q])
                 own, ids = {c[1].id: c for c in cands}, {row.id for row in front}
                 cands = [own.get(row.id, (similarity[row.id], row)) for row in front] + [c for c in cands if c[1].id not in ids]
-            results.append(SearchResult(name, _matches(cands[:k], similarity)))
+            results.append(SearchResult(name, _matches(cands[:k], similarity, checked[q])))
         return results
 
     def _looks(self, queries: Sequence[Query | Callable[[], Image.Image]], ranked: list[Candidates],
@@ -466,11 +466,15 @@ def _indexed(ids: np.ndarray, rows: dict[int, ImageRow]) -> np.ndarray:
     return np.isin(ids, np.fromiter(rows, np.int64, len(rows)))
 
 
-def _matches(cands: Candidates, similarity: dict[int, float]) -> list[Match]:
+def _matches(cands: Candidates, similarity: dict[int, float], checked: Checked) -> list[Match]:
     """Matches in this order; `score` the served score made non-increasing from the bottom up (a promoted first
-    result is shown at least at the score below it), `similarity` the plain cosine."""
+    result is shown at least at the score below it), `similarity` the plain cosine, `inliers` where keypoints
+    confirmed the image (checked: the agreeing matches of those verification looked at)."""
+    from .verify import MIN_INLIERS
+
     scores = [score for score, _ in cands]
     for i in range(len(scores) - 2, -1, -1):
         scores[i] = max(scores[i], scores[i + 1])
-    return [Match(rank, row.path, score, row.label, row.id, similarity.get(row.id, score))
+    agreeing = {i: n for i, (n, _) in checked.items() if n >= MIN_INLIERS}
+    return [Match(rank, row.path, score, row.label, row.id, similarity.get(row.id, score), agreeing.get(row.id))
             for rank, (score, (_, row)) in enumerate(zip(scores, cands, strict=True), start=1)]  # fmt: skip

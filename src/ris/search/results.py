@@ -15,7 +15,9 @@ from PIL import Image
 @dataclass(frozen=True)
 class Match:
     """One result. `score`: what ranked it (never increases down a list); `similarity`: the plain cosine
-    similarity of query and image (equal to score unless the collection re-ranks: DBA, αQE, verification)."""
+    similarity of query and image (equal to score unless the collection re-ranks: DBA, αQE, verification);
+    `inliers`: the agreeing keypoint matches that confirm it shows the query's picture (verification's
+    MIN_INLIERS or more; None: not confirmed, or not checked)."""
 
     rank: int
     path: str
@@ -23,6 +25,7 @@ class Match:
     label: str | None
     id: int
     similarity: float | None = None
+    inliers: int | None = None
 
     @property
     def cosine(self) -> float:
@@ -32,7 +35,7 @@ class Match:
     def as_json(self) -> dict[str, Any]:
         sim = self.cosine
         return {"rank": self.rank, "path": self.path, "score": round(self.score, 6), "similarity": round(sim, 6),
-                "label": self.label}  # fmt: skip
+                "label": self.label, "inliers": self.inliers}  # fmt: skip
 
 
 @dataclass
@@ -58,7 +61,7 @@ class SearchResult:
         """A row of thumbnails with scores: how a result shows itself in a notebook."""
         cells = [thumbnail_figure(self.query, f"query: {html.escape(Path(self.query).name)}")]
         cells += [
-            thumbnail_figure(m.path, f"#{m.rank} {m.score:.3f}<br>{html.escape(m.label or '')}")
+            thumbnail_figure(m.path, f"#{m.rank} {m.score:.3f}{' ✓' if m.inliers else ''}<br>{html.escape(m.label or '')}")
             for m in self.matches
         ]
         return '<div style="display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start">' + "".join(cells) + "</div>"

@@ -111,7 +111,9 @@ function factRow(...items) {
 function resultCard(match) {
   const similarity = match.similarity.toFixed(3);
   const title = `score: what ranked it (never increases down the list); cosine similarity ${similarity} (1 = identical)`;
-  const figure = card(match, factRow(["rank", `#${match.rank}`], ["score", match.score.toFixed(3), title]));
+  const facts = [["rank", `#${match.rank}`], ["score", match.score.toFixed(3), title]];
+  if (match.inliers) facts.push(["badge same", "✓ same", `the same picture: ${match.inliers} agreeing keypoint matches with the query`]);
+  const figure = card(match, factRow(...facts));
   figure.dataset.rank = match.rank;
   figure.querySelector(".score").dataset.similarity = similarity;
   return figure;
