@@ -37,8 +37,9 @@ ris serve -c my.ris --port 8000 [--token SECRET]       # web page + REST API (do
 `ris search --json` prints `{"query": "q.jpg", "matches": [{"rank": 1, "path": "/abs/x.jpg", "score": 0.93,
 "similarity": 0.97, "label": "cat", "inliers": 245}, …]}`: `score` is what ranked the match (higher is closer; it
 never increases down the list), `similarity` the plain cosine similarity of query and image (1 = identical),
-`inliers` the agreeing keypoint matches where they confirm the image shows the query's picture (12 or more; null
-otherwise: the table marks those ✓). Labels are parent-folder names (Caltech-101 style).
+`inliers` the agreeing keypoint matches where they confirm the image shows the query's picture or scene (12 or
+more: an edited copy's original, or another shot of the place; null otherwise: the table marks those ✓).
+Labels are parent-folder names (Caltech-101 style).
 
 The web page and REST API of `ris serve`: drop, pick or paste an image; click a result for "more like
 this"; the API is documented at `/docs` (`POST /api/search` with form fields `file`, `k` and `verify`,

@@ -50,7 +50,7 @@ def test_search_writes_grid_and_page(subset_collection: Path, subset_dir: Path, 
     assert grid.width >= 6 * 160 and grid.height >= 160
     page = (tmp_path / "p.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 6 and "sunflower" in page
-    assert page.count("✓ same") == 1  # the indexed file itself, confirmed by keypoints
+    assert page.count("✓ same scene") == 1  # the indexed file itself, confirmed by keypoints
 
 
 def test_info_json(subset_collection: Path) -> None:

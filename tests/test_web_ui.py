@@ -230,7 +230,7 @@ def test_a_phone_sized_photo_is_sent_shrunk_and_still_finds_its_original(phone, 
     upload(phone, photo)
     assert first_id(phone) == indexed
     same = phone.locator(RESULTS).nth(0).locator(".badge.same")  # keypoints confirm it: the same picture
-    assert same.is_visible() and same.text_content() == "✓ same" and "agreeing keypoint matches" in same.get_attribute("title")
+    assert same.is_visible() and same.text_content() == "✓ same scene" and "keypoint matches agree" in same.get_attribute("title")
     assert phone.locator(f"{RESULTS} .badge.same").count() == 1
     shoot(phone, tmp_path, "phone-same-picture", full_page=False)
     size, kind, width, height = phone.evaluate("""async () => {

@@ -111,7 +111,7 @@ class MatchOut(BaseModel):
     similarity: float = Field(description="Plain cosine similarity of query and image (1 = identical)")
     label: str | None
     inliers: int | None = Field(description="Agreeing keypoint matches that confirm the image shows the query's "
-                                             "picture (12 or more; null: not confirmed, or not checked)")  # fmt: skip
+                                             "picture or scene (12 or more; null: not confirmed, or not checked)")  # fmt: skip
     id: int
     thumbnail: str
     image: str

@@ -16,8 +16,9 @@ from PIL import Image
 class Match:
     """One result. `score`: what ranked it (never increases down a list); `similarity`: the plain cosine
     similarity of query and image (equal to score unless the collection re-ranks: DBA, αQE, verification);
-    `inliers`: the agreeing keypoint matches that confirm it shows the query's picture (verification's
-    MIN_INLIERS or more; None: not confirmed, or not checked)."""
+    `inliers`: the agreeing keypoint matches that confirm it shows the query's picture or scene (verification's
+    MIN_INLIERS or more: an edited copy's original, or another shot of the same place; None: not confirmed, or
+    not checked)."""
 
     rank: int
     path: str

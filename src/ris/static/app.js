@@ -112,7 +112,7 @@ function resultCard(match) {
   const similarity = match.similarity.toFixed(3);
   const title = `score: what ranked it (never increases down the list); cosine similarity ${similarity} (1 = identical)`;
   const facts = [["rank", `#${match.rank}`], ["score", match.score.toFixed(3), title]];
-  if (match.inliers) facts.push(["badge same", "✓ same", `the same picture: ${match.inliers} agreeing keypoint matches with the query`]);
+  if (match.inliers) facts.push(["badge same", "✓ same scene", `${match.inliers} keypoint matches agree: the same picture or scene (an edited copy's original, another shot of the place)`]);
   const figure = card(match, factRow(...facts));
   figure.dataset.rank = match.rank;
   figure.querySelector(".score").dataset.similarity = similarity;

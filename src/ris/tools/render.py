@@ -12,7 +12,7 @@ from ..images.decode import thumbnail
 from ..search.results import SearchResult, thumbnail_figure
 
 THUMB = 160
-SAME_PICTURE = ' <b title="keypoints confirm the same picture">✓ same</b>'  # a confirmed match (Match.inliers)
+SAME_SCENE = ' <b title="keypoints agree: the same picture or scene">✓ same scene</b>'  # a confirmed match (Match.inliers)
 CAPTION = 34
 PAD = 8
 
@@ -61,7 +61,7 @@ def results_html(results: Sequence[SearchResult], out: str | Path, title: str = 
         figures += [
             thumbnail_figure(
                 m.path, f"#{m.rank} · {m.score:.3f} <small>(similarity {m.cosine:.3f})</small>"
-                f"{SAME_PICTURE if m.inliers else ''}<br>"
+                f"{SAME_SCENE if m.inliers else ''}<br>"
                 f"{html.escape(m.label or '')}<br>"
                 f"<small>{html.escape(Path(m.path).name)}</small>",
             )
