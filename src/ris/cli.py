@@ -390,7 +390,9 @@ def _print_table(r) -> None:
         for m in r.matches:
             sys.stdout.write(f"{m.rank}\t{m.score:.3f}\t{m.cosine:.3f}\t{m.label or '-'}\t{m.path}\n")
         return
-    table = Table(title=f"query: {r.query}", title_justify="left", caption="✓ keypoints agree: the same picture or scene")
+    marked = any(m.inliers for m in r.matches)
+    table = Table(title=f"query: {r.query}", title_justify="left",
+                  caption="✓ keypoints agree: the same picture or scene" if marked else None)  # fmt: skip
     for col in ("rank", "score", "similarity", "", "label", "path"):
         table.add_column(col, overflow="fold")
     for m in r.matches:
