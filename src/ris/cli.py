@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -745,6 +746,9 @@ def main() -> None:
     from .model.runtime import preparation_listener
 
     _bytes_safe_streams()
+    # pydantic's notice about a dependency's own Field() use (seen once in CI, ahead of `ris serve`'s first line):
+    # never about the user's input, so never theirs to read
+    warnings.filterwarnings("ignore", message=r"The '\w+' attribute with value .* was provided to the `Field\(\)` function")
     handler = logging.StreamHandler(sys.stderr)  # the library's notices (a collection's upgrade, ...) as plain lines
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("ris").addHandler(handler)
