@@ -314,3 +314,20 @@ def test_search_a_folder_of_queries(subset_collection: Path, subset_dir: Path, t
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not proc.stdout
     assert lines[0].startswith("skipped: ")
     assert lines[1] == f"error: nothing searched: no usable image among the 1 file found in {useless}"
+
+
+def test_a_contact_sheet_of_a_big_folder_holds_its_first_rows(subset_collection: Path, subset_dir: Path, tmp_path: Path) -> None:
+    """`--grid` for a folder of many queries draws the first GRID_ROWS (a PNG one can open) and says so; the page has all."""
+    from ris.tools.render import CAPTION, GRID_ROWS, PAD, THUMB
+
+    photos = sorted(subset_dir.rglob("*.jpg"))
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(GRID_ROWS + 1):
+        (folder / f"{i:03d}.jpg").write_bytes(photos[i % len(photos)].read_bytes())
+    proc = run_cli("search", str(folder), "-c", str(subset_collection), "-k", "1", "--format", "paths",
+                   "--grid", str(tmp_path / "g.png"), "--html", str(tmp_path / "p.html"))  # fmt: skip
+    assert len(proc.stdout.splitlines()) == GRID_ROWS + 1
+    assert f"  (its first {GRID_ROWS} of {GRID_ROWS + 1} queries; --html shows them all)" in proc.stderr.splitlines()
+    assert Image.open(tmp_path / "g.png").height == GRID_ROWS * (THUMB + CAPTION + PAD) + PAD
+    assert (tmp_path / "p.html").read_text().count("<section>") == GRID_ROWS + 1

@@ -435,7 +435,7 @@ def search(
     cosine similarity of query and image, 1 = identical); they differ where DBA, query expansion or
     verification re-rank."""
     from .collection import Collection
-    from .tools.render import grid_png, results_html
+    from .tools.render import GRID_ROWS, grid_png, results_html
 
     if fmt not in ("table", "json", "paths"):
         raise RisError(f"--format must be table, json or paths, not {fmt!r}")
@@ -461,6 +461,8 @@ def search(
         raise RisError(f"nothing searched: no usable image among the {n} file{'s' * (n != 1)} found in {', '.join(queries)}")
     if grid:
         _written("grid", lambda: grid_png(results, grid))
+        if len(results) > GRID_ROWS:
+            err.print(f"  (its first {GRID_ROWS} of {len(results)} queries; --html shows them all)", highlight=False)
     if html_out:
         _written("page", lambda: results_html(results, html_out))
 

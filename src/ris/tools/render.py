@@ -12,6 +12,8 @@ from ..images.decode import thumbnail
 from ..search.results import SearchResult, thumbnail_figure
 
 THUMB = 160
+#: Rows of a contact sheet at most (a folder of queries: 100 rows are ~20,000 px tall; the HTML page shows them all).
+GRID_ROWS = 100
 SAME_SCENE = ' <b title="keypoints agree: the same picture or scene">✓ same scene</b>'  # a confirmed match (Match.inliers)
 CAPTION = 34
 PAD = 8
@@ -29,7 +31,8 @@ def _fit(text: str, limit: int = 24) -> str:
 
 
 def grid_png(results: Sequence[SearchResult], out: str | Path) -> Path:
-    """One row per query: the query, then its matches with rank, score and label."""
+    """One row per query (the first GRID_ROWS): the query, then its matches with rank, score and label."""
+    results = results[:GRID_ROWS]
     k = max((len(r.matches) for r in results), default=0)
     cols = k + 1
     cell_w, cell_h = THUMB + PAD, THUMB + CAPTION + PAD
