@@ -148,12 +148,11 @@ def _print_report(report, as_json: bool) -> None:
         f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
     )
     if report.ignored:
-        from .files.sources import CAMERA_RAW_EXTENSIONS, ignored_summary
+        from .files.sources import camera_raw, ignored_summary
 
         err.print(f"ignored {report.ignored} non-image files (by extension: {ignored_summary(report.ignored_types)})",
                   highlight=False)  # fmt: skip
-        raw = sum(n for ext, n in report.ignored_types.items() if ext in CAMERA_RAW_EXTENSIONS)
-        if raw:
+        if raw := camera_raw(report.ignored_types):
             err.print(f"  {raw} of them camera RAW files: ris does not read RAW; it finds their JPEGs (the camera's, or "
                       "exported ones) where those are in the folders", highlight=False)  # fmt: skip
     for item in report.skipped_files[:10]:

@@ -154,11 +154,16 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
     if not found:
         n = sum(ignored.values())
         what = f"no image files found ({n} non-image files ignored: {ignored_summary(ignored)})" if n else "no files found"
-        raw = " (camera RAW files are not read: export them as JPEG)" if CAMERA_RAW_EXTENSIONS & set(ignored) else ""
+        raw = " (camera RAW files are not read: export them as JPEG)" if camera_raw(ignored) else ""
         raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths) + raw)
     result = Scan(sorted(found.values(), key=lambda f: f.path))
     result.ignored_types = dict(ignored.most_common())
     return result
+
+
+def camera_raw(types: dict[str, int]) -> int:
+    """How many of the ignored files (by extension) are camera RAW files."""
+    return sum(n for ext, n in types.items() if ext in CAMERA_RAW_EXTENSIONS)
 
 
 def ignored_summary(types: dict[str, int], most: int = 6) -> str:
