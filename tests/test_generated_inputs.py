@@ -1,6 +1,7 @@
 """Generated inputs through every path: images of random size, aspect, mode, format and corruption are
 indexed, searched (CLI with verification, and POST /api/search on a real uvicorn), and go through dupes,
-eval, map and export. No traceback, no 5xx; every decodable image is indexed and finds itself first;
+eval, map and export; camera RAW files (DNG) among them. No traceback, no 5xx; every decodable image is indexed
+and finds itself first;
 every other file is skipped with a reason.
 
 A seeded generator (numpy), so a failure names its seed and can be replayed. The fast default (40 files,
@@ -25,11 +26,14 @@ from PIL import Image
 from ris.images.decode import FORMATS, MAX_DECODE_BYTES, decode_cost, max_file_bytes
 
 from .conftest import run_cli
+from .rawfiles import dng
 
 EXAMPLES = int(os.environ.get("RIS_FUZZ_EXAMPLES", "40"))
 SEED = int(os.environ.get("RIS_FUZZ_SEED", "17"))
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F")
-EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif", "DNG": ".dng"}
+#: Photo sizes a generated DNG may have (its sensor holds twice as many px a side; LibRaw takes 22 px and more).
+DNG_SIDES = (16, 1500)
 #: Sizes every run has (width, height): the extremes that broke verification, ORB's border, libjpeg's scales.
 SPECIAL_SIZES = ((1, 1), (1, 4000), (4000, 12), (12, 4000), (2, 3), (62, 63), (480, 1), (3000, 40))
 CORRUPTIONS = ("truncated", "garbage", "empty", "magic+garbage", "wrong extension")
@@ -128,12 +132,17 @@ def generate(root: Path, count: int, seed: int) -> list[Case]:
     for n in range(count):
         mode, fmt = str(rng.choice(MODES)), str(rng.choice(list(EXTENSIONS)))
         size = (10_000, 10_000) if n == len(SPECIAL_SIZES) else _size(rng, n, large=count > 100)
+        corruption = str(rng.choice(CORRUPTIONS)) if n > len(SPECIAL_SIZES) and rng.random() < 0.3 else ""
         if n == len(SPECIAL_SIZES):
             data, fmt = _encode(Image.new("L", size, 128), "PNG")
+        elif fmt == "DNG" and DNG_SIDES[0] <= min(size) and max(size) <= DNG_SIDES[1]:
+            # a preview only when intact: a cut through a big preview leaves the sensor data whole (decodable)
+            preview = None if corruption or rng.random() < 0.5 else int(rng.integers(640, 2000))
+            data = dng(_content(rng, size), preview=preview, orientation=int(rng.choice([1, 3, 6, 8])))
         else:
-            data, fmt = _encode(_in_mode(_content(rng, size), mode, rng), fmt)
+            data, fmt = _encode(_in_mode(_content(rng, size), "RGB" if fmt == "DNG" else mode, rng),
+                                "PNG" if fmt == "DNG" else fmt)  # fmt: skip
         ext = EXTENSIONS[fmt]
-        corruption = str(rng.choice(CORRUPTIONS)) if n > len(SPECIAL_SIZES) and rng.random() < 0.3 else ""
         if corruption == "truncated":
             data = data[: max(1, int(len(data) * rng.uniform(0.05, 0.7)))]
         elif corruption == "garbage":
@@ -148,7 +157,8 @@ def generate(root: Path, count: int, seed: int) -> list[Case]:
         path = root / label / _name(rng, n, ext)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        cases.append(Case(path, _decodable(data), f"#{n} {mode}->{fmt} {size[0]}x{size[1]} {corruption or 'intact'}"))
+        decodable = _decodable(data) if fmt != "DNG" else corruption in ("", "wrong extension")
+        cases.append(Case(path, decodable, f"#{n} {mode}->{fmt} {size[0]}x{size[1]} {corruption or 'intact'}"))
     return cases
 
 

@@ -148,13 +148,13 @@ def _print_report(report, as_json: bool) -> None:
         f"{report.removed} removed, {report.extracted} extracted{rate}; {report.skipped} skipped"
     )
     if report.ignored:
-        from .files.sources import camera_raw, ignored_summary
+        from .files.sources import ignored_summary
 
         err.print(f"ignored {report.ignored} non-image files (by extension: {ignored_summary(report.ignored_types)})",
                   highlight=False)  # fmt: skip
-        if raw := camera_raw(report.ignored_types):
-            err.print(f"  {raw} of them camera RAW files: ris does not read RAW; it finds their JPEGs (the camera's, or "
-                      "exported ones) where those are in the folders", highlight=False)  # fmt: skip
+    if n := report.raw_beside_image:
+        err.print(f"left out {n} camera RAW file{'s' * (n != 1)} beside an image of the same name (IMG_1.CR2 beside "
+                  "IMG_1.JPG): the image stands for both", highlight=False)  # fmt: skip
     for item in report.skipped_files[:10]:
         err.print(f"  skipped {item['path']}: {item['reason']}", highlight=False)
     if len(report.skipped_files) > 10:

@@ -250,7 +250,7 @@ class Collection:
             return IndexReport(
                 scanned=len(files), new=report.new, changed=report.changed, removed=report.removed,
                 extracted=times.extracted, skipped=counts["skipped"], images=counts["ok"], times=times,
-                skipped_files=self.catalog.skipped_files(), ignored=files.ignored, ignored_types=files.ignored_types,
+                skipped_files=self.catalog.skipped_files(), **files.counts(),
             )  # fmt: skip
         finally:
             self.unlock()

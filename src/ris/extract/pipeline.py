@@ -96,6 +96,7 @@ class IndexReport:
     skipped_files: list[dict[str, str]]
     ignored: int = 0  # non-image files (sidecars, videos, documents) not tried, by extension
     ignored_types: dict[str, int] = field(default_factory=dict)  # how many of each extension
+    raw_beside_image: int = 0  # camera RAW files left out for the image of the same name beside them
 
 
 @dataclass

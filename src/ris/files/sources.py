@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import RisError
 from ..images.decode import max_file_bytes
@@ -38,28 +39,33 @@ def _source(path: str) -> SourceFile | None:
 
 #: Files with these extensions (any case) are tried; other extensions (sidecars such as .xmp .json .aae, videos,
 #: documents) are ignored and counted. Files without an extension are tried too: their content decides.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .heic .heif .hif .avif .ppm .pgm .pbm .pnm .jp2 .j2k "
-    ".tga .qoi .pcx .sgi .psd".split()
-)
-#: Camera RAW files: ignored like other non-images (no RAW decoder here), but named as such, since a photo folder's
-#: RAW files are photos a user may expect to find.
+#: Camera RAW files, read through LibRaw (ris.images.raw). Not `.raw`, which names any binary dump.
 CAMERA_RAW_EXTENSIONS = frozenset(
     ".dng .cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .raf .orf .rw2 .rwl .pef .srw .x3f .3fr .iiq .erf .kdc .dcr .mrw "
-    ".mef .mos .raw".split()
+    ".mef .mos".split()
+)
+IMAGE_EXTENSIONS = CAMERA_RAW_EXTENSIONS | frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .heic .heif .hif .avif .ppm .pgm .pbm .pnm .jp2 .j2k "
+    ".tga .qoi .pcx .sgi .psd".split()
 )
 #: A file of glob patterns (one a line, '#' comments) in a scanned folder: matching paths are left out.
 IGNORE_FILE = ".risignore"
 
 
 class Scan(list):
-    """scan()'s files (a list of SourceFile) and the non-image files it ignored, by extension."""
+    """scan()'s files (a list of SourceFile), the non-image files it ignored (by extension), and how many camera
+    RAW files it left out for the image of the same name beside them."""
 
     ignored_types: dict[str, int] = {}  # noqa: RUF012 (replaced per scan, never mutated)
+    raw_beside_image: int = 0
 
     @property
     def ignored(self) -> int:
         return sum(self.ignored_types.values())
+
+    def counts(self) -> dict[str, Any]:
+        """What an index report says of the scan beside its files."""
+        return {"ignored": self.ignored, "ignored_types": self.ignored_types, "raw_beside_image": self.raw_beside_image}
 
 
 def is_image_name(path: str) -> bool:
@@ -124,7 +130,8 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
 
     In folders, hidden names, paths matching `exclude` or the folder's .risignore (globs on the path
     relative to it) are left out, and files whose extension is not an image's are counted in
-    `.ignored`, not returned; a file named explicitly is always tried. A missing path is an error
+    `.ignored`, not returned, as are camera RAW files beside an image of the same name (counted in
+    `.raw_beside_image`); a file named explicitly is always tried. A missing path is an error
     (the user mistyped), an empty result too: indexing nothing would silently drop every image of an
     existing collection.
     """
@@ -132,6 +139,7 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
     exclude = list(exclude)
     found: dict[str, SourceFile] = {}
     ignored: Counter[str] = Counter()
+    named: set[str] = set()  # files named explicitly: indexed whatever lies beside them
     for raw in paths:
         root = os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(raw))))
         try:
@@ -151,23 +159,29 @@ def scan(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Sca
                 continue  # vanished or unreadable while walking: not ours to index
             if source is not None:
                 found[path] = source
+                if not is_dir:
+                    named.add(path)
     if not found:
         n = sum(ignored.values())
         what = f"no image files found ({n} non-image files ignored: {ignored_summary(ignored)})" if n else "no files found"
-        raw = " (camera RAW files are not read: export them as JPEG)" if camera_raw(ignored) else ""
-        raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths) + raw)
-    result = Scan(sorted(found.values(), key=lambda f: f.path))
+        raise RisError(f"{what} in: " + ", ".join(str(p) for p in paths))
+    paired = _raw_beside_image(found) - named
+    result = Scan(sorted((f for p, f in found.items() if p not in paired), key=lambda f: f.path))
     result.ignored_types = dict(ignored.most_common())
+    result.raw_beside_image = len(paired)
     return result
 
 
-def camera_raw(types: dict[str, int]) -> int:
-    """How many of the ignored files (by extension) are camera RAW files."""
-    return sum(n for ext, n in types.items() if ext in CAMERA_RAW_EXTENSIONS)
+def _raw_beside_image(found: dict[str, SourceFile]) -> set[str]:
+    """The camera RAW files with an image of the same name in their folder (IMG_0001.CR2 beside IMG_0001.JPG, as a
+    camera set to RAW + JPEG writes them): that image stands for both, or every search would show each photo twice."""
+    stems = {os.path.splitext(p)[0].lower() for p in found if os.path.splitext(p)[1].lower() not in CAMERA_RAW_EXTENSIONS}
+    return {p for p in found if os.path.splitext(p)[1].lower() in CAMERA_RAW_EXTENSIONS
+            and os.path.splitext(p)[0].lower() in stems}  # fmt: skip
 
 
 def ignored_summary(types: dict[str, int], most: int = 6) -> str:
-    """Ignored files by extension, the commonest first: ".cr2 120, .xmp 118, .mov 3"."""
+    """Ignored files by extension, the commonest first: ".xmp 118, .aae 40, .mov 3"."""
     items = sorted(types.items(), key=lambda kv: -kv[1])
     text = ", ".join(f"{ext} {n}" for ext, n in items[:most])
     more = len(items) - most

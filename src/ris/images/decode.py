@@ -24,9 +24,11 @@ from pillow_heif import register_heif_opener
 
 from ..config import megabytes
 from ..errors import DecodeError
+from . import raw
 
 #: Formats we accept, recognised by content (magic bytes), never by extension: the raster formats Pillow reads
-#: (HEIC/HEIF through pillow-heif, AVIF through Pillow itself), not EPS (which runs Ghostscript) nor Pillow's stubs.
+#: (HEIC/HEIF through pillow-heif, AVIF through Pillow itself), not EPS (which runs Ghostscript) nor Pillow's stubs;
+#: camera RAW files through LibRaw (ris.images.raw) before them, since Pillow reads a NEF or DNG as a TIFF thumbnail.
 FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM", "HEIF", "AVIF", "JPEG2000", "TGA", "QOI", "PCX",
            "SGI", "PSD", "ICO", "DDS", "IM", "SUN", "XBM")  # fmt: skip
 #: Larger images are refused as likely decompression bombs (about 16k x 11k pixels).
@@ -111,6 +113,11 @@ def open_image(data: bytes, draft_size: int | None = None, max_bytes: int = MAX_
     """
     if not data:
         raise DecodeError("empty file")
+    if raw.looks_raw(data) and (picture := raw.read(data, max_bytes)) is not None:
+        if picture.image is not None:
+            return _to_rgb(picture.image)
+        img = open_image(picture.jpeg, draft_size, max_bytes)  # the camera's preview: a JPEG like any other
+        return img.transpose(picture.turn) if picture.turn is not None else img
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
