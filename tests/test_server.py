@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import socket
@@ -18,6 +19,7 @@ from PIL import Image
 from ris.collection import Collection
 from ris.server import DEFAULT_MAX_UPLOAD_BYTES, create_app, serve_in_thread
 from ris.tools.demo import sample_paths
+from tests.rawfiles import dng
 from tests.server_fixtures import AUTH, TOKEN, base_url_fixture, caltech_images, client_fixture, collection_path_fixture, upload  # noqa: F401 (fixtures)
 
 
@@ -54,6 +56,26 @@ def test_search_finds_the_uploaded_image_first(client: httpx.Client, query: Path
     assert top["path"] == str(query) and top["score"] > 0.9
     assert top["thumbnail"] == f"/api/images/{top['id']}/thumbnail"
     assert set(top) >= {"rank", "path", "score", "label", "id", "thumbnail"}
+
+
+@pytest.mark.parametrize("verify", ["true", "false"])
+def test_a_camera_raw_upload_finds_its_original_and_comes_back_as_a_thumbnail(client: httpx.Client, verify: str) -> None:
+    """A DNG (shot with the camera held upright) is searched like any photo; a browser cannot show it, so the page
+    asks for the query back: an upright JPEG thumbnail."""
+    original = caltech_images()[1]
+    photo = Image.open(original)
+    raw = dng(photo, preview=1600, orientation=6)
+    res = client.post("/api/search", files={"file": ("IMG_0001.DNG", raw, "image/x-adobe-dng")},
+                      data={"k": "3", "verify": verify, "preview": "true"})  # fmt: skip
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["matches"][0]["path"] == str(original)
+    assert body["preview"].startswith("data:image/jpeg;base64,")
+    shown = Image.open(io.BytesIO(base64.b64decode(body["preview"].split(",", 1)[1])))
+    assert shown.format == "JPEG" and max(shown.size) == 256
+    assert shown.width / shown.height == pytest.approx(photo.width / photo.height, rel=0.02)  # upright
+    plain = client.post("/api/search", files=upload(original), data={"k": "1"}).json()
+    assert plain["preview"] is None  # only when asked
 
 
 def test_search_matches_the_library_and_cli_fields(client: httpx.Client, collection_path: Path) -> None:

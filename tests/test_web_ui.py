@@ -242,6 +242,30 @@ def test_a_phone_sized_photo_is_sent_shrunk_and_still_finds_its_original(phone, 
     assert kind == "image/jpeg" and 20_000 < size < 800_000 and (width, height) == upright, (size, width, height)
 
 
+@pytest.mark.parametrize("mime", ["image/x-adobe-dng", "application/octet-stream"])
+def test_a_camera_raw_query_is_shown_and_finds_its_original(desktop, tmp_path: Path, mime: str) -> None:
+    """The browser cannot show a RAW file: the page shows the thumbnail the server sends back, upright, and the
+    original of the photo comes first (a system that knows no type for the file is no reason to refuse it)."""
+    from PIL import Image
+
+    from tests.rawfiles import dng
+
+    original = caltech_images()[2]
+    upload(desktop, original)
+    indexed = first_id(desktop)
+    photo = Image.open(original)
+    raw = {"name": "DSC_0042.DNG", "mimeType": mime, "buffer": dng(photo, orientation=8)}  # developed: no preview
+    desktop.set_input_files("#file-input", files=[raw])
+    desktop.wait_for_function("() => document.querySelector('#results-note').textContent.includes('DSC_0042.DNG')")
+    desktop.wait_for_function(FIRST_THUMBS_LOADED)
+    assert first_id(desktop) == indexed
+    preview = desktop.locator("#query-preview")
+    assert preview.get_attribute("src").startswith("data:image/jpeg;base64,")
+    width, height = preview.evaluate("(img) => [img.naturalWidth, img.naturalHeight]")
+    assert width / height == pytest.approx(photo.width / photo.height, rel=0.02)  # upright, not a broken image
+    shoot(desktop, tmp_path, f"desktop-raw-query-{mime.split('/')[1]}")
+
+
 def test_show_n_reruns_the_search(desktop) -> None:
     upload(desktop)
     assert desktop.locator(RESULTS).count() == 20

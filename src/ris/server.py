@@ -16,6 +16,7 @@ errors are one line of JSON (the details go to the server's log) and keep the co
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import io
@@ -120,6 +121,8 @@ class MatchOut(BaseModel):
 class SearchOut(BaseModel):
     query: str
     matches: list[MatchOut]
+    preview: str | None = Field(None, description="The uploaded query as a JPEG thumbnail (a data: URL), when asked "
+                                                  "for: a browser cannot show HEIC (outside Safari) or camera RAW")  # fmt: skip
 
 
 class ImageOut(BaseModel):
@@ -431,14 +434,11 @@ class CollectionService:
         dest = self.thumbs / f"{row.id}-{(row.sha256 or 'x')[:16]}.jpg"
         if dest.exists():
             return dest
-        img = self.decode_stored(row, THUMBNAIL_SIZE)
-        img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85, optimize=True)
+        jpeg = jpeg_thumbnail(self.decode_stored(row, THUMBNAIL_SIZE))
         try:
-            write_atomic(dest, buf.getvalue(), durable=False)
+            write_atomic(dest, jpeg, durable=False)
         except OSError:
-            return buf.getvalue()
+            return jpeg
         return dest
 
     # --- decoding, within the pixel budget and the decode slots ---
@@ -551,6 +551,14 @@ def check_pixels(data: bytes, draft_size: int | None, max_pixels: int) -> None:
         return
     if width * height > max_pixels:
         raise HTTPException(413, f"image too large: {width:,} x {height:,} pixels (the limit is {max_pixels:,})")
+
+
+def jpeg_thumbnail(img: Image.Image) -> bytes:
+    """A JPEG of at most THUMBNAIL_SIZE px a side (img is shrunk in place: callers are done with it)."""
+    img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85, optimize=True)
+    return buf.getvalue()
 
 
 def _extension(data: bytes) -> str:
@@ -939,13 +947,18 @@ def create_app(
         verify: Annotated[
             bool | None, Form(description="Geometric check of the top 5: a copy's original first (default: the collection's)")
         ] = None,
+        preview: Annotated[bool, Form(description="Also send the query back as a JPEG thumbnail (`preview`)")] = False,
     ) -> dict[str, Any]:
         """The k indexed images most similar to the uploaded one (the fields of `ris search --json`, plus links)."""
         data = read_upload(file, max_upload_bytes)
         pixels = service.query_pixels(data)
         verify = service.coll.manifest.verify if verify is None else verify
         query = service.verify_image(data) if verify else None
-        return _search_out(service.search(pixels, k, file.filename or "<upload>", query))
+        out = _search_out(service.search(pixels, k, file.filename or "<upload>", query))
+        if preview:  # the search is done with the query's image: it may be shrunk now
+            shown = query if query is not None else service.decode(data, THUMBNAIL_SIZE)
+            out["preview"] = "data:image/jpeg;base64," + base64.b64encode(jpeg_thumbnail(shown)).decode("ascii")
+        return out
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"], responses=NOT_FOUND)
     def search_by_id(

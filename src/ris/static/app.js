@@ -230,9 +230,15 @@ async function toSend(file) {
   }
 }
 
+/** What every browser shows in an <img>; for anything else (HEIC outside Safari, camera RAW) the server sends
+ * the query back as a thumbnail to show instead. */
+const SHOWN_TYPES = /^image\/(jpeg|png|gif|webp|avif|bmp|svg\+xml)$/;
+
 function searchFile(file, options = {}) {
   if (!file) return;
-  if (file.type && !file.type.startsWith("image/")) {
+  // a PDF or a video is refused here at once; an unknown type ("application/octet-stream": a RAW file where the
+  // system names none) goes to the server, which reads by content
+  if (file.type && !file.type.startsWith("image/") && file.type !== "application/octet-stream") {
     showMessage(`Not an image — ${file.name || "this file"} is ${file.type}; choose a photo (JPEG, PNG, WebP, …)`);
     document.body.dataset.state = "error";
     return;
@@ -240,7 +246,7 @@ function searchFile(file, options = {}) {
   let key = [...state.uploads].find(([, kept]) => kept.file === file)?.[0];
   if (key === undefined) {
     key = state.nextUpload++;
-    state.uploads.set(key, { file, url: URL.createObjectURL(file) });
+    state.uploads.set(key, { file, url: URL.createObjectURL(file), shown: SHOWN_TYPES.test(file.type) });
   }
   const name = file.name || "pasted image";
   const kept = state.uploads.get(key);
@@ -250,7 +256,14 @@ function searchFile(file, options = {}) {
     const form = new FormData();
     form.append("file", await kept.sent, name);
     form.append("k", String(state.k));
-    return api("/api/search", { method: "POST", body: form });
+    if (!kept.shown) form.append("preview", "true");
+    const result = await api("/api/search", { method: "POST", body: form });
+    if (result.preview && !kept.shown) {
+      URL.revokeObjectURL(kept.url);
+      query.url = kept.url = result.preview;
+      kept.shown = true;
+    }
+    return result;
   }, options);
 }
 
