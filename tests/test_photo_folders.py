@@ -138,3 +138,25 @@ def test_a_memory_card_of_camera_raw_files(photo_folder: Path, tmp_path: Path) -
     found = json.loads(run_cli("search", str(photo_folder / "2024" / "airplanes_image_0002.jpg"), "-c", coll,
                                "-k", "1", "--json").stdout)  # fmt: skip
     assert [Path(m["path"]).name for m in found["matches"]] == ["IMG_0200.DNG"]
+
+
+def test_a_phones_heic_is_read_through_its_thumbnail_for_the_model(tmp_path: Path) -> None:
+    """A phone's HEIC carries a 320 x 240 thumbnail: the model's 224-px input comes from it (milliseconds instead of
+    a 12-MP HEVC decode), larger views (verification, the full image) from the image itself; a JPEG shared from the
+    photo still finds it first."""
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    photos = caltech_files("airplanes", 3) + caltech_files("panda", 3)
+    for f in photos:
+        big = Image.open(f).convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)  # a phone's 4:3
+        big.save(folder / f"IMG_{f.parent.name}_{f.stem}.HEIC", quality=80, thumbnails=[320])
+    heic = folder / f"IMG_airplanes_{photos[1].stem}.HEIC"
+    assert Image.open(heic).info["thumbnails"] == [320]  # its long side, as pillow-heif lists them
+    assert open_image(heic.read_bytes(), draft_size=224).size == (320, 240)
+    assert open_image(heic.read_bytes(), draft_size=480).size == (1600, 1200)
+    shared = tmp_path / "shared.jpg"
+    Image.open(heic).resize((1024, 768)).save(shared, quality=80)  # as a messenger sends it on
+    coll = str(tmp_path / "c.ris")
+    run_cli("index", str(folder), "-c", coll)
+    found = json.loads(run_cli("search", str(shared), "-c", coll, "-k", "1", "--json").stdout)
+    assert [Path(m["path"]).name for m in found["matches"]] == [heic.name]

@@ -30,7 +30,7 @@ CollectionOpt = Annotated[Path, typer.Option("--collection", "-c", help="Collect
 ModelOpt = Annotated[str | None, typer.Option("--model", help="efficientnet-lite0 (default), efficientnet-lite2, vgg16.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Weights file (vgg16: torchvision .pth or Keras .h5).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-WorkersOpt = Annotated[int | None, typer.Option(help="Decode processes (default: half the cores; all but two with a GPU).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Decode processes (default: one a core; all but two with a GPU).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", metavar="PATTERN",
     help="Leave out paths matching this glob, relative to a scanned folder (repeatable; also read from its .risignore).",

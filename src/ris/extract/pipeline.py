@@ -199,11 +199,15 @@ def signature_of(pixels: Any) -> np.ndarray:
 
 
 def default_workers(threads: int, device: str = "cpu") -> int:
-    """Decode processes for a model on `device` with `threads` cores: on the CPU one per two cores beside the model
-    (decoding ~0.6 ms an image, the model ~3.7); with the model on a GPU every core but the two that feed it and
-    commit, for decoding is then the bound (a stand-in model on a 16-core H200 host: 8,840 img/s with 14 workers,
-    4,440 with 7)."""
-    return max(1, threads // 2 if device == "cpu" else threads - 2)
+    """Decode processes for a model on `device` with `threads` cores.
+
+    On the CPU one a core, beside the model's threads: which of the two bounds a run depends on the photos. A
+    camera's 12-MP JPEG takes ~26 ms a core to decode where the model takes ~3.7 (240 such photos on 2 cores, AMD
+    Zen 4: 58 img/s with 2 workers, 38 with 1); Caltech-101's small images take ~0.6 ms, and a second worker then
+    mostly waits (the whole run 27.2-29.1 s against 28.5-29.1 with 1). With the model on a GPU every core but the
+    two that feed it and commit, for decoding is then the bound (a stand-in model on a 16-core H200 host: 8,840
+    img/s with 14 workers, 4,440 with 7)."""
+    return max(1, threads if device == "cpu" else threads - 2)
 
 
 def _assemble(results: list, slot: np.ndarray | None, times: StageTimes) -> Batch:

@@ -94,7 +94,12 @@ def check_budget(img: Image.Image, max_bytes: int = MAX_DECODE_BYTES) -> None:
 
 def _draft(img: Image.Image, draft_size: int | None, max_bytes: int) -> None:
     """Let libjpeg decode a JPEG reduced (by 1/2, 1/4 or 1/8): to at least draft_size pixels a side when
-    asked, and in any case small enough for the memory budget when the full size is not."""
+    asked, and in any case small enough for the memory budget when the full size is not. A HEIC's embedded
+    thumbnail of at least draft_size a side stands for it (pillow-heif's draft: a scaled copy of the image, as
+    phones store one): a 12-MP HEIC takes ~0.6 s to decode on one core, its 320-px thumbnail milliseconds."""
+    if img.format == "HEIF" and draft_size:
+        img.draft(img.mode, (draft_size, draft_size))
+        return
     over = decode_cost(img.mode, img.size) / max_bytes
     if img.format != "JPEG" or (not draft_size and over <= 1):
         return
