@@ -955,8 +955,8 @@ def create_app(
         verify = service.coll.manifest.verify if verify is None else verify
         query = service.verify_image(data) if verify else None
         out = _search_out(service.search(pixels, k, file.filename or "<upload>", query))
-        if preview:  # the search is done with the query's image: it may be shrunk now
-            shown = query if query is not None else service.decode(data, THUMBNAIL_SIZE)
+        if preview:  # a copy of the decoded query where there is one (~1 ms): jpeg_thumbnail shrinks what it gets
+            shown = query.copy() if query is not None else service.decode(data, THUMBNAIL_SIZE)
             out["preview"] = "data:image/jpeg;base64," + base64.b64encode(jpeg_thumbnail(shown)).decode("ascii")
         return out
 
