@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from ..errors import DecodeError
 
@@ -27,7 +27,6 @@ from ..errors import DecodeError
 PREVIEW_MIN_SIDE = 640
 #: LibRaw's `flip` -> the transpose that makes an embedded preview upright (developed images come upright).
 _TURNS = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
-_EXIF_ORIENTATION = 0x0112
 #: First bytes of the RAW families: TIFF (DNG, NEF, CR2, ARW, PEF, …; and plain TIFFs, told apart by _plain_tiff),
 #: Olympus ORF, Panasonic RW2, Phase One IIQ, Sigma X3F, Minolta MRW.
 _TIFF = (b"II*\x00", b"MM\x00*")
@@ -140,7 +139,7 @@ def _preview(raw, rawpy) -> RawPicture | None:
         with Image.open(io.BytesIO(thumb.data), formats=("JPEG",)) as img:
             if min(img.size) < PREVIEW_MIN_SIDE:
                 return None
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                 turn = None  # the preview says its own orientation: applied as any JPEG's is
     except (OSError, SyntaxError, ValueError):
         return None  # a broken preview: the sensor data is still there
