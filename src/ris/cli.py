@@ -640,7 +640,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you mean it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="RIS_TOKEN", help="Enables add/remove over the API.")] = None,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Larger uploads get 413.")] = 20.0,
+    max_upload_mb: Annotated[float | None, typer.Option(
+        "--max-upload-mb", help="Larger uploads get 413 (default: RIS_MAX_FILE_MB, 100 MB).", show_default=False,
+    )] = None,
     allow_host: Annotated[list[str] | None, typer.Option(
         "--allow-host", metavar="NAME", help="Also answer for this Host name (repeatable; '*': any). Loopback names always.",
     )] = None,
@@ -655,7 +657,7 @@ def serve(
 
     _check_port(host, port)
     run(collection, host=host, port=port, token=token, weights=weights, device=device,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
+        max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 1024 * 1024), allow_hosts=tuple(allow_host or ()),
         allow_origins=tuple(allow_origin or ()), say=lambda line: err.print(line, highlight=False))  # fmt: skip
 
 

@@ -57,14 +57,13 @@ from .collection import Collection
 from .errors import CollectionLocked, DecodeError, RisError
 from .files.atomic import write_bytes
 from .images import signature
-from .images.decode import open_image, resize
+from .images.decode import max_file_bytes, open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
 from .threads import faiss_alone
 from .tools import dupes
 from .vectors.catalog import ImageRow, displayed
 
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_SIZE = 256
 MAX_K = 100
 STATIC_DIR = Path(__file__).parent / "static"
@@ -521,7 +520,7 @@ def read_upload(file: UploadFile, limit: int) -> bytes:
     """The uploaded bytes, or 413 when over the limit (checked before reading it into memory)."""
     if file.size is not None and file.size > limit:
         raise HTTPException(413, f"upload too large: {file.size:,} bytes (limit {limit:,})")
-    data = file.file.read(limit + 1)
+    data = file.file.read(min(limit, file.size if file.size is not None else limit) + 1)  # read(n) allocates n
     if len(data) > limit:
         raise HTTPException(413, f"upload too large (limit {limit:,} bytes)")
     return data
@@ -868,7 +867,7 @@ def create_app(
     token: str | None = None,
     weights: str | None = None,
     device: str = "auto",
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_bytes: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     hosts: list[str] | None = None,
     allow_origins: tuple[str, ...] = (),
@@ -879,7 +878,10 @@ def create_app(
 
     hosts: the Host header names accepted (default: loopback names; see allowed_hosts); allow_origins:
     sites whose pages may POST and DELETE here (default: none but this server's own pages); dupes_wait: how long
-    GET /api/duplicates waits for groups still being found before answering 202."""
+    GET /api/duplicates waits for groups still being found before answering 202. max_upload_bytes: larger uploads
+    get 413; by default the file cap `ris index` reads under (RIS_MAX_FILE_MB, 100 MB), so that a camera's RAW
+    file of 25-60 MB is searched from the page as it is indexed (the decoded pixels have their own cap)."""
+    max_upload_bytes = max_file_bytes() if max_upload_bytes is None else max_upload_bytes
     service = CollectionService(Path(collection_path), weights, device, max_pixels)
     dupes_finder = DupesFinder(service)
 
@@ -1116,7 +1118,7 @@ def run(
     token: str | None = None,
     weights: str | None = None,
     device: str = "auto",
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_bytes: int | None = None,
     allow_hosts: tuple[str, ...] = (),
     allow_origins: tuple[str, ...] = (),
     say: Callable[[str], object] = lambda line: None,
