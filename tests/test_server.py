@@ -251,6 +251,23 @@ def test_add_then_remove_with_the_token(client: httpx.Client, collection_path: P
     assert not saved.exists()
 
 
+def test_an_added_camera_raw_file_keeps_its_kind(client: httpx.Client) -> None:
+    """A NEF or DNG added through the API is stored as what it is, not as the TIFF Pillow takes it for; a file
+    that only claims a RAW name is named by its content."""
+    photo = Image.open(caltech_images(offset=11, per_category=1)[0])
+    raw = dng(photo, preview=800)
+    res = client.post("/api/images", files={"file": ("DSC_0001.NEF", raw, "image/x-nikon-nef")}, headers=AUTH)
+    assert res.status_code == 201, res.text
+    added = res.json()
+    assert Path(added["path"]).suffix == ".nef"
+    fake = io.BytesIO()
+    photo.save(fake, "PNG")
+    png = client.post("/api/images", files={"file": ("DSC_0002.NEF", fake.getvalue(), "image/x-nikon-nef")}, headers=AUTH)
+    assert png.status_code == 201 and Path(png.json()["path"]).suffix == ".png"
+    for row in (added, png.json()):
+        assert client.delete(f"/api/images/{row['id']}", headers=AUTH).status_code == 200
+
+
 def test_adding_a_non_image_is_refused(client: httpx.Client, collection_path: Path) -> None:
     res = client.post("/api/images", files={"file": ("x.jpg", b"<html>", "image/jpeg")}, headers=AUTH)
     assert res.status_code == 415

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, BinaryIO, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -56,7 +56,8 @@ from . import __version__
 from .collection import Collection
 from .errors import CollectionLocked, DecodeError, RisError
 from .files.atomic import write_bytes
-from .images import signature
+from .files.sources import CAMERA_RAW_EXTENSIONS
+from .images import raw, signature
 from .images.decode import max_file_bytes, open_image, resize
 from .model.runtime import cpu_threads
 from .search.results import Match, SearchResult
@@ -401,10 +402,10 @@ class CollectionService:
             self.verifier.votes.add(row.id, self.verifier.keypoints(row.path))
         return row, new
 
-    def add_upload(self, data: bytes, label: str | None) -> tuple[ImageRow, bool]:
+    def add_upload(self, data: bytes, label: str | None, name: str | None = None) -> tuple[ImageRow, bool]:
         """Save an upload under uploads/ and index it; a file this call wrote is removed again if indexing fails."""
         folder = self.uploads / (safe_label(label) or "")
-        dest = (folder / f"{hashlib.sha256(data).hexdigest()[:20]}.{_extension(data)}").absolute()
+        dest = (folder / f"{hashlib.sha256(data).hexdigest()[:20]}.{_extension(data, name)}").absolute()
         created = not dest.exists()
         if created:
             write_atomic(dest, data)
@@ -560,8 +561,12 @@ def jpeg_thumbnail(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _extension(data: bytes) -> str:
-    """A file extension for uploaded bytes, from their content."""
+def _extension(data: bytes, name: str | None = None) -> str:
+    """A file extension for uploaded bytes, from their content; a camera RAW file keeps its own (`.nef`, `.cr3`),
+    which Pillow would call a TIFF or nothing."""
+    suffix = PurePath(name or "").suffix.lower()
+    if suffix in CAMERA_RAW_EXTENSIONS and raw.looks_raw(data):
+        return suffix[1:]
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or "img"
@@ -1011,7 +1016,7 @@ def create_app(
         """Save the upload under the collection's uploads/ and index it (needs the bearer token)."""
         data = read_upload(file, max_upload_bytes)
         service.decode(data, service.input_size)  # refuse what search would refuse, before anything is written
-        row, added = service.add_upload(data, label)
+        row, added = service.add_upload(data, label, file.filename)
         return {**_image_out(row), "added": added}
 
     @app.delete("/api/images/{image_id}", tags=["images"], dependencies=[Depends(require_token)],
