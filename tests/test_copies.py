@@ -126,7 +126,7 @@ def test_views_of_any_size(size: tuple[int, int]) -> None:
     """Every view is a non-empty image, whatever the query's shape."""
     img = Image.new("RGB", size, (120, 30, 200))
     shots = views.views(img)
-    assert len(shots) == len(views.ANGLES) + len(views.WINDOWS)
+    assert len(shots) == len(views.QUARTER_TURNS) + len(views.ANGLES) + len(views.WINDOWS)
     assert all(s.width >= 1 and s.height >= 1 for s in shots)
 
 
@@ -436,3 +436,49 @@ def test_kept_keypoints_vote_for_the_copies_the_second_look_sought(coll: Collect
     coll.ranker.verifier.votes.remove([picked[0].id])  # as if added since the votes were built: not covered
     found()
     assert own
+
+
+def test_a_photo_on_its_side_finds_its_original_first(coll: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo whose EXIF orientation was lost (a messaging app's copy, an export, a scan) stands on its side or upside
+    down, its CNN vector far from its original's. The second look's quarter turns find its original: the image
+    nearer a turned query than any is to the query as it stands is verified, besides the other views' candidates
+    (full Caltech-101, 60 photos a turn, searched alone: recall@1 0.72-0.75 -> 0.88-0.95), while a photo of nothing
+    indexed rarely has such an image and costs rarely a verification more. With the keypoint votes, the original confirmed by
+    hundreds of matches goes before a look-alike confirmed by a few (0.88-0.95 -> 0.95-0.98)."""
+    from ris.search.ranking import Ranker
+    from ris.search.verify import Verifier
+
+    rows = coll.catalog.all_rows()
+    picked = [rows[i] for i in np.random.default_rng(11).choice(len(rows), 18, replace=False)]
+    turns = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+    queries = [edits.jpeg(open_image(read_file(row.path)).transpose(turns[i % 3]), 80) for i, row in enumerate(picked)]
+    outside = [open_image(read_file(str(f))) for f in caltech_files("watch", 6)]  # photos of nothing indexed
+    lost = np.random.default_rng(1).normal(size=(len(queries), coll.manifest.dims)).astype(np.float32)
+    lost /= np.linalg.norm(lost, axis=1, keepdims=True)  # CNN vectors nowhere near the originals: the second look runs
+    extra: dict[int, list[int]] = {}  # query -> the images its quarter turns choose, whatever the other views chose
+    verified: dict[int, list[int]] = {}  # ... and those they add to the other views' candidates
+    real = Ranker._turned
+
+    def spy(self: Ranker, v, q: int, turned: np.ndarray, nearest: np.ndarray, rows: dict, taken: set[int]) -> list:
+        extra[q] = [row.id for row in real(self, v, q, turned, nearest, rows, set())]
+        added = real(self, v, q, turned, nearest, rows, taken)
+        verified[q] = [row.id for row in added]
+        return added
+
+    monkeypatch.setattr(Ranker, "_turned", spy)
+    monkeypatch.setattr(coll.ranker, "_verifier", Verifier())  # this test's keypoints: the module's searches keep theirs
+
+    results = coll.ranker.search(lost, 5, ["<turned>"] * len(queries), 0, None, queries, 2, coll.embed)
+    assert sum(row.id in extra.get(q, []) for q, row in enumerate(picked)) >= 16, extra
+    assert sum(r.matches[0].id == row.id for r, row in zip(results, picked, strict=True)) >= 16
+    verified.clear()
+    coll.search_many(outside, 5)
+    assert len(verified) >= 3 and sum(map(bool, verified.values())) <= len(verified) // 3, verified  # rarely one more
+    # (full Caltech-101's 832 held-out *9.jpg: 619 second looks, 26 of them verified 1.7 images more)
+
+    def first() -> int:
+        return sum(r.matches[0].id == row.id for r, row in zip(coll.search_many(queries, 5), picked, strict=True))
+
+    assert first() >= 17
+    coll.ranker.keep_keypoints(threads=2)
+    assert first() >= 17

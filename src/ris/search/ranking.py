@@ -6,9 +6,10 @@ Caltech-101), so the first place goes to the one of the 5 plain nearest that geo
 (ris.search.verify), or else to the plain nearest of the served top ANCHOR_POOL where it `stands_out` (its plain
 cosine beats the served first's by ANCHOR_MARGIN, or is SAME_PICTURE high: a copy's original stands out so, an
 image merely of the same kind rarely does); the images sharing most keypoints with the query (ris.search.votes,
-once the indexed images' keypoints are kept) are verified too, a confirmed one first where none was; when none
-is confirmed, a second look at the query's rotations and regions (ris.search.views; only its pasted picture's
-crops where the votes hold every image) may confirm another image for it; the image whose signature matches
+once the indexed images' keypoints are kept) are verified too, a confirmed one first where none was or by twice
+the first's matches; when none is confirmed, a second look at the query's turns, rotations and regions
+(ris.search.views; only its pasted picture's crops where the votes hold every image) may confirm another image for
+it; the image whose signature matches
 the query's (ris.search.copies: blurred, darkened, tiny copies) goes first unless another was confirmed by
 keypoints as ris.search.copies says; the image verification confirmed best after it comes second (a copy's
 original or another copy of the same picture before images that merely look alike); the rest follow in served
@@ -324,19 +325,22 @@ class Ranker:
         shots = [views.views(looks[q].query, crops[q][:cut], made.get(q)) for q in todo]
         vectors = embed([view for shot in shots for view in shot])
         bounds = np.cumsum([0] + [len(shot) for shot in shots])
+        turns = len(views.QUARTER_TURNS) if own_views else 0  # own views begin with the quarter turns
         alone = threads if len(todo) == 1 else 1  # one query: its candidates side by side
         _, ids, rows = self.nearest(v.snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, v.nprobe)
 
         def one(j: int) -> tuple[float, ImageRow] | None:
-            q = todo[j]
-            found = np.unique(np.concatenate([ids[bounds[j] : bounds[j + 1]].ravel(), ids[len(vectors) + j]]))
+            q, start, end = todo[j], bounds[j] + turns, bounds[j + 1]
+            found = np.unique(np.concatenate([ids[start:end].ravel(), ids[len(vectors) + j]]))
             seen = {row.id for _, row in v.by_plain[q][:TOP]}
             found = np.array([i for i in found if int(i) in rows and int(i) not in seen], np.int64)
-            if not len(found):
-                return None
-            shot = np.vstack([plain[q : q + 1], vectors[bounds[j] : bounds[j + 1]]])
-            order, _ = views.best_per_image(shot, found, self.plain(v.snap, found))
+            shot = np.vstack([plain[q : q + 1], vectors[start:end]])
+            order = views.best_per_image(shot, found, self.plain(v.snap, found))[0] if len(found) else found
             pick = [rows[int(i)] for i in order[: views.CANDIDATES]]
+            turned = ids[bounds[j] : start, : views.TURNED_NEAREST].ravel()
+            pick += self._turned(v, q, vectors[bounds[j] : start], turned, rows, {row.id for row in pick} | seen)
+            if not pick:
+                return None
             counts = self.verifier.counts(looks[q].views, [row.path for row in pick], alone)
             _note(v.checked[q], pick, counts)
             best = choose([looks[q].inliers, *counts])
@@ -345,10 +349,27 @@ class Ranker:
         for q, head in zip(todo, on_threads(one, range(len(todo)), threads), strict=True):
             v.heads[q], v.confirmed[q] = head or v.heads[q], v.confirmed[q] or head is not None
 
+    def _turned(self, v: _Verifying, q: int, turned: np.ndarray, nearest: np.ndarray, rows: dict[int, ImageRow],
+                taken: set[int]) -> list[ImageRow]:  # fmt: skip
+        """The nearest images of the quarter turns of query q (`turned`: their vectors; `nearest`: the ids each one's
+        search found, views.TURNED_NEAREST a turn) that are nearer to a turned query than any image is to the query as
+        it stands: a photo on its side finds its original so, while other queries' turns rarely come that near and
+        cost no verification. Apart from the other views' CANDIDATES, so as not to take their places."""
+        from .verify import TOP
+
+        new = [int(i) for i in dict.fromkeys(nearest.tolist()) if int(i) in rows and int(i) not in taken]
+        if not new:
+            return []
+        near = self.plain(v.snap, np.array([row.id for _, row in v.by_plain[q][:TOP]] + new, np.int64))
+        standing = float((near @ v.plain[q]).max())
+        gain = (near[-len(new) :] @ turned.T).max(axis=1)
+        return [rows[i] for i, g in zip(new, gain, strict=True) if g > standing]
+
     def _vote_look(self, v: _Verifying) -> None:
         """Verify the VOTED images that share most keypoints with each query (ris.search.votes) and were not checked yet:
-        one with VOTED_INLIERS agreeing matches (and MARGIN x the first result's) goes first where none was confirmed,
-        else is noted to come second (_runner_up)."""
+        one with VOTED_INLIERS agreeing matches and MARGIN x the first result's goes first, by verification's own rule
+        (a photo on its side: its original with ~460 matches over a look-alike confirmed with 14), else is noted to
+        come second (_runner_up)."""
         from ..threads import on_threads
         from .verify import choose
 
@@ -366,8 +387,9 @@ class Ranker:
         for q, counts in zip(todo, on_threads(one, todo, threads), strict=True):
             strong = [(row, n) for row, n in zip(picks[q], counts, strict=True) if n >= VOTED_INLIERS]
             _note(checked[q], [row for row, _ in strong], [n for _, n in strong])
-            best = choose([looks[q].inliers, *(n for _, n in strong)])
-            if best and not v.confirmed[q]:
+            head = checked[q].get(v.heads[q][1].id, (0,))[0] if v.confirmed[q] else looks[q].inliers
+            best = choose([head, *(n for _, n in strong)])
+            if best:
                 v.heads[q], v.confirmed[q] = (0.0, strong[best - 1][0]), True
 
     def _crop_look(self, v: _Verifying, embed: Embed) -> None:

@@ -2,10 +2,13 @@
 
 A copy rotated by tens of degrees, or pasted small onto another picture (picture-in-picture, a screenshot of a
 post, a collage), has a global descriptor far from its original's, which is then rarely among the nearest
-images, where verification (ris.search.verify) could confirm it. So when verification confirms none of a query's
-nearest, the query gets a second look: its VIEWS (rotated back by a few angles and cropped to the valid area;
-windows on a grid) go through the model in one batch, each indexed image scores its best cosine over the views,
-and the CANDIDATES best by that score are verified with the query's keypoints; the best confirmed one goes first.
+images, where verification (ris.search.verify) could confirm it; so has a photo on its side or upside down (its
+EXIF orientation lost). So when verification confirms none of a query's nearest, the query gets a second look: its
+VIEWS (quarter turns; rotated back by a few angles and cropped to the valid area; windows on a grid) go through the
+model in one batch, each indexed image scores its best cosine over the views, and the CANDIDATES best by that score
+are verified with the query's keypoints, with the quarter turns' nearest images where they are nearer a turned
+query than any image is to the query as it stands (ris.search.ranking.Ranker._turned); the best confirmed one goes
+first.
 
 A picture pasted onto another is found by its sharpness and its border (`pasted`): the background of a
 picture-in-picture copy was enlarged (a photo blown up to frame a picture 25-50% of its side) or is flat shapes,
@@ -33,10 +36,15 @@ from ..images.edits import valid_box
 
 #: Angles (degrees) the query is rotated back by; windows (left, top, side) as fractions of the query's sides.
 ANGLES = (-22.0, 22.0)
+#: The query a quarter, a half and three quarters turned: a photo whose EXIF orientation was lost (a messaging app's
+#: copy, an export, a scan) stands on its side or upside down, its CNN vector far from its original's.
+QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 WINDOWS = ((0.0, 0.0, 0.5), (0.5, 0.0, 0.5), (0.0, 0.5, 0.5), (0.5, 0.5, 0.5), (0.25, 0.25, 0.5))
 #: Candidates per view read from the store, and images verified after the views' ranking (after a crop look's).
 PER_VIEW = 16
 CANDIDATES = 8
+#: Each quarter turn's nearest images that may be verified besides (ris.search.ranking.Ranker._turned).
+TURNED_NEAREST = 2
 CROP_CANDIDATES = 2
 
 Embed = Callable[[Sequence[Image.Image]], np.ndarray]
@@ -56,7 +64,7 @@ CROP_VIEWS = 2
 VOTED_CROP_VIEWS = 1
 #: The most views one query gets: a server runs its model once on each batch size up to this at start (OpenVINO
 #: prepares each new batch shape on its first call: ~35 ms, then 13 ms for 9 views).
-MAX_VIEWS = len(ANGLES) + len(WINDOWS) + CROP_VIEWS
+MAX_VIEWS = len(QUARTER_TURNS) + len(ANGLES) + len(WINDOWS) + CROP_VIEWS
 
 
 def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.Image] | None = None) -> list[Image.Image]:
@@ -66,9 +74,9 @@ def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.I
 
 
 def own_views(img: Image.Image) -> list[Image.Image]:
-    """The views made from the query alone: rotated back, windows (a served query makes them beside its keypoints,
-    ~1 ms, before it is known whether it needs them)."""
-    return [turned(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS]
+    """The views made from the query alone: quarter turns, rotated back, windows (a served query makes them beside its
+    keypoints, ~1 ms, before it is known whether it needs them)."""
+    return [img.transpose(t) for t in QUARTER_TURNS] + [turned(img, a) for a in ANGLES] + [window(img, *box) for box in WINDOWS]
 
 
 def turned(img: Image.Image, angle: float) -> Image.Image:
