@@ -457,7 +457,47 @@ FRESH: dict[str, Edit] = {
 }  # fmt: skip
 
 
-SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN, "fresh": FRESH}
+def _quarter(rng: np.random.Generator) -> Image.Transpose:
+    return (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)[int(rng.integers(2))]
+
+
+def on_its_side(img, rng, other):
+    """Turned a quarter either way (a portrait photo whose EXIF orientation was lost), JPEG 70-90."""
+    return jpeg(img.transpose(_quarter(rng)), rng.integers(70, 91))
+
+
+def upside_down(img, rng, other):
+    """Turned a half (a scan fed the wrong way, a camera held upside down), JPEG 70-90."""
+    return jpeg(img.transpose(Image.Transpose.ROTATE_180), rng.integers(70, 91))
+
+
+def side_shared(img, rng, other):
+    """On its side, shrunk to 40-70% and JPEG 50-75, as a messaging app sends it."""
+    return jpeg(_scale(img.transpose(_quarter(rng)), rng.uniform(0.4, 0.7)), rng.integers(50, 76))
+
+
+def side_mirrored(img, rng, other):
+    """Mirrored across a diagonal (a selfie flipped, then turned a quarter), JPEG 70-90."""
+    flip = (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE)[int(rng.integers(2))]
+    return jpeg(img.transpose(flip), rng.integers(70, 91))
+
+
+def side_cropped(img, rng, other):
+    """On its side and cut to 75-90% of each side around a random point, JPEG 70-90."""
+    out = img.transpose(_quarter(rng))
+    keep = rng.uniform(0.75, 0.9)
+    return jpeg(_cut(out, rng, max(1, round(out.width * keep)), max(1, round(out.height * keep))), rng.integers(70, 91))
+
+
+#: Photos turned by quarters: what a lost EXIF orientation leaves (written with the second look's quarter turns).
+TURNED: dict[str, Edit] = {
+    "on_its_side": on_its_side, "upside_down": upside_down, "side_shared": side_shared, "side_mirrored": side_mirrored,
+    "side_cropped": side_cropped,
+}  # fmt: skip
+
+
+SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN, "fresh": FRESH,
+                                    "turned": TURNED}  # fmt: skip
 
 
 def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:
