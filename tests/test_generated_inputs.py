@@ -233,9 +233,9 @@ def test_cli_search_with_verification_finds_each_image_first(generated: list[Cas
 def test_api_search_answers_every_upload_without_a_5xx(generated: list[Case], collection: Path) -> None:
     from ris.server import create_app, serve_in_thread
 
-    # the CLI's caps (file size, and the decoder's own pixel limit for the server's 40-MP default): the same files
-    # searchable, so that every decodable one must answer 200
-    app = create_app(collection, max_upload_bytes=max_file_bytes(), max_pixels=MAX_PIXELS)
+    # the CLI's caps (the file size is the server's default; the decoder's own pixel limit for the server's 40-MP
+    # default): the same files searchable, so that every decodable one must answer 200
+    app = create_app(collection, max_pixels=MAX_PIXELS)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         for case in generated:  # one keep-alive connection: an error must leave it usable
             data = case.path.read_bytes()

@@ -521,7 +521,7 @@ def read_upload(file: UploadFile, limit: int) -> bytes:
     """The uploaded bytes, or 413 when over the limit (checked before reading it into memory)."""
     if file.size is not None and file.size > limit:
         raise HTTPException(413, f"upload too large: {file.size:,} bytes (limit {limit:,})")
-    data = file.file.read(min(limit, file.size if file.size is not None else limit) + 1)  # read(n) allocates n
+    data = file.file.read((limit if file.size is None else file.size) + 1)  # read(n) allocates n bytes
     if len(data) > limit:
         raise HTTPException(413, f"upload too large (limit {limit:,} bytes)")
     return data
