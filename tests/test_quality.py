@@ -387,9 +387,9 @@ def test_grid3_cells_tile_a_7x7_map() -> None:
 
 def test_copy_sets_are_seeded_and_the_held_out_set_is_apart(subset_collection: Path) -> None:
     from ris.images.decode import open_image, read_file
-    from ris.images.edits import FRESH, HARSH, HELDOUT, TURNED, UNSEEN
+    from ris.images.edits import FRESH, HARSH, HELDOUT, JOINED, TURNED, UNSEEN
 
-    families = [set(HARSH), set(HELDOUT), set(UNSEEN), set(FRESH), set(TURNED)]
+    families = [set(HARSH), set(HELDOUT), set(UNSEEN), set(FRESH), set(TURNED), set(JOINED)]
     assert sum(map(len, families)) == len(set().union(*families))  # no edit in two families
     with Collection.open(subset_collection) as coll:
         rows = coll.catalog.all_rows()

@@ -523,7 +523,7 @@ def evaluate(
     copies: Annotated[int, typer.Option("--copies", help="Copy detection: edit N indexed images, find them.")] = 0,
     copy_set: Annotated[str, typer.Option("--copy-set", help="--copies: mild (crop, flip, JPEG, …), harsh (chained "
                         "edits: blur, picture-in-picture, thumbnails, rotations, …), heldout (never tuned on), unseen, "
-                        "fresh (newer), turned (on its side, upside down) or all.")] = "mild",
+                        "fresh (newer), turned (on its side, upside down), joined (beside other pictures) or all.")] = "mild",
     harsh: Annotated[bool, typer.Option("--harsh", help="Same as --copy-set harsh.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="--copies: which images, and each edit's parameters.")] = 0,
     qe: Annotated[int | None, typer.Option("--qe", help="Query expansion neighbours (default: the collection's).")] = None,

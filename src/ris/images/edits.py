@@ -1,7 +1,7 @@
 """Harsh, chained edits of a picture, as re-posted copies carry them: the test set of `ris eval --copies`.
 
 Each edit kind draws its own parameters per image from a seeded generator, so a set is reproducible and
-every copy is edited differently. Four families:
+every copy is edited differently. The families:
 
 - HARSH (tuned on): strong blur + brightness, the picture pasted small on a busy photo, a fifth-size
   thumbnail at JPEG quality 10-20, rotation by 15-40 degrees (corners black or cropped away), rotation +
@@ -18,6 +18,9 @@ every copy is edited differently. Four families:
 - FRESH (written 2026-12-06 after that, measured once before any change was made for them): a 4:5 portrait cut,
   a straightened and zoomed picture, a letterbox, a pop filter (posterized, saturated, sharpened), emoji stickers,
   a beauty filter, a news card of a corner cut, a mirrored zoom.
+- TURNED and JOINED (each written with the change that answers it, after that change was developed on an ad-hoc set
+  of the same kind): photos on their side or upside down; the picture beside, above or below other indexed ones, or
+  twice (before and after an edit).
 """
 
 from __future__ import annotations
@@ -496,8 +499,73 @@ TURNED: dict[str, Edit] = {
 }  # fmt: skip
 
 
+def _row(pics: list[Image.Image], rng: np.random.Generator, across: bool, gap: int) -> Image.Image:
+    """The pictures joined in a row (across) or a column, brought to one height (or width), `gap` pixels apart on a
+    white or black ground."""
+    if across:
+        h = pics[0].height
+        pics = [p if p.height == h else p.resize((max(8, round(p.width * h / p.height)), h)) for p in pics]
+        size = (sum(p.width for p in pics) + gap * (len(pics) - 1), h)
+    else:
+        w = pics[0].width
+        pics = [p if p.width == w else p.resize((w, max(8, round(p.height * w / p.width)))) for p in pics]
+        size = (w, sum(p.height for p in pics) + gap * (len(pics) - 1))
+    out = Image.new("RGB", size, (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0))
+    at = 0
+    for p in pics:
+        out.paste(p, (at, 0) if across else (0, at))
+        at += (p.width if across else p.height) + gap
+    return out
+
+
+def _others(img: Image.Image, rng: np.random.Generator, other, n: int) -> list[Image.Image]:
+    """img and n other pictures, img at a random place among them."""
+    pics = [other().convert("RGB") for _ in range(n)]
+    pics.insert(int(rng.integers(0, n + 1)), img)
+    return pics
+
+
+def side_by_side(img, rng, other):
+    """The picture beside another one, 4-16 px apart, shared at 60-100% of the size."""
+    out = _row(_others(img, rng, other, 1), rng, True, int(rng.integers(4, 17)))
+    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+
+
+def stacked(img, rng, other):
+    """The picture above or below another one, 4-16 px apart."""
+    out = _row(_others(img, rng, other, 1), rng, False, int(rng.integers(4, 17)))
+    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+
+
+def joined_tight(img, rng, other):
+    """The picture and another one joined without a gap, side by side or one above the other."""
+    out = _row(_others(img, rng, other, 1), rng, bool(rng.random() < 0.5), 0)
+    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+
+
+def before_after(img, rng, other):
+    """The picture twice, side by side: as it was and edited (brighter or darker, more or less colourful)."""
+    edited = ImageEnhance.Color(ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))).enhance(rng.uniform(0.2, 1.8))
+    pics = [img, edited] if rng.random() < 0.5 else [edited, img]
+    return jpeg(_row(pics, rng, True, int(rng.integers(0, 13))), rng.integers(70, 91))
+
+
+def triptych(img, rng, other):
+    """The picture among two others in a row or a column, 4-12 px apart, shared at half to three quarters of the size."""
+    out = _row(_others(img, rng, other, 2), rng, bool(rng.random() < 0.7), int(rng.integers(4, 13)))
+    return jpeg(_scale(out, rng.uniform(0.5, 0.75)), rng.integers(70, 91))
+
+
+#: The picture joined with other indexed ones (written with the second look's tiles): a copy of each of them, so that
+#: recall@1 of the one asked for is ~1/2 by construction (1/3 in a triptych) and recall@5 says whether it was found.
+JOINED: dict[str, Edit] = {
+    "side_by_side": side_by_side, "stacked": stacked, "joined_tight": joined_tight, "before_after": before_after,
+    "triptych": triptych,
+}  # fmt: skip
+
+
 SETS: dict[str, dict[str, Edit]] = {"harsh": HARSH, "heldout": HELDOUT, "unseen": UNSEEN, "fresh": FRESH,
-                                    "turned": TURNED}  # fmt: skip
+                                    "turned": TURNED, "joined": JOINED}  # fmt: skip
 
 
 def rng_for(seed: int, kind: str, item: int) -> np.random.Generator:

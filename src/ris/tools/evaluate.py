@@ -243,7 +243,7 @@ def queries_against(
 
 
 #: The copy sets `copy_detection` knows: the mild transforms of ris.tools.demo, and ris.images.edits' families.
-COPY_SETS = ("mild", "harsh", "heldout", "unseen", "fresh", "turned")
+COPY_SETS = ("mild", "harsh", "heldout", "unseen", "fresh", "turned", "joined")
 
 
 def copy_edits(copy_set: str) -> dict[str, Callable]:
