@@ -112,17 +112,18 @@ UNEXPLAINED_KEYPOINTS = 12
 UNEXPLAINED_SHARE = 0.3
 
 
-def unexplained(look: Look, candidate: Features, boxes: Sequence[tuple[float, float, float, float]]) -> bool:
-    """Whether a box of the query (fractions of its sides) holds keypoints that the candidate's agreeing matches leave
-    out: a picture pasted over the candidate (two indexed pictures in one), a sticker, a caption. In an exact or
-    mildly edited copy they cover the query (Caltech-101, 104 indexed files searched again: 2 boxes left out)."""
+def unexplained(look: Look, candidate: Features, boxes: Sequence[tuple[float, float, float, float]]) -> list[bool]:
+    """For each box of the query (fractions of its sides), whether it holds keypoints that the candidate's agreeing
+    matches leave out: a picture pasted over the candidate (two indexed pictures in one), a sticker, a caption, the
+    other picture beside it. In an exact or mildly edited copy they cover the query (Caltech-101, 104 indexed files
+    searched again: 2 boxes left out)."""
     if look.query is None or not look.views:
-        return False
+        return [False] * len(boxes)
     w, h = keypoint_frame(look.query)
     found = [(agreeing(view, candidate), view[0], mirror) for view, mirror in zip(look.views[:2], (False, True), strict=False)]
     points, every, mirror = max(found, key=lambda f: len(f[0]))
     if not len(every):
-        return False
+        return [False] * len(boxes)
     share = len(points) / len(every)
 
     def inside(p: np.ndarray, box: tuple[float, float, float, float]) -> int:
@@ -130,8 +131,8 @@ def unexplained(look: Look, candidate: Features, boxes: Sequence[tuple[float, fl
         y = p[:, 1] / h
         return int(((x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])).sum())
 
-    return any((n := inside(every, box)) >= UNEXPLAINED_KEYPOINTS and inside(points, box) <= UNEXPLAINED_SHARE * share * n
-               for box in boxes)  # fmt: skip
+    return [(n := inside(every, box)) >= UNEXPLAINED_KEYPOINTS and inside(points, box) <= UNEXPLAINED_SHARE * share * n
+            for box in boxes]  # fmt: skip
 
 
 def keypoint_frame(query: Image.Image) -> tuple[float, float]:

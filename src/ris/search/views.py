@@ -25,6 +25,7 @@ the crops are views. Measured in benchmarks/RESULTS.md (section 6, "Copies").
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -57,6 +58,22 @@ def window(img: Image.Image, x: float, y: float, side: float) -> Image.Image:
     return img.crop(box)
 
 
+#: A straight line crosses a query whole where a step in grey level runs along this share of a column or row, within
+#: SPLIT_BAND of its side; the pieces between such lines shaped like a picture (sides at most TILE_ASPECT to 1) and with
+#: some detail (TILE_STD, grey levels) are its tiles, up to MAX_TILES. Joined set, seed 1 (60 copies an edit): split in
+#: two or more tiles 92% of pictures side by side with a gap, 93% stacked, 70% joined without a gap, 98% of triptychs;
+#: indexed images 9 of 305, photos that are copies of nothing 18 of 832 (Caltech-sized and at 1,000 px). A tile is only
+#: searched where the first result is not confirmed, or leaves that tile unexplained. A strip is no picture: an
+#: airliner's runway edge split its photo in two strips, and the upper one's nearest image was confirmed by 23 chance
+#: matches.
+DIVIDER = 0.75
+SPLIT_BAND = (0.15, 0.85)
+TILE_ASPECT = 3.0
+TILE_STD = 8.0
+MAX_TILES = 4
+#: The second look verifies each tile's nearest this many images besides its CANDIDATES (among them, they took the
+#: place of a news card's original: fresh set, seed 2).
+TILE_NEAREST = 2
 #: Crops of a pasted picture that are also views (each one more image through the model); where the keypoint votes
 #: hold every image (ris.search.votes), the first alone: the second found no more pip copies over harsh seeds 0-5
 #: (one screenshot of 420 held-out copies) and cost ~2.5 ms.
@@ -64,13 +81,15 @@ CROP_VIEWS = 2
 VOTED_CROP_VIEWS = 1
 #: The most views one query gets: a server runs its model once on each batch size up to this at start (OpenVINO
 #: prepares each new batch shape on its first call: ~35 ms, then 13 ms for 9 views).
-MAX_VIEWS = len(QUARTER_TURNS) + len(ANGLES) + len(WINDOWS) + CROP_VIEWS
+MAX_VIEWS = len(QUARTER_TURNS) + len(ANGLES) + len(WINDOWS) + CROP_VIEWS + MAX_TILES
 
 
-def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.Image] | None = None) -> list[Image.Image]:
-    """The second look's views of one query (not the query itself, which the first search used), and the first
-    CROP_VIEWS crops of its pasted picture when it has one (`pasted`); own: its `own_views`, when made already."""
-    return (own if own is not None else own_views(img)) + list(crops[:CROP_VIEWS])
+def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.Image] | None = None,
+          tiles: Sequence[Image.Image] = ()) -> list[Image.Image]:  # fmt: skip
+    """The second look's views of one query (not the query itself, which the first search used), the first
+    CROP_VIEWS crops of its pasted picture when it has one and its tiles (`pasted`); own: its `own_views`, when made
+    already."""
+    return (own if own is not None else own_views(img)) + list(crops[:CROP_VIEWS]) + list(tiles[:MAX_TILES])
 
 
 def own_views(img: Image.Image) -> list[Image.Image]:
@@ -101,11 +120,13 @@ DETAIL_SIDE = 720
 
 
 class Pasted(NamedTuple):
-    """A query's crops where a picture may be pasted (`pasted`), and the boxes of those cut from it as they stand
-    (not the straightened ones), as fractions of its sides: (left, top, right, bottom)."""
+    """A query's crops where a picture may be pasted (`pasted`), the boxes of those cut from it as they stand (not the
+    straightened ones) and of its tiles, as fractions of its sides: (left, top, right, bottom); and the query's tiles
+    where straight lines cross it whole (`tiles`: pictures joined side by side or one above the other)."""
 
     crops: list[Image.Image]
     boxes: list[tuple[float, float, float, float]]
+    tiles: list[Image.Image]
 
 
 def pasted(img: Image.Image) -> Pasted:
@@ -119,19 +140,76 @@ def pasted(img: Image.Image) -> Pasted:
     img = working_size(img, PASTED_SIDE)
     grey = np.asarray(img.convert("L"), np.float32)
     if min(grey.shape) < 32:
-        return Pasted([], [])
-    found = boxes(grey)
+        return Pasted([], [], [])
+    steps = steps_of(grey)
+    lines = lines_of(steps)
+    found, cut = boxes(grey, steps, lines), tiles(grey, lines)
     w, h = img.size
     return Pasted(straightened(img) + [img.crop(box) for box in found],
-                  [(x0 / w, y0 / h, x1 / w, y1 / h) for x0, y0, x1, y1 in found])  # fmt: skip
+                  [(x0 / w, y0 / h, x1 / w, y1 / h) for x0, y0, x1, y1 in found + cut],
+                  [img.crop(box) for box in cut])  # fmt: skip
 
 
-def boxes(grey: np.ndarray) -> list[tuple[int, int, int, int]]:
+def steps_of(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grey image's steps in grey level across its columns and across its rows."""
+    return np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
+
+
+class Lines(NamedTuple):
+    """The EDGES straightest columns and rows of an image (`lines_of`): their places (a step between pixel i and
+    i + 1 at i) and, for every column and row, the share of its steps in grey level that are strong (`_strong`)."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    across: np.ndarray
+    down: np.ndarray
+
+
+def lines_of(steps: tuple[np.ndarray, np.ndarray]) -> Lines:
+    """The image's straight lines, found once for its pasted pictures' borders and its tiles' dividers."""
+    strong, (h, w) = _strong(steps), (steps[0].shape[0], steps[1].shape[1])
+    across, down = (steps[0] > strong).mean(axis=0), (steps[1] > strong).mean(axis=1)
+    return Lines(_peaks(across, max(2, w // 60)), _peaks(down, max(2, h // 60)), across, down)
+
+
+def boxes(grey: np.ndarray, steps: tuple[np.ndarray, np.ndarray] | None = None,
+          lines: Lines | None = None) -> list[tuple[int, int, int, int]]:  # fmt: skip
     """Where a picture may be pasted in this grey image: the most detailed region snapped to straight edges, then
     the RECTANGLES of strongest border; none that covers nearly all of it or little of it (PASTED_AREA)."""
-    steps = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))  # grey-level steps across columns, rows
-    found = [_detailed(grey, steps), *_bordered(steps)]
+    steps = steps if steps is not None else steps_of(grey)
+    found = [_detailed(grey, steps), *_bordered(steps, lines if lines is not None else lines_of(steps))]
     return list(dict.fromkeys(box for box in found if box is not None and _fits(box, grey.shape)))
+
+
+def tiles(grey: np.ndarray, lines: Lines) -> list[tuple[int, int, int, int]]:
+    """The boxes of the pictures a query joins (side by side, one above the other, a grid), split where straight
+    lines cross it whole (DIVIDER); none when no line does."""
+    h, w = grey.shape
+    xs, ys = _dividers(lines.xs, lines.across, w), _dividers(lines.ys, lines.down, h)
+    if not xs and not ys:
+        return []
+    cx, cy = [0, *xs, w], [0, *ys, h]
+    found = [(x0, y0, x1, y1) for y0, y1 in itertools.pairwise(cy) for x0, x1 in itertools.pairwise(cx)]
+    return [box for box in found if _fits(box, grey.shape) and _picture_like(grey, box)][:MAX_TILES]
+
+
+def _picture_like(grey: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    """Whether a piece of the query may be a picture of its own: not a strip, not a flat gap or bar."""
+    x0, y0, x1, y1 = box
+    return max(x1 - x0, y1 - y0) <= TILE_ASPECT * min(x1 - x0, y1 - y0) and grey[y0:y1, x0:x1].std() >= TILE_STD
+
+
+def _dividers(places: np.ndarray, profile: np.ndarray, n: int) -> list[int]:
+    """Edge positions (between pixel i and i + 1: i + 1) of the lines at `places` that cross the query whole (a
+    share of strong steps along them of DIVIDER or more: `profile`), within SPLIT_BAND of its side (n pixels)."""
+    lo, hi = SPLIT_BAND[0] * n, SPLIT_BAND[1] * n
+    return sorted(int(i) + 1 for i in places if lo <= i < hi and profile[i] >= DIVIDER)
+
+
+def _strong(steps: tuple[np.ndarray, np.ndarray]) -> float:
+    """The grey-level step that counts as an edge: the 90th percentile of those across columns (a sample: the whole
+    took 1.4 ms), at least 8."""
+    return max(8.0, float(np.percentile(steps[0][::4, ::4], 90)))
 
 
 #: Grey level under which a pixel is the black fill around a turned picture, and the share of the frame the picture
@@ -195,14 +273,12 @@ EDGES = 14
 RECTANGLES = 3
 
 
-def _bordered(steps: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, int, int, int]]:
+def _bordered(steps: tuple[np.ndarray, np.ndarray], lines: Lines) -> list[tuple[int, int, int, int]]:
     """The RECTANGLES whose weakest side has the strongest mean step in grey level along it, over the EDGES columns
     and rows holding the most strong steps (a pasted picture's border: a step all along each of its sides)."""
     across_columns, across_rows = steps
     h, w = across_columns.shape[0], across_rows.shape[1]
-    strong = max(8.0, float(np.percentile(across_columns[::4, ::4], 90)))  # a sample: the whole took 1.4 ms
-    xs = np.sort(_peaks((across_columns > strong).mean(axis=0), max(2, w // 60)))
-    ys = np.sort(_peaks((across_rows > strong).mean(axis=1), max(2, h // 60)))
+    xs, ys = np.sort(lines.xs), np.sort(lines.ys)
     if len(xs) < 2 or len(ys) < 2:
         return []
     # down[y, i]: column xs[i]'s sum above row y; along[j, x]: row ys[j]'s sum left of x (only the edges' own lines:
