@@ -229,7 +229,7 @@ class Ranker:
             sims = [np.array([score for score, _ in c], np.float32) for c in served]
         by_plain = [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(served, sims, strict=True)]
         heads = [c[0] if c else None for c in by_plain]
-        confirmed, small = [False] * len(heads), [False] * len(heads)
+        confirmed, small, places = [False] * len(heads), [False] * len(heads), [1] * len(heads)
         checked: list[Checked] = [{} for _ in heads]
         if verify_with is not None:
             voting = self.verifier.votes.covers(snap.store.ntotal)
@@ -241,6 +241,7 @@ class Ranker:
                            checked=checked, crops=[list(look.beside[0].crops) if look.beside else [] for look in looks],
                            nprobe=nprobe, threads=threads)  # fmt: skip
             small = [look.query is not None and max(look.query.size) < UPSAMPLE_BELOW for look in looks]
+            places = [max(1, len(look.beside[0].tiles) - 1) if look.beside else 1 for look in looks]
             self._pasted_look(v)
             if self.verifier.votes.worth(snap.store.ntotal):
                 self._vote_look(v)
@@ -257,7 +258,7 @@ class Ranker:
         for q, (name, cands, sim, head) in enumerate(zip(names, served, sims, heads, strict=True)):
             similarity = {row.id: float(s) for (_, row), s in zip(cands, sim, strict=True)}
             if head is not None and (reordered or verify_with is not None or signatures is not None):
-                front = [head[1]] + [row for row in [_runner_up(checked[q], head[1].id)] if row is not None]
+                front = [head[1], *_runners_up(checked[q], head[1].id, places[q])]
                 for row in front:
                     if row.id not in similarity:  # found by the second look or its signature: its plain cosine
                         similarity[row.id] = float(self.plain(snap, [row.id])[0] @ plain[q])
@@ -375,7 +376,7 @@ class Ranker:
         """Verify the VOTED images that share most keypoints with each query (ris.search.votes) and were not checked yet:
         one with VOTED_INLIERS agreeing matches and MARGIN x the first result's goes first, by verification's own rule
         (a photo on its side: its original with ~460 matches over a look-alike confirmed with 14), else is noted to
-        come second (_runner_up)."""
+        come second (_runners_up)."""
         from ..threads import on_threads
         from .verify import choose
 
@@ -402,7 +403,7 @@ class Ranker:
         """A confirmed first result that leaves a region of the query unexplained (ris.search.verify.unexplained: a
         picture pasted over it, a sticker, another picture beside it) gets the query's pasted picture and tiles searched
         too: its crops and each tile embedded, the CROP_CANDIDATES best new images of each verified with their own
-        keypoints and noted, so that a confirmed one comes second (_runner_up). Without it, a picture pasted onto
+        keypoints and noted, so that a confirmed one comes second (_runners_up). Without it, a picture pasted onto
         another indexed one found only that one (its second look does not run): harsh set, seeds 0/1/2/5, pip copies
         R@5 194 -> 209 of 240; with the tiles, pictures joined with others (joined set, seeds 1/2, with the votes)
         0.807 / 0.830 -> 0.863 / 0.870."""
@@ -495,14 +496,15 @@ def _note(checked: Checked, rows: Sequence[ImageRow], counts: Sequence[int]) -> 
             checked[row.id] = (n, row)
 
 
-def _runner_up(checked: Checked, first: int) -> ImageRow | None:
-    """The image that verification confirmed best (MIN_INLIERS) after the first result, if any: an image that shares
-    the query's content comes before those that look alike (harsh copy set, seed 1: recall@5 0.947 -> 0.951; held-out
-    set 0.767 -> 0.781; photos that are copies of nothing, served P@5 by class 0.936 -> 0.934)."""
+def _runners_up(checked: Checked, first: int, places: int = 1) -> list[ImageRow]:
+    """The images that verification confirmed best (MIN_INLIERS) after the first result, up to `places` (one, or one
+    less than a joined query's tiles: a triptych holds three pictures): an image that shares the query's content comes
+    before those that look alike (harsh copy set, seed 1: recall@5 0.947 -> 0.951; held-out set 0.767 -> 0.781;
+    photos that are copies of nothing, served P@5 by class 0.936 -> 0.934)."""
     from .verify import MIN_INLIERS
 
-    best = max(((n, row.id, row) for n, row in checked.values() if row.id != first and n >= MIN_INLIERS), default=None)
-    return best[2] if best else None
+    best = sorted(((n, row.id, row) for n, row in checked.values() if row.id != first and n >= MIN_INLIERS), reverse=True)
+    return [row for _, _, row in best[:places]]
 
 
 def _indexed(ids: np.ndarray, rows: dict[int, ImageRow]) -> np.ndarray:
