@@ -79,9 +79,11 @@ TILE_NEAREST = 2
 #: (one screenshot of 420 held-out copies) and cost ~2.5 ms.
 CROP_VIEWS = 2
 VOTED_CROP_VIEWS = 1
-#: The most views one query gets: a server runs its model once on each batch size up to this at start (OpenVINO
-#: prepares each new batch shape on its first call: ~35 ms, then 13 ms for 9 views).
-MAX_VIEWS = len(QUARTER_TURNS) + len(ANGLES) + len(WINDOWS) + CROP_VIEWS + MAX_TILES
+#: The most views one query gets but for its tiles: a server runs its model once on each batch size up to this at
+#: start (OpenVINO prepares each new batch shape on its first call: ~35 ms, then 13 ms for 9 views). Each shape holds
+#: ~15 MB: a query split in tiles before the keypoint votes exist (2% of photos that are copies of nothing) prepares its
+#: shape when it comes, rather than every server holding 4 more (+63 MB, Intel Xeon, 2026-12-08).
+MAX_VIEWS = len(QUARTER_TURNS) + len(ANGLES) + len(WINDOWS) + CROP_VIEWS
 
 
 def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.Image] | None = None,
