@@ -158,8 +158,8 @@ def steps_of(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Lines(NamedTuple):
-    """The EDGES straightest columns and rows of an image (`lines_of`): their places (a step between pixel i and
-    i + 1 at i) and, for every column and row, the share of its steps in grey level that are strong (`_strong`)."""
+    """The EDGES columns and rows of an image with the most strong steps in grey level along them (`lines_of`): their
+    places (a step between pixel i and i + 1 at i), and the share of strong steps (`_strong`) of every column and row."""
 
     xs: np.ndarray
     ys: np.ndarray
