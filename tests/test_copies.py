@@ -489,25 +489,14 @@ def test_two_indexed_pictures_side_by_side_both_come_first(coll: Collection, mon
     where a straight line crosses it whole (views.tiles), and its tiles are searched, so both pictures come in the 5
     results. Without the tiles, the second picture was often missing from them (full Caltech-101, 60 pairs: recall@5
     of the picture asked for 0.60 -> 0.88 one-off). A picture alone is not split."""
-    from ris.images.edits import jpeg
 
     rows = coll.catalog.all_rows()
     rng = np.random.default_rng(5)
     pairs = [tuple(rows[i] for i in rng.choice(len(rows), 2, replace=False)) for _ in range(12)]
 
     def joined(a_row, b_row, i: int) -> Image.Image:
-        a, b = (open_image(read_file(r.path)).convert("RGB") for r in (a_row, b_row))
-        gap, across = (12, 0, 0)[i % 3], i % 3 != 2
-        if across:
-            b = b.resize((round(b.width * a.height / b.height), a.height))
-            out = Image.new("RGB", (a.width + gap + b.width, a.height), (255, 255, 255))
-            out.paste(b, (a.width + gap, 0))
-        else:
-            b = b.resize((a.width, round(b.height * a.width / b.width)))
-            out = Image.new("RGB", (a.width, a.height + b.height), (255, 255, 255))
-            out.paste(b, (0, a.height))
-        out.paste(a, (0, 0))
-        return jpeg(out, 80)
+        pics = [open_image(read_file(r.path)).convert("RGB") for r in (a_row, b_row)]
+        return edits.jpeg(edits.in_row(pics, i % 3 != 2, (12, 0, 0)[i % 3], (255, 255, 255)), 80)
 
     queries = [joined(a, b, i) for i, (a, b) in enumerate(pairs)]
 
@@ -530,7 +519,6 @@ def test_three_pictures_in_a_row_all_come_in_the_five(coll: Collection, monkeypa
     """A triptych of indexed pictures: each tile's confirmed picture takes a place after the first result (one less
     than the tiles), so all three come in the 5 results. With one runner-up place, as for any other query, the third
     was missing (full Caltech-101, joined set: triptych recall@5 0.58 / 0.55 -> 0.75 / 0.80, seeds 1 / 2)."""
-    from ris.images.edits import jpeg
     from ris.search import ranking
 
     rows = coll.catalog.all_rows()
@@ -539,13 +527,7 @@ def test_three_pictures_in_a_row_all_come_in_the_five(coll: Collection, monkeypa
 
     def row_of(trio) -> Image.Image:
         pics = [open_image(read_file(r.path)).convert("RGB") for r in trio]
-        h = pics[0].height
-        pics = [p.resize((round(p.width * h / p.height), h)) for p in pics]
-        out, at = Image.new("RGB", (sum(p.width for p in pics) + 16, h), (0, 0, 0)), 0
-        for p in pics:
-            out.paste(p, (at, 0))
-            at += p.width + 8
-        return jpeg(out, 85)
+        return edits.jpeg(edits.in_row(pics, True, 8, (0, 0, 0)), 85)
 
     queries = [row_of(trio) for trio in trios]
 

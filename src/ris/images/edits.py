@@ -499,9 +499,9 @@ TURNED: dict[str, Edit] = {
 }  # fmt: skip
 
 
-def _row(pics: list[Image.Image], rng: np.random.Generator, across: bool, gap: int) -> Image.Image:
-    """The pictures joined in a row (across) or a column, brought to one height (or width), `gap` pixels apart on a
-    white or black ground."""
+def in_row(pics: list[Image.Image], across: bool, gap: int, ground: tuple[int, int, int]) -> Image.Image:
+    """The pictures joined in a row (across) or a column, brought to the first one's height (or width), `gap` pixels
+    apart on a `ground` colour."""
     if across:
         h = pics[0].height
         pics = [p if p.height == h else p.resize((max(8, round(p.width * h / p.height)), h)) for p in pics]
@@ -510,12 +510,17 @@ def _row(pics: list[Image.Image], rng: np.random.Generator, across: bool, gap: i
         w = pics[0].width
         pics = [p if p.width == w else p.resize((w, max(8, round(p.height * w / p.width)))) for p in pics]
         size = (w, sum(p.height for p in pics) + gap * (len(pics) - 1))
-    out = Image.new("RGB", size, (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0))
+    out = Image.new("RGB", size, ground)
     at = 0
     for p in pics:
         out.paste(p, (at, 0) if across else (0, at))
         at += (p.width if across else p.height) + gap
     return out
+
+
+def _ground(rng: np.random.Generator) -> tuple[int, int, int]:
+    """White or black, as shared pictures are joined on."""
+    return (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
 
 
 def _others(img: Image.Image, rng: np.random.Generator, other, n: int) -> list[Image.Image]:
@@ -525,35 +530,39 @@ def _others(img: Image.Image, rng: np.random.Generator, other, n: int) -> list[I
     return pics
 
 
+def _shared(pics: list[Image.Image], rng: np.random.Generator, across: bool, gap: int,
+            scale: tuple[float, float]) -> Image.Image:  # fmt: skip
+    """The pictures joined (`in_row`), shared at a size drawn from `scale` as a JPEG of quality 70-90."""
+    out = in_row(pics, across, gap, _ground(rng))
+    return jpeg(_scale(out, rng.uniform(*scale)), rng.integers(70, 91))
+
+
 def side_by_side(img, rng, other):
     """The picture beside another one, 4-16 px apart, shared at 60-100% of the size."""
-    out = _row(_others(img, rng, other, 1), rng, True, int(rng.integers(4, 17)))
-    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+    return _shared(_others(img, rng, other, 1), rng, True, int(rng.integers(4, 17)), (0.6, 1.0))
 
 
 def stacked(img, rng, other):
     """The picture above or below another one, 4-16 px apart."""
-    out = _row(_others(img, rng, other, 1), rng, False, int(rng.integers(4, 17)))
-    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+    return _shared(_others(img, rng, other, 1), rng, False, int(rng.integers(4, 17)), (0.6, 1.0))
 
 
 def joined_tight(img, rng, other):
     """The picture and another one joined without a gap, side by side or one above the other."""
-    out = _row(_others(img, rng, other, 1), rng, bool(rng.random() < 0.5), 0)
-    return jpeg(_scale(out, rng.uniform(0.6, 1.0)), rng.integers(70, 91))
+    return _shared(_others(img, rng, other, 1), rng, bool(rng.random() < 0.5), 0, (0.6, 1.0))
 
 
 def before_after(img, rng, other):
     """The picture twice, side by side: as it was and edited (brighter or darker, more or less colourful)."""
     edited = ImageEnhance.Color(ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))).enhance(rng.uniform(0.2, 1.8))
     pics = [img, edited] if rng.random() < 0.5 else [edited, img]
-    return jpeg(_row(pics, rng, True, int(rng.integers(0, 13))), rng.integers(70, 91))
+    gap = int(rng.integers(0, 13))
+    return jpeg(in_row(pics, True, gap, _ground(rng)), rng.integers(70, 91))
 
 
 def triptych(img, rng, other):
     """The picture among two others in a row or a column, 4-12 px apart, shared at half to three quarters of the size."""
-    out = _row(_others(img, rng, other, 2), rng, bool(rng.random() < 0.7), int(rng.integers(4, 13)))
-    return jpeg(_scale(out, rng.uniform(0.5, 0.75)), rng.integers(70, 91))
+    return _shared(_others(img, rng, other, 2), rng, bool(rng.random() < 0.7), int(rng.integers(4, 13)), (0.5, 0.75))
 
 
 #: The picture joined with other indexed ones (written with the second look's tiles): a copy of each of them, so that
