@@ -334,7 +334,7 @@ class Ranker:
         _, ids, rows = self.nearest(v.snap, np.vstack([vectors, plain[todo]]), views.PER_VIEW, v.nprobe)
 
         def one(j: int) -> tuple[float, ImageRow] | None:
-            q, start, end = todo[j], bounds[j] + turns, bounds[j + 1] - len(tiles[todo[j]][: views.MAX_TILES])
+            q, start, end = todo[j], bounds[j] + turns, bounds[j + 1] - len(tiles[todo[j]])  # the tiles come last
             found = np.unique(np.concatenate([ids[start:end].ravel(), ids[len(vectors) + j]]))
             seen = {row.id for _, row in v.by_plain[q][:TOP]}
             found = np.array([i for i in found if int(i) in rows and int(i) not in seen], np.int64)
@@ -419,14 +419,15 @@ class Ranker:
         groups = [self._left_out(v.crops[q], v.looks[q].beside[0].tiles, left[q]) for q in todo]
         vectors = embed([crop for shot in groups for group in shot for crop in group])
         _, ids, rows = self.nearest(v.snap, vectors, views.PER_VIEW, v.nprobe)
-        bounds = np.cumsum([0] + [len(group) for shot in groups for group in shot])
+        bounds = np.cumsum([0] + [len(group) for shot in groups for group in shot])  # each group's views
+        starts = np.cumsum([0] + [len(shot) for shot in groups])  # each query's first group
         threads, checked = v.threads, v.checked
         alone = threads if len(todo) == 1 else 1
 
         def one(j: int) -> None:
-            q, first = todo[j], sum(len(shot) for shot in groups[:j])
+            q = todo[j]
             pick: list[ImageRow] = []
-            for g in range(first, first + len(groups[j])):
+            for g in range(starts[j], starts[j + 1]):
                 taken = {row.id for row in pick}
                 found = np.unique(ids[bounds[g] : bounds[g + 1]])
                 found = np.array([i for i in found if int(i) in rows and int(i) not in checked[q] and int(i) not in taken],

@@ -91,7 +91,7 @@ def views(img: Image.Image, crops: Sequence[Image.Image] = (), own: list[Image.I
     """The second look's views of one query (not the query itself, which the first search used), the first
     CROP_VIEWS crops of its pasted picture when it has one and its tiles (`pasted`); own: its `own_views`, when made
     already."""
-    return (own if own is not None else own_views(img)) + list(crops[:CROP_VIEWS]) + list(tiles[:MAX_TILES])
+    return (own if own is not None else own_views(img)) + list(crops[:CROP_VIEWS]) + list(tiles)  # `tiles`: MAX_TILES at most
 
 
 def own_views(img: Image.Image) -> list[Image.Image]:
